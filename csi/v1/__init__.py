@@ -1,0 +1,1 @@
+"""Generated CSI v1 bindings. DO NOT EDIT: regenerate with `make proto`."""
