@@ -1,0 +1,185 @@
+"""The contract every storage backend keeps.
+
+The CSI services only validate requests and translate; everything that
+touches storage is behind :class:`Backend`. Each method documents its
+idempotency, because CSI callers retry everything: the same call repeated
+must give the same answer and leave the same state.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+
+class AccessType(enum.Enum):
+    MOUNT = "mount"
+    BLOCK = "block"
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: Literal["snapshot", "volume"]
+    id: str
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """A validated CreateVolume request."""
+
+    name: str
+    size: int
+    access: AccessType
+    fs_type: str | None  # None for raw block
+    thick: bool = False
+    source: Source | None = None
+    #: StorageClass parameters that shape the volume; a retry must match them.
+    parameters: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Volume:
+    id: str
+    name: str
+    size: int
+    access: AccessType
+    fs_type: str | None
+    thick: bool
+    source: Source | None
+    parameters: Mapping[str, str]
+    created_ns: int
+    #: The filesystem the node put on it (durable "formatted" record), if any.
+    formatted: str | None = None
+    #: ControllerPublishVolume records: node ID -> readonly.
+    attachments: Mapping[str, bool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: str
+    name: str
+    source_volume_id: str
+    size: int
+    created_ns: int
+    ready: bool = True
+    group_id: str | None = None
+    access: AccessType = AccessType.MOUNT
+    fs_type: str | None = None
+
+
+@dataclass(frozen=True)
+class GroupSnapshot:
+    id: str
+    name: str
+    snapshots: tuple[Snapshot, ...]
+    created_ns: int
+
+
+@dataclass(frozen=True)
+class Capacity:
+    available: int
+    maximum_volume_size: int
+    minimum_volume_size: int
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str  # kernel name, e.g. "loop3"
+    path: str  # "/dev/loop3"
+    major: int
+    minor: int
+
+
+@dataclass(frozen=True)
+class Health:
+    abnormal: bool
+    message: str
+
+
+class Backend(Protocol):
+    kind: str
+    #: Parameter keys (beyond the common ones) a StorageClass may set.
+    parameter_keys: frozenset[str]
+    #: Keys a VolumeAttributesClass may set (ControllerModifyVolume).
+    mutable_keys: frozenset[str]
+    granularity: int
+    min_size: int
+
+    async def start(self) -> None:
+        """Recover from a crash: finish or remove anything half-made."""
+
+    async def probe(self) -> None:
+        """Raise Unavailable unless the backend can serve requests."""
+
+    def volume_id(self, name: str, parameters: Mapping[str, str]) -> str:
+        """The ID a volume of this name gets (pure; no I/O)."""
+
+    def snapshot_id(self, name: str, source_volume_id: str) -> str:
+        """The ID a snapshot of this name gets (pure; no I/O)."""
+
+    async def create_volume(self, spec: VolumeSpec) -> Volume:
+        """Create the volume, or return it if it exists and matches ``spec``.
+        Raises AlreadyExists if it exists and differs, NotFound if the source
+        is missing, ResourceExhausted if there is no room. A failure leaves
+        nothing behind under the volume's name."""
+
+    async def delete_volume(self, volume_id: str) -> None:
+        """Delete the volume. Missing is success. InUse while staged/published."""
+
+    async def get_volume(self, volume_id: str) -> Volume | None:
+        """The volume, or None."""
+
+    async def list_volumes(self) -> list[Volume]:
+        """Every volume, sorted by ID."""
+
+    async def expand_volume(self, volume_id: str, size: int) -> Volume:
+        """Grow to at least ``size``; already big enough is success."""
+
+    async def capacity(self, parameters: Mapping[str, str]) -> Capacity:
+        """What can still be promised for a volume with these parameters."""
+
+    async def create_snapshot(self, name: str, source_volume_id: str, group_id: str | None = None) -> Snapshot:
+        """Snapshot the volume (crash-consistent), or return the existing
+        snapshot of that name. AlreadyExists if the name has another source."""
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        """Delete the snapshot. Missing is success."""
+
+    async def get_snapshot(self, snapshot_id: str) -> Snapshot | None: ...
+
+    async def list_snapshots(self) -> list[Snapshot]:
+        """Every snapshot, sorted by ID."""
+
+    async def set_attachment(self, volume_id: str, node_id: str, readonly: bool | None) -> Volume:
+        """Record (readonly is a bool) or forget (None) a controller publish."""
+
+    async def modify_volume(self, volume_id: str, mutable: Mapping[str, str]) -> Volume:
+        """Apply mutable parameters (already validated against the allow-list)."""
+
+    async def create_group_snapshot(self, name: str, volume_ids: list[str]) -> GroupSnapshot:
+        """Snapshot several volumes at one point in time, or return the existing
+        group of that name (AlreadyExists if it has other members)."""
+
+    async def delete_group_snapshot(self, group_id: str) -> None:
+        """Delete the group and its member snapshots. Missing is success."""
+
+    async def get_group_snapshot(self, group_id: str) -> GroupSnapshot | None: ...
+
+    async def attach(self, volume_id: str) -> Device:
+        """Make the volume's block device exist on this node; reuse it if it does."""
+
+    async def detach(self, volume_id: str) -> None:
+        """Remove the block device. Not attached is success."""
+
+    async def find_device(self, volume_id: str) -> Device | None:
+        """The attached device, or None."""
+
+    async def refresh_device(self, volume_id: str) -> int:
+        """Make an attached device see the volume's current size; return it."""
+
+    async def mark_formatted(self, volume_id: str, fs_type: str) -> None:
+        """Record durably that the volume carries this filesystem."""
+
+    async def health(self, volume_id: str) -> Health: ...

@@ -1,0 +1,406 @@
+"""The loop backend: one sparse (or thick) file per volume, attached as a loop
+device on the node that stages it.
+
+Controller and node run on the same machine for this backend (the pool is a
+local directory), which lets DeleteVolume see whether a volume is attached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
+
+from csi import ids
+from csi.backend.base import AccessType, Capacity, Device, GroupSnapshot, Health, Snapshot, Source, Volume, VolumeSpec
+from csi.backend.loop import files
+from csi.backend.loop.snapshots import LoopSnapshots
+from csi.backend.loop.store import Store
+from csi.errors import (
+    AlreadyExists,
+    CommandError,
+    FailedPrecondition,
+    InUse,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    Unavailable,
+)
+from csi.host import loop as loopdev
+from csi.host.fs import FsTool
+from csi.runner import Runner
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+POOL = "loop"
+PROVISIONING = "elv.csi.dev/provisioning"
+_CAPACITY_TTL = 1.0
+
+
+class LoopBackend:
+    kind = "loop"
+    parameter_keys = frozenset({PROVISIONING})
+    mutable_keys = frozenset({PROVISIONING})
+    granularity = MiB
+    min_size = MiB
+
+    def __init__(
+        self,
+        root: str,
+        runner: Runner,
+        *,
+        overprovision_ratio: float = 1.0,
+        direct_io: bool = True,
+        sys_block: str = loopdev.SYS_BLOCK,
+    ) -> None:
+        if overprovision_ratio < 1.0:
+            raise ValueError("the overprovision ratio must be at least 1.0")
+        self.store = Store(root)
+        self._run = runner
+        self._loop = loopdev.LoopTool(runner, direct_io=direct_io, sys_block=sys_block)
+        self._fs = FsTool(runner)
+        self._sys_block = sys_block
+        self._ratio = overprovision_ratio
+        self._reserved = 0  # bytes promised to creates still in progress
+        self._alloc_cache: tuple[float, int, int] | None = None
+        self._ready = False
+        self.snaps = LoopSnapshots(self.store, POOL, self._fs, self._copy, self._reserve, sys_block)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.snaps.thaw_leftovers()
+        removed = await asyncio.to_thread(self.store.open)
+        for r in removed:
+            log.warning("recovery: removed unfinished %s", r)
+        self._ready = True
+        log.info(
+            "loop pool %s: %d volumes, %d snapshots",
+            self.store.root,
+            len(self.store.volumes),
+            len(self.store.snapshots),
+        )
+
+    async def probe(self) -> None:
+        if not self._ready:
+            raise Unavailable("the loop pool is still starting")
+        if not os.access(self.store.volumes_dir, os.W_OK):
+            raise Unavailable(f"the loop pool {self.store.root} is not writable")
+        if not os.path.exists("/dev/loop-control"):
+            raise Unavailable("/dev/loop-control is missing: load the loop module (modprobe loop)")
+
+    # -- IDs --------------------------------------------------------------------
+
+    def volume_id(self, name: str, parameters: Mapping[str, str]) -> str:
+        return str(ids.make("v", POOL, name))
+
+    def snapshot_id(self, name: str, source_volume_id: str) -> str:
+        return str(ids.make("s", POOL, name))
+
+    def _vid(self, volume_id: str) -> ids.ObjectId | None:
+        oid = ids.parse(volume_id, "v")
+        return oid if oid is not None and oid.pool == POOL else None
+
+    def _sid(self, snapshot_id: str) -> ids.ObjectId | None:
+        oid = ids.parse(snapshot_id, "s")
+        return oid if oid is not None and oid.pool == POOL else None
+
+    # -- capacity -----------------------------------------------------------------
+
+    async def _allocated(self) -> tuple[int, int]:
+        now = time.monotonic()
+        c = self._alloc_cache
+        if c is None or now - c[0] > _CAPACITY_TTL:
+            vol, snap = await asyncio.to_thread(
+                lambda: (files.allocated_bytes(self.store.volumes_dir), files.allocated_bytes(self.store.snapshots_dir))
+            )
+            self._alloc_cache = c = (now, vol, snap)
+        return c[1], c[2]
+
+    async def _promisable(self) -> int:
+        """Bytes that can still be promised to new (sparse) volumes.
+
+        The pool can hold what is free plus what ELV already allocated; times the
+        overprovision ratio, minus every volume's full size (each sparse volume
+        may yet fill up) and what in-flight creates reserved. Snapshots are
+        read-only copies, so only their allocation counts.
+        """
+        st = await asyncio.to_thread(os.statvfs, self.store.root)
+        free = st.f_bavail * st.f_frsize
+        vol_alloc, snap_alloc = await self._allocated()
+        pool = free + vol_alloc + snap_alloc
+        promised = self.store.provisioned + snap_alloc + self._reserved
+        return max(0, int(pool * self._ratio) - promised)
+
+    async def capacity(self, parameters: Mapping[str, str]) -> Capacity:
+        avail = await self._promisable()
+        if parameters.get(PROVISIONING) == "thick":
+            st = await asyncio.to_thread(os.statvfs, self.store.root)
+            avail = min(avail, st.f_bavail * st.f_frsize)
+        avail -= avail % self.granularity
+        return Capacity(available=avail, maximum_volume_size=avail, minimum_volume_size=self.min_size)
+
+    @contextlib.asynccontextmanager
+    async def _reserve(self, size: int, what: str) -> AsyncIterator[None]:
+        if size > await self._promisable():
+            raise ResourceExhausted(
+                f"the loop pool cannot promise {size} more bytes for {what}; free space or expand the pool"
+            )
+        self._reserved += size
+        try:
+            yield
+        finally:
+            self._reserved -= size
+            self._alloc_cache = None
+
+    # -- volumes ------------------------------------------------------------------
+
+    async def get_volume(self, volume_id: str) -> Volume | None:
+        return self.store.volumes.get(volume_id) if self._vid(volume_id) else None
+
+    async def list_volumes(self) -> list[Volume]:
+        return [self.store.volumes[k] for k in sorted(self.store.volumes)]
+
+    def _compatible(self, v: Volume, spec: VolumeSpec) -> None:
+        diffs = []
+        if v.name != spec.name:
+            diffs.append("name (ID collision)")
+        if v.size < spec.size:
+            diffs.append(f"size ({v.size} < {spec.size})")
+        if v.access != spec.access:
+            diffs.append(f"access type ({v.access.value})")
+        if v.fs_type != spec.fs_type:
+            diffs.append(f"filesystem ({v.fs_type})")
+        if dict(v.parameters) != dict(spec.parameters):
+            diffs.append("parameters")
+        if v.source != spec.source:
+            diffs.append("content source")
+        if diffs:
+            raise AlreadyExists(f"volume {spec.name!r} already exists with a different " + ", ".join(diffs))
+
+    async def _source(self, src: Source, spec: VolumeSpec) -> tuple[str, int, str | None]:
+        """(image path, size, recorded filesystem) of a content source."""
+        if src.kind == "snapshot":
+            sid = self._sid(src.id)
+            snap = self.store.snapshots.get(src.id) if sid else None
+            if sid is None or snap is None:
+                raise NotFound(f"source snapshot {src.id} does not exist")
+            access, fs, path, size = snap.access, snap.fs_type, self.store.snapshot_image(sid), snap.size
+        else:
+            vid = self._vid(src.id)
+            vol = self.store.volumes.get(src.id) if vid else None
+            if vid is None or vol is None:
+                raise NotFound(f"source volume {src.id} does not exist")
+            access, fs, path, size = vol.access, vol.formatted or vol.fs_type, self.store.volume_image(vid), vol.size
+        if access != spec.access:
+            raise FailedPrecondition(
+                f"the source is a {access.value} volume; the new volume must be {access.value} too"
+            )
+        if spec.access == AccessType.MOUNT and fs and spec.fs_type and fs != spec.fs_type:
+            raise FailedPrecondition(f"the source holds {fs}; a clone of it cannot be {spec.fs_type}")
+        if spec.size < size:
+            raise OutOfRange(f"the new volume ({spec.size} bytes) is smaller than its source ({size} bytes)")
+        return path, size, fs
+
+    async def create_volume(self, spec: VolumeSpec) -> Volume:
+        oid = ids.make("v", POOL, spec.name)
+        existing = self.store.volumes.get(str(oid))
+        if existing is not None:
+            self._compatible(existing, spec)
+            return existing
+        src = await self._source(spec.source, spec) if spec.source else None
+        scratch, final = self.store.scratch(oid), self.store.volume_image(oid)
+        async with self._reserve(spec.size, f"volume {spec.name!r}"):
+            try:
+                if src is None:
+                    await asyncio.to_thread(files.make_image, scratch, spec.size, spec.thick)
+                else:
+                    await self._copy(src[0], scratch, src[1])
+                    await asyncio.to_thread(files.resize_image, scratch, spec.size, spec.thick)
+                await asyncio.to_thread(files.commit, scratch, final)
+                vol = Volume(
+                    id=str(oid),
+                    name=spec.name,
+                    size=spec.size,
+                    access=spec.access,
+                    fs_type=spec.fs_type,
+                    thick=spec.thick,
+                    source=spec.source,
+                    parameters=dict(spec.parameters),
+                    created_ns=time.time_ns(),
+                    formatted=src[2] if src else None,
+                )
+                await self.store.put_volume(vol)
+            except BaseException:
+                await asyncio.to_thread(files.discard, scratch, final)
+                raise
+        log.info("created volume %s (%d bytes)", vol.id, vol.size)
+        return vol
+
+    async def _copy(self, src: str, dst: str, size: int) -> None:
+        await asyncio.to_thread(files.discard, dst)
+        # cp shares blocks where the pool filesystem can (xfs, btrfs) and keeps holes elsewhere.
+        timeout = 120 + size / (50 * MiB)
+        try:
+            await self._run.run(["cp", "--reflink=auto", "--sparse=always", "--", src, dst], timeout=timeout)
+        except CommandError as e:
+            await asyncio.to_thread(files.discard, dst)
+            if b"No space left" in e.stderr:
+                raise ResourceExhausted("the loop pool ran out of space while copying") from e
+            raise
+
+    async def delete_volume(self, volume_id: str) -> None:
+        oid = self._vid(volume_id)
+        if oid is None:
+            return
+        image = self.store.volume_image(oid)
+        attached = loopdev.find(image, self._sys_block)
+        if attached:
+            raise InUse(f"volume {volume_id} is staged on this node ({attached[0].path}); unstage it before deleting")
+        vol = self.store.volumes.get(volume_id)
+        if vol is not None and vol.attachments:
+            raise InUse(f"volume {volume_id} is published to node {next(iter(vol.attachments))}; unpublish it first")
+        if volume_id not in self.store.volumes and not os.path.exists(image):
+            return
+        await self.store.drop_volume(oid)
+        self._alloc_cache = None
+        log.info("deleted volume %s", volume_id)
+
+    async def expand_volume(self, volume_id: str, size: int) -> Volume:
+        oid = self._vid(volume_id)
+        vol = self.store.volumes.get(volume_id) if oid else None
+        if oid is None or vol is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        if vol.size >= size:
+            return vol
+        async with self._reserve(size - vol.size, f"growing volume {volume_id}"):
+            await asyncio.to_thread(files.resize_image, self.store.volume_image(oid), size, vol.thick)
+            grown = replace(vol, size=size)
+            await self.store.put_volume(grown)
+        log.info("expanded volume %s to %d bytes", volume_id, size)
+        return grown
+
+    async def set_attachment(self, volume_id: str, node_id: str, readonly: bool | None) -> Volume:
+        vol = self.store.volumes.get(volume_id) if self._vid(volume_id) else None
+        if vol is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        att = dict(vol.attachments)
+        if readonly is None:
+            att.pop(node_id, None)
+        else:
+            att[node_id] = readonly
+        if att != vol.attachments:
+            vol = replace(vol, attachments=att)
+            await self.store.put_volume(vol)
+        return vol
+
+    async def modify_volume(self, volume_id: str, mutable: Mapping[str, str]) -> Volume:
+        vol = self.store.volumes.get(volume_id) if self._vid(volume_id) else None
+        if vol is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        want = mutable.get(PROVISIONING)
+        if want is None or (want == "thick") == vol.thick:
+            return vol
+        oid = self._vid(volume_id)
+        assert oid is not None
+        if want == "thick":
+            # Reserve the rest of the volume now: allocate every block.
+            allocated = (await asyncio.to_thread(os.stat, self.store.volume_image(oid))).st_blocks * 512
+            async with self._reserve(0, f"making volume {volume_id} thick"):
+                st = await asyncio.to_thread(os.statvfs, self.store.root)
+                if vol.size - allocated > st.f_bavail * st.f_frsize:
+                    raise ResourceExhausted(f"the loop pool has no room to make volume {volume_id} thick")
+                await asyncio.to_thread(files.resize_image, self.store.volume_image(oid), vol.size, True)
+        # thick -> thin keeps the blocks; it only stops promising them.
+        vol = replace(vol, thick=want == "thick")
+        await self.store.put_volume(vol)
+        log.info("volume %s is now %s", volume_id, want)
+        return vol
+
+    # -- snapshots (see snapshots.py) -------------------------------------------
+
+    async def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
+        return await self.snaps.get(snapshot_id)
+
+    async def list_snapshots(self) -> list[Snapshot]:
+        return await self.snaps.all()
+
+    async def create_snapshot(self, name: str, source_volume_id: str, group_id: str | None = None) -> Snapshot:
+        return (await self.snaps.create([(name, source_volume_id)], group_id))[0]
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        await self.snaps.delete(snapshot_id)
+        self._alloc_cache = None
+
+    async def create_group_snapshot(self, name: str, volume_ids: list[str]) -> GroupSnapshot:
+        return await self.snaps.create_group(name, volume_ids)
+
+    async def delete_group_snapshot(self, group_id: str) -> None:
+        await self.snaps.delete_group(group_id)
+        self._alloc_cache = None
+
+    async def get_group_snapshot(self, group_id: str) -> GroupSnapshot | None:
+        return await self.snaps.get_group(group_id)
+
+    # -- node side -------------------------------------------------------------
+
+    def _image(self, volume_id: str) -> str:
+        oid = self._vid(volume_id)
+        if oid is None or volume_id not in self.store.volumes:
+            raise NotFound(f"volume {volume_id} does not exist")
+        return self.store.volume_image(oid)
+
+    async def attach(self, volume_id: str) -> Device:
+        image = self._image(volume_id)
+        if not os.path.exists(image):
+            raise FailedPrecondition(f"the backing file of volume {volume_id} is missing")
+        dev = await self._loop.attach(image)
+        return _device(dev.name)
+
+    async def detach(self, volume_id: str) -> None:
+        oid = self._vid(volume_id)
+        if oid is None:
+            return
+        for dev in loopdev.find(self.store.volume_image(oid), self._sys_block):
+            await self._loop.detach(dev.name)
+
+    async def find_device(self, volume_id: str) -> Device | None:
+        oid = self._vid(volume_id)
+        if oid is None:
+            return None
+        found = loopdev.find(self.store.volume_image(oid), self._sys_block)
+        return _device(found[0].name) if found else None
+
+    async def refresh_device(self, volume_id: str) -> int:
+        dev = await self.find_device(volume_id)
+        if dev is None:
+            raise FailedPrecondition(f"volume {volume_id} is not staged on this node")
+        return await self._loop.refresh_capacity(dev.name)
+
+    async def mark_formatted(self, volume_id: str, fs_type: str) -> None:
+        vol = self.store.volumes.get(volume_id)
+        if vol is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        if vol.formatted != fs_type:
+            await self.store.put_volume(replace(vol, formatted=fs_type))
+
+    async def health(self, volume_id: str) -> Health:
+        oid = self._vid(volume_id)
+        if oid is None or volume_id not in self.store.volumes:
+            return Health(True, "the volume's metadata is missing")
+        image = self.store.volume_image(oid)
+        if not os.path.exists(image):
+            return Health(True, "the volume's backing file is missing")
+        if not loopdev.find(image, self._sys_block):
+            return Health(True, "the volume's loop device is not attached")
+        return Health(False, "ok")
+
+
+def _device(name: str) -> Device:
+    major, minor = loopdev.device_numbers(name)
+    return Device(name=name, path="/dev/" + name, major=major, minor=minor)

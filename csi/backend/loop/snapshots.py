@@ -1,0 +1,216 @@
+"""Snapshots and group snapshots of loop volumes.
+
+A snapshot is a read-only copy of the volume's image: a reflink where the
+pool filesystem can share blocks (xfs, btrfs), a sparse copy elsewhere
+(``cp --reflink=auto --sparse=always``). The filesystem of a staged volume
+is frozen around the copy so the snapshot is crash-consistent; a group
+snapshot freezes all its members together, so they share one point in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from csi import ids
+from csi.backend.base import AccessType, GroupSnapshot, Snapshot, Volume
+from csi.backend.loop import files
+from csi.backend.loop.store import Store, atomic_write_json
+from csi.errors import AlreadyExists, CommandError, NotFound
+from csi.host import loop as loopdev
+from csi.host.fs import FsTool
+from csi.host.mountinfo import MountTable
+
+log = logging.getLogger(__name__)
+
+Copier = Callable[[str, str, int], Awaitable[None]]
+Reserver = Callable[[int, str], contextlib.AbstractAsyncContextManager[None]]
+
+
+def member_name(group_name: str, volume_id: str) -> str:
+    """The (internal) name of a group member's snapshot; IDs derive from it.
+    U+0001 cannot occur in a CSI name, so this never collides with a user's."""
+    return f"\x01group\x01{group_name}\x01{volume_id}"
+
+
+class LoopSnapshots:
+    def __init__(self, store: Store, pool: str, fs: FsTool, copy: Copier, reserve: Reserver, sys_block: str) -> None:
+        self.store = store
+        self.pool = pool
+        self._fs = fs
+        self._copy = copy
+        self._reserve = reserve
+        self._sys_block = sys_block
+
+    def _sid(self, snapshot_id: str) -> ids.ObjectId | None:
+        oid = ids.parse(snapshot_id, "s")
+        return oid if oid is not None and oid.pool == self.pool else None
+
+    def _vid(self, volume_id: str) -> ids.ObjectId | None:
+        oid = ids.parse(volume_id, "v")
+        return oid if oid is not None and oid.pool == self.pool else None
+
+    async def get(self, snapshot_id: str) -> Snapshot | None:
+        return self.store.snapshots.get(snapshot_id) if self._sid(snapshot_id) else None
+
+    async def all(self) -> list[Snapshot]:
+        return [self.store.snapshots[k] for k in sorted(self.store.snapshots)]
+
+    async def create(self, pairs: list[tuple[str, str]], group_id: str | None) -> list[Snapshot]:
+        """Snapshot each (name, volume ID) pair at one point in time; existing
+        snapshots of the same name and source are returned as they are."""
+        todo: list[tuple[ids.ObjectId, str, Volume]] = []
+        done: dict[str, Snapshot] = {}
+        for name, vid_s in pairs:
+            sid = ids.make("s", self.pool, name)
+            existing = self.store.snapshots.get(str(sid))
+            if existing is not None:
+                if existing.source_volume_id != vid_s:
+                    raise AlreadyExists(f"snapshot {name!r} already exists for another volume")
+                done[name] = existing
+                continue
+            vol = self.store.volumes.get(vid_s) if self._vid(vid_s) else None
+            if vol is None:
+                raise NotFound(f"source volume {vid_s} does not exist")
+            todo.append((sid, name, vol))
+        if todo:
+            # A copy needs what its source has allocated (holes stay holes).
+            need = 0
+            for _, _, vol in todo:
+                need += (await asyncio.to_thread(os.stat, self._image(vol))).st_blocks * 512
+            async with self._reserve(need, "snapshots"):
+                async with self._frozen([v for _, _, v in todo]):
+                    for sid, _, vol in todo:
+                        await self._copy(self._image(vol), self.store.scratch(sid), vol.size)
+                for sid, name, vol in todo:
+                    done[name] = await self._commit(sid, name, vol, group_id)
+        return [done[name] for name, _ in pairs]
+
+    def _image(self, vol: Volume) -> str:
+        vid = self._vid(vol.id)
+        assert vid is not None
+        return self.store.volume_image(vid)
+
+    async def _commit(self, sid: ids.ObjectId, name: str, vol: Volume, group_id: str | None) -> Snapshot:
+        try:
+            await asyncio.to_thread(files.commit, self.store.scratch(sid), self.store.snapshot_image(sid))
+            snap = Snapshot(
+                id=str(sid),
+                name=name,
+                source_volume_id=vol.id,
+                size=vol.size,
+                created_ns=time.time_ns(),
+                group_id=group_id,
+                access=vol.access,
+                fs_type=vol.formatted or vol.fs_type,
+            )
+            await self.store.put_snapshot(snap)
+        except BaseException:
+            await asyncio.to_thread(files.discard, self.store.scratch(sid), self.store.snapshot_image(sid))
+            raise
+        log.info("created snapshot %s of %s", snap.id, vol.id)
+        return snap
+
+    @contextlib.asynccontextmanager
+    async def _frozen(self, volumes: list[Volume]) -> AsyncIterator[None]:
+        """Freeze the mounted filesystems of these volumes for the duration.
+
+        A marker in tmp/ names each mount point before it is frozen, so a crash
+        mid-copy is thawed at the next start instead of hanging every writer.
+        """
+        table = await asyncio.to_thread(MountTable.load)
+        points: list[str] = []
+        for vol in volumes:
+            if vol.access != AccessType.MOUNT:
+                continue  # raw block has no filesystem to freeze
+            for dev in loopdev.find(self._image(vol), self._sys_block):
+                maj, mnr = loopdev.device_numbers(dev.name)
+                mounts = table.of_device(maj, mnr)
+                if mounts:
+                    points.append(mounts[0].mount_point)
+        frozen: list[tuple[str, str]] = []
+        try:
+            for i, mp in enumerate(points):
+                marker = os.path.join(self.store.tmp_dir, f"freeze-{os.getpid()}-{i}.frozen")
+                await asyncio.to_thread(atomic_write_json, marker, {"mount_point": mp})
+                await self._fs.freeze(mp)
+                frozen.append((mp, marker))
+            yield
+        finally:
+            for mp, marker in reversed(frozen):
+                await self._fs.thaw(mp)
+                await asyncio.to_thread(files.discard, marker)
+
+    async def thaw_leftovers(self) -> None:
+        """Thaw what an interrupted snapshot left frozen (see _frozen)."""
+        if not os.path.isdir(self.store.tmp_dir):
+            return
+        for name in os.listdir(self.store.tmp_dir):
+            if not name.endswith(".frozen"):
+                continue
+            with open(os.path.join(self.store.tmp_dir, name), encoding="utf-8") as f:
+                mount_point = str(json.load(f).get("mount_point", ""))
+            if mount_point.startswith("/"):
+                with contextlib.suppress(CommandError):
+                    await self._fs.thaw(mount_point)
+                    log.warning("recovery: thawed %s, left frozen by an interrupted snapshot", mount_point)
+
+    async def delete(self, snapshot_id: str) -> None:
+        sid = self._sid(snapshot_id)
+        if sid is not None:
+            await self.store.drop_snapshot(sid)
+
+    # -- groups -------------------------------------------------------------------
+
+    def _group(self, record: dict[str, Any]) -> GroupSnapshot:
+        snaps = tuple(self.store.snapshots[s] for s in record["snapshots"] if s in self.store.snapshots)
+        return GroupSnapshot(record["id"], record["name"], snaps, int(record["created_ns"]))
+
+    async def create_group(self, name: str, volume_ids: list[str]) -> GroupSnapshot:
+        gid = ids.make("g", self.pool, name)
+        members = sorted(set(volume_ids))
+        existing = self.store.groups.get(str(gid))
+        if existing is not None:
+            if existing["volumes"] != members:
+                raise AlreadyExists(f"group snapshot {name!r} already exists with other volumes")
+            if len(existing["snapshots"]) == len(members):
+                return self._group(existing)
+        # Record the group first: a crash leaves a group whose snapshots the
+        # retry (same name) finishes, or whose deletion removes them all.
+        pairs = [(member_name(name, v), v) for v in members]
+        record = {
+            "id": str(gid),
+            "name": name,
+            "volumes": members,
+            "snapshots": [str(ids.make("s", self.pool, n)) for n, _ in pairs],
+            "created_ns": time.time_ns(),
+        }
+        for v in members:
+            if self.store.volumes.get(v) is None or self._vid(v) is None:
+                raise NotFound(f"source volume {v} does not exist")
+        await self.store.put_group(gid, record)
+        await self.create(pairs, str(gid))
+        return self._group(record)
+
+    async def get_group(self, group_id: str) -> GroupSnapshot | None:
+        oid = ids.parse(group_id, "g")
+        if oid is None or oid.pool != self.pool:
+            return None
+        record = self.store.groups.get(group_id)
+        return self._group(record) if record else None
+
+    async def delete_group(self, group_id: str) -> None:
+        oid = ids.parse(group_id, "g")
+        if oid is None or oid.pool != self.pool:
+            return
+        record = self.store.groups.get(group_id)
+        if record is not None:
+            for sid in record["snapshots"]:
+                await self.delete(sid)
+        await self.store.drop_group(oid)

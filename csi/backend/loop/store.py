@@ -1,0 +1,271 @@
+"""The loop pool on disk, and the in-memory index of it.
+
+Layout under ``--loop-dir``::
+
+    elv-pool.json          pool marker (format version)
+    volumes/<id>.img       a volume's backing file
+    volumes/<id>.json      its metadata
+    snapshots/<id>.img     a snapshot's (read-only) copy
+    snapshots/<id>.json
+    groups/<id>.json       a volume group snapshot: the member snapshot IDs
+    tmp/                   files being built; emptied at startup
+
+**The metadata file is the commit point.** A volume exists exactly when its
+``.json`` exists. Create builds the image in ``tmp/``, fsyncs it, renames it
+into place, then writes the metadata atomically (tmp file, fsync, rename,
+fsync of the directory). Delete removes the metadata first. So after a crash
+an image without metadata is always garbage from an unfinished create or
+delete, and startup removes it; nothing half-made ever sits under a final
+name as a volume.
+
+File names are built only from parsed IDs (``[a-z0-9-]``), never from request
+text. The index is loaded once at startup; this process is the only writer,
+so it stays exact, and each change updates disk first and memory second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from csi import ids
+from csi.backend.base import AccessType, Snapshot, Source, Volume
+from csi.errors import CorruptState
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MARKER = "elv-pool.json"
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: str, obj: Mapping[str, Any]) -> None:
+    """Replace ``path`` with ``obj`` so a reader (or a crash) sees old or new, never half."""
+    directory, base = os.path.split(path)
+    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.tmp")
+    data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def remove_durably(path: str) -> bool:
+    """Unlink and fsync the directory. False if it was already gone."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    fsync_dir(os.path.dirname(path))
+    return True
+
+
+def volume_to_json(v: Volume) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "id": v.id,
+        "name": v.name,
+        "size": v.size,
+        "access": v.access.value,
+        "fs_type": v.fs_type,
+        "thick": v.thick,
+        "source": None if v.source is None else {"kind": v.source.kind, "id": v.source.id},
+        "parameters": dict(v.parameters),
+        "created_ns": v.created_ns,
+        "formatted": v.formatted,
+        "attachments": dict(v.attachments),
+    }
+
+
+def volume_from_json(d: Mapping[str, Any]) -> Volume:
+    src = d.get("source")
+    return Volume(
+        id=str(d["id"]),
+        name=str(d["name"]),
+        size=int(d["size"]),
+        access=AccessType(d["access"]),
+        fs_type=d.get("fs_type"),
+        thick=bool(d.get("thick", False)),
+        source=None if not src else Source(src["kind"], str(src["id"])),
+        parameters={str(k): str(v) for k, v in (d.get("parameters") or {}).items()},
+        created_ns=int(d["created_ns"]),
+        formatted=d.get("formatted"),
+        attachments={str(k): bool(x) for k, x in (d.get("attachments") or {}).items()},
+    )
+
+
+def snapshot_to_json(s: Snapshot) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "id": s.id,
+        "name": s.name,
+        "source_volume_id": s.source_volume_id,
+        "size": s.size,
+        "created_ns": s.created_ns,
+        "group_id": s.group_id,
+        "access": s.access.value,
+        "fs_type": s.fs_type,
+    }
+
+
+def snapshot_from_json(d: Mapping[str, Any]) -> Snapshot:
+    return Snapshot(
+        id=str(d["id"]),
+        name=str(d["name"]),
+        source_volume_id=str(d["source_volume_id"]),
+        size=int(d["size"]),
+        created_ns=int(d["created_ns"]),
+        ready=True,
+        group_id=d.get("group_id"),
+        access=AccessType(d.get("access", "mount")),
+        fs_type=d.get("fs_type"),
+    )
+
+
+class Store:
+    def __init__(self, root: str) -> None:
+        self.root = os.path.realpath(root)
+        self.volumes_dir = os.path.join(self.root, "volumes")
+        self.snapshots_dir = os.path.join(self.root, "snapshots")
+        self.groups_dir = os.path.join(self.root, "groups")
+        self.tmp_dir = os.path.join(self.root, "tmp")
+        self.volumes: dict[str, Volume] = {}
+        self.snapshots: dict[str, Snapshot] = {}
+        self.groups: dict[str, dict[str, Any]] = {}
+        self.provisioned = 0  # sum of volume sizes, kept exact incrementally
+
+    # -- paths (from parsed IDs only) ----------------------------------------
+
+    def volume_image(self, vid: ids.ObjectId) -> str:
+        return os.path.join(self.volumes_dir, f"{vid}.img")
+
+    def volume_meta(self, vid: ids.ObjectId) -> str:
+        return os.path.join(self.volumes_dir, f"{vid}.json")
+
+    def snapshot_image(self, sid: ids.ObjectId) -> str:
+        return os.path.join(self.snapshots_dir, f"{sid}.img")
+
+    def snapshot_meta(self, sid: ids.ObjectId) -> str:
+        return os.path.join(self.snapshots_dir, f"{sid}.json")
+
+    def group_meta(self, gid: ids.ObjectId) -> str:
+        return os.path.join(self.groups_dir, f"{gid}.json")
+
+    def scratch(self, oid: ids.ObjectId) -> str:
+        return os.path.join(self.tmp_dir, f"{oid}.partial")
+
+    # -- startup ----------------------------------------------------------------
+
+    def open(self) -> list[str]:
+        """Create the layout if needed, load the index, and clean up after a
+        crash. Returns a description of each thing it removed."""
+        for d in (self.root, self.volumes_dir, self.snapshots_dir, self.groups_dir, self.tmp_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        marker = os.path.join(self.root, MARKER)
+        if os.path.exists(marker):
+            with open(marker, encoding="utf-8") as f:
+                fmt = json.load(f).get("format")
+            if fmt != FORMAT_VERSION:
+                raise CorruptState(f"pool {self.root} has format {fmt}, this driver reads {FORMAT_VERSION}")
+        else:
+            atomic_write_json(marker, {"format": FORMAT_VERSION})
+        removed: list[str] = []
+        for name in os.listdir(self.tmp_dir):
+            os.unlink(os.path.join(self.tmp_dir, name))
+            removed.append(f"tmp/{name}")
+        self.volumes = self._load(self.volumes_dir, "v", volume_from_json, removed)
+        self.snapshots = self._load(self.snapshots_dir, "s", snapshot_from_json, removed)
+        self.groups = {}
+        for gid, path in self._metas(self.groups_dir, "g", removed):
+            with open(path, encoding="utf-8") as f:
+                self.groups[gid] = json.load(f)
+        self.provisioned = sum(v.size for v in self.volumes.values())
+        if removed:
+            fsync_dir(self.tmp_dir)
+        return removed
+
+    def _metas(self, directory: str, kind: ids.Kind, removed: list[str]) -> Iterator[tuple[str, str]]:
+        names = os.listdir(directory)
+        metas = {n[:-5] for n in names if n.endswith(".json") and not n.startswith(".")}
+        for n in names:
+            path = os.path.join(directory, n)
+            if n.startswith(".") and n.endswith(".tmp"):
+                os.unlink(path)  # an atomic write that never got renamed
+                removed.append(os.path.relpath(path, self.root))
+            elif n.endswith(".img") and n[:-4] not in metas:
+                os.unlink(path)  # image of a create or delete that did not finish
+                removed.append(os.path.relpath(path, self.root))
+        for stem in sorted(metas):
+            if ids.parse(stem, kind) is None:
+                log.warning("ignoring foreign file %s in the pool", os.path.join(directory, stem + ".json"))
+                continue
+            yield stem, os.path.join(directory, stem + ".json")
+
+    def _load(self, directory: str, kind: ids.Kind, conv: Any, removed: list[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for oid, path in self._metas(directory, kind, removed):
+            with open(path, encoding="utf-8") as f:
+                obj = conv(json.load(f))
+            if obj.id != oid:
+                raise CorruptState(f"{path} describes {obj.id}")
+            out[oid] = obj
+        return out
+
+    # -- changes (disk first, in a worker thread; then memory, on the loop) ----
+
+    async def put_volume(self, v: Volume) -> None:
+        oid = ids.parse(v.id, "v")
+        assert oid is not None
+        await asyncio.to_thread(atomic_write_json, self.volume_meta(oid), volume_to_json(v))
+        old = self.volumes.get(v.id)
+        self.provisioned += v.size - (old.size if old else 0)
+        self.volumes[v.id] = v
+
+    async def drop_volume(self, oid: ids.ObjectId) -> None:
+        """Remove a volume: metadata first (the commit point), then the image."""
+        await asyncio.to_thread(remove_durably, self.volume_meta(oid))
+        old = self.volumes.pop(str(oid), None)
+        if old is not None:
+            self.provisioned -= old.size
+        await asyncio.to_thread(remove_durably, self.volume_image(oid))
+
+    async def put_snapshot(self, s: Snapshot) -> None:
+        oid = ids.parse(s.id, "s")
+        assert oid is not None
+        await asyncio.to_thread(atomic_write_json, self.snapshot_meta(oid), snapshot_to_json(s))
+        self.snapshots[s.id] = s
+
+    async def drop_snapshot(self, oid: ids.ObjectId) -> None:
+        await asyncio.to_thread(remove_durably, self.snapshot_meta(oid))
+        self.snapshots.pop(str(oid), None)
+        await asyncio.to_thread(remove_durably, self.snapshot_image(oid))
+
+    async def put_group(self, gid: ids.ObjectId, record: Mapping[str, Any]) -> None:
+        await asyncio.to_thread(atomic_write_json, self.group_meta(gid), record)
+        self.groups[str(gid)] = dict(record)
+
+    async def drop_group(self, gid: ids.ObjectId) -> None:
+        await asyncio.to_thread(remove_durably, self.group_meta(gid))
+        self.groups.pop(str(gid), None)

@@ -1,0 +1,108 @@
+"""The ``elv`` command line. Configuration is read here, once, and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import Sequence
+
+from csi import DRIVER_NAME, __version__
+from csi.config import Config, Mode
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="serve CSI on a unix socket")
+    p.add_argument("--endpoint", default=_env("CSI_ENDPOINT", "unix:///run/elv/csi.sock"),
+                   help="unix:///absolute/path of the socket (env CSI_ENDPOINT)")  # fmt: skip
+    p.add_argument("--node-id", default=_env("NODE_ID", socket.gethostname()),
+                   help="this node's ID, usually the Kubernetes node name (env NODE_ID)")  # fmt: skip
+    p.add_argument("--backend", choices=["loop"], default="loop", help="storage backend")
+    p.add_argument("--mode", choices=[m.value for m in Mode], default="all", help="which CSI services to serve")
+    p.add_argument("--driver-name", default=DRIVER_NAME, help="CSI driver name")
+    p.add_argument("--loop-dir", default="/var/lib/elv/loop", help="directory of the loop backend's pool")
+    p.add_argument("--kubelet-dir", default="/var/lib/kubelet",
+                   help="staging and target paths must lie beneath this directory")  # fmt: skip
+    p.add_argument("--overprovision-ratio", type=float, default=1.0,
+                   help="sparse volumes may promise this many times the pool's space (default 1.0: never)")  # fmt: skip
+    p.add_argument("--max-volumes-per-node", type=int, default=0, help="reported to the scheduler; 0 = no limit")
+    p.add_argument("--socket-group", default=None, help="group allowed to use the socket (mode 0660)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    p.add_argument("--log-format", choices=["text", "json"], default="text")
+    p.add_argument("--command-timeout", type=float, default=120.0, help="seconds before an external command is killed")
+    p.add_argument(
+        "--max-concurrent-rpcs", type=int, default=256, help="RPCs served at once; more get RESOURCE_EXHAUSTED"
+    )
+    p.add_argument("--xfs-config", default=None, help="mkfs.xfs options file (-c options=FILE), e.g. an lts_*.conf")
+    p.add_argument("--no-direct-io", action="store_true", help="attach loop devices without direct I/O")
+
+
+def add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("demo", help="walk one volume through its whole life and clean up")
+    p.add_argument("--endpoint", default=None,
+                   help="use a running driver at this endpoint; by default start a private one in a temp dir")  # fmt: skip
+    p.add_argument("--kubelet-dir", default="/var/lib/kubelet", help="the running driver's --kubelet-dir")
+    p.add_argument("--loop-dir", default=None, help="the running driver's --loop-dir (to check for leftovers)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="elv", description="ELV: Elastic Local Volumes, a CSI driver")
+    p.add_argument("--version", action="version", version=f"elv {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_serve(sub)
+    add_demo(sub)
+    return p
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    if args.overprovision_ratio < 1.0:
+        raise SystemExit("elv: --overprovision-ratio must be at least 1.0")
+    cfg = Config(
+        endpoint=args.endpoint,
+        node_id=args.node_id,
+        backend=args.backend,
+        mode=Mode(args.mode),
+        driver_name=args.driver_name,
+        loop_dir=os.path.abspath(args.loop_dir),
+        kubelet_dir=os.path.abspath(args.kubelet_dir),
+        overprovision_ratio=args.overprovision_ratio,
+        max_volumes_per_node=args.max_volumes_per_node,
+        socket_group=args.socket_group,
+        log_level=args.log_level,
+        log_format=args.log_format,
+        command_timeout=args.command_timeout,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        direct_io=not args.no_direct_io,
+        xfs_config=args.xfs_config,
+    )
+    try:
+        cfg.socket_path  # noqa: B018 - validates the endpoint
+    except ValueError as e:
+        raise SystemExit(f"elv: {e}") from None
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "serve":
+        from csi import log, server
+
+        cfg = config_from(args)
+        log.setup(cfg.log_level, cfg.log_format)
+        return asyncio.run(server.run(cfg))
+    if args.command == "demo":
+        from csi import demo, log
+
+        log.setup("warning")
+        return asyncio.run(demo.main(args.endpoint, args.kubelet_dir, args.loop_dir))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Driver configuration: built once at the edge (csi.cli) and passed down.
+
+Nothing else in the package reads the environment.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from csi import DRIVER_NAME
+
+
+class Mode(enum.Enum):
+    CONTROLLER = "controller"
+    NODE = "node"
+    ALL = "all"
+
+    @property
+    def controller(self) -> bool:
+        return self in (Mode.CONTROLLER, Mode.ALL)
+
+    @property
+    def node(self) -> bool:
+        return self in (Mode.NODE, Mode.ALL)
+
+
+@dataclass(frozen=True)
+class Config:
+    endpoint: str
+    node_id: str
+    backend: str = "loop"
+    mode: Mode = Mode.ALL
+    driver_name: str = DRIVER_NAME
+    loop_dir: str = "/var/lib/elv/loop"
+    kubelet_dir: str = "/var/lib/kubelet"
+    #: Sparse volumes may promise this many times the pool's space (1.0 = never overcommit).
+    overprovision_ratio: float = 1.0
+    #: Reported by NodeGetInfo; 0 means no limit.
+    max_volumes_per_node: int = 0
+    #: Group allowed on the socket (mode 0660); None keeps it 0600.
+    socket_group: str | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+    metrics_address: str | None = None
+    command_timeout: float = 120.0
+    max_concurrent_rpcs: int = 256
+    max_parallel_commands: int = 16
+    direct_io: bool = True
+    #: mkfs.xfs -c options=FILE, e.g. an lts_*.conf for older kernels (Debian 12's xfsprogs 6.1
+    #: cannot parse its own lts files, so there is no default).
+    xfs_config: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def topology_key(self) -> str:
+        return f"topology.{self.driver_name}/node"
+
+    @property
+    def socket_path(self) -> str:
+        prefix = "unix://"
+        if not self.endpoint.startswith(prefix):
+            raise ValueError("the endpoint must be unix:///absolute/path")
+        path = self.endpoint[len(prefix) :]
+        if not path.startswith("/"):
+            raise ValueError("the endpoint must be unix:///absolute/path")
+        return path

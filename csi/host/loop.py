@@ -1,0 +1,146 @@
+"""Loop devices: find, attach, detach and resize.
+
+Lookups read sysfs (``/sys/block/loopN/loop/backing_file``), which costs no
+process and sees every device at once. Changes go through ``losetup`` from
+util-linux: its ``--nooverlap`` attach is idempotent (a second attach of the
+same file returns the existing device) and it already handles the race
+between LOOP_CTL_GET_FREE and configuring the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+from csi.errors import CommandError, Internal
+from csi.runner import Runner
+
+SYS_BLOCK = "/sys/block"
+_DELETED = " (deleted)"
+_LOOP_NAME = re.compile(r"^loop[0-9]+$")
+
+
+@dataclass(frozen=True)
+class LoopDevice:
+    name: str  # "loop3"
+    backing_file: str  # as the kernel reports it, without the " (deleted)" suffix
+    deleted: bool = False
+    direct_io: bool | None = None
+
+    @property
+    def path(self) -> str:
+        return "/dev/" + self.name
+
+
+def parse_losetup_json(text: str) -> list[LoopDevice]:
+    """Parse ``losetup --json --list`` (util-linux 2.3x)."""
+    if not text.strip():
+        return []  # losetup prints nothing when no device is attached
+    data = json.loads(text)
+    out: list[LoopDevice] = []
+    for entry in data.get("loopdevices", []):
+        name = os.path.basename(str(entry["name"]))
+        back = str(entry.get("back-file") or "")
+        deleted = back.endswith(_DELETED)
+        if deleted:
+            back = back[: -len(_DELETED)]
+        dio = entry.get("dio")
+        out.append(LoopDevice(name, back, deleted, bool(dio) if dio is not None else None))
+    return out
+
+
+def parse_backing_file(raw: str) -> tuple[str, bool]:
+    """Split sysfs ``backing_file`` text into (path, deleted)."""
+    path = raw.rstrip("\n")
+    if path.endswith(_DELETED):
+        return path[: -len(_DELETED)], True
+    return path, False
+
+
+def scan(sys_block: str = SYS_BLOCK) -> list[LoopDevice]:
+    """Every attached loop device, from sysfs."""
+    out: list[LoopDevice] = []
+    try:
+        names = os.listdir(sys_block)
+    except FileNotFoundError:
+        return out
+    for name in names:
+        if not _LOOP_NAME.match(name):
+            continue
+        base = os.path.join(sys_block, name, "loop")
+        try:
+            with open(os.path.join(base, "backing_file"), encoding="utf-8", errors="surrogateescape") as f:
+                path, deleted = parse_backing_file(f.read())
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not attached (no loop/ dir) or detached while we looked
+        dio: bool | None = None
+        try:
+            with open(os.path.join(base, "dio"), encoding="ascii") as f:
+                dio = f.read().strip() == "1"
+        except OSError:
+            pass
+        out.append(LoopDevice(name, path, deleted, dio))
+    return sorted(out, key=lambda d: int(d.name[4:]))
+
+
+def find(backing_file: str, sys_block: str = SYS_BLOCK) -> list[LoopDevice]:
+    """Loop devices whose backing file is this path (not deleted)."""
+    return [d for d in scan(sys_block) if d.backing_file == backing_file and not d.deleted]
+
+
+def size_bytes(name: str, sys_block: str = SYS_BLOCK) -> int:
+    with open(os.path.join(sys_block, name, "size"), encoding="ascii") as f:
+        return int(f.read().strip()) * 512
+
+
+def device_numbers(name: str) -> tuple[int, int]:
+    st = os.stat("/dev/" + name)
+    return os.major(st.st_rdev), os.minor(st.st_rdev)
+
+
+class LoopTool:
+    """losetup through the shared runner."""
+
+    def __init__(self, runner: Runner, *, direct_io: bool = True, sys_block: str = SYS_BLOCK) -> None:
+        self._run = runner
+        self._direct_io = direct_io
+        self._sys_block = sys_block
+
+    async def attach(self, backing_file: str) -> LoopDevice:
+        """Attach the file, or return the device it is already attached to."""
+        existing = find(backing_file, self._sys_block)
+        if existing:
+            return existing[0]
+        argv = ["losetup", "--find", "--show", "--nooverlap"]
+        if self._direct_io:
+            # Direct I/O skips the double page cache (pool fs + volume fs).
+            argv.append("--direct-io=on")
+        argv += ["--", backing_file]
+        res = await self._run.run(argv, timeout=60)
+        dev = res.text.strip()
+        name = os.path.basename(dev)
+        if not _LOOP_NAME.match(name):
+            raise Internal(f"losetup returned an unexpected device name {dev!r}")
+        found = [d for d in find(backing_file, self._sys_block) if d.name == name]
+        if not found:
+            raise Internal(f"{dev} is not attached to the volume's backing file after losetup")
+        return found[0]
+
+    async def detach(self, name: str) -> None:
+        if not _LOOP_NAME.match(name):
+            raise ValueError(f"not a loop device name: {name!r}")
+        try:
+            await self._run.run(["losetup", "--detach", "/dev/" + name], timeout=60)
+        except CommandError:
+            # Already gone is fine; anything else is re-raised below.
+            if os.path.exists(os.path.join(self._sys_block, name, "loop", "backing_file")):
+                raise
+
+    async def refresh_capacity(self, name: str) -> int:
+        """Make the device see its backing file's new size; returns the size."""
+        if not _LOOP_NAME.match(name):
+            raise ValueError(f"not a loop device name: {name!r}")
+        await self._run.run(["losetup", "--set-capacity", "/dev/" + name], timeout=60)
+        return size_bytes(name, self._sys_block)

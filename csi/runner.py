@@ -1,0 +1,155 @@
+"""The one way ELV runs an external command.
+
+Rules, each learnt from other drivers' incidents:
+
+* argv lists only, never a shell (CVE-2023-3676 and friends pasted PV fields
+  into command strings);
+* a fixed, minimal environment with ``LC_ALL=C`` so output parsers see the
+  same text everywhere, and nothing of the caller's environment leaks in;
+* every command has a timeout; a command that passes it is killed (its whole
+  process group) and reported as :class:`CommandTimeout`;
+* a *mutating* command is never killed because the RPC that started it was
+  cancelled: CSI callers retry with the same arguments, and a half-done
+  ``mkfs`` or ``lvcreate`` is worse than a finished one. Read-only queries may
+  be killed on cancel (TopoLVM #1163: orphaned ``lvs`` piled up);
+* a bounded number of commands run at once, so a request flood cannot fork
+  the node to death.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+from csi.errors import CommandError, CommandTimeout
+
+log = logging.getLogger(__name__)
+
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+#: Called after every command: (program name, seconds, exit status or None on timeout).
+Observer = Callable[[str, float, "int | None"], None]
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    seconds: float
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode("utf-8", "replace")
+
+
+class Runner:
+    """Runs commands for the driver. One instance is shared by the process."""
+
+    def __init__(
+        self,
+        *,
+        default_timeout: float = 120.0,
+        max_parallel: int = 16,
+        extra_env: Mapping[str, str] | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        self.default_timeout = default_timeout
+        self._slots = asyncio.Semaphore(max_parallel)
+        env = {"PATH": SAFE_PATH, "LC_ALL": "C", "LANG": "C", "LVM_SUPPRESS_FD_WARNINGS": "1"}
+        env.update(extra_env or {})
+        self._env = env
+        self._observer = observer
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float | None = None,
+        ok_codes: Collection[int] = (0,),
+        mutating: bool = True,
+        stdin: bytes | None = None,
+    ) -> Result:
+        """Run ``argv`` and return its result.
+
+        Raises :class:`CommandError` when the exit status is not in
+        ``ok_codes`` and :class:`CommandTimeout` when it runs too long.
+        """
+        args = _check_argv(argv)
+        limit = self.default_timeout if timeout is None else timeout
+        work = asyncio.ensure_future(self._slotted(args, limit, stdin))
+        if mutating:
+            # Let the command finish even if our caller goes away.
+            result = await asyncio.shield(work)
+        else:
+            result = await work
+        if result.returncode not in ok_codes:
+            raise CommandError(args, result.returncode, result.stdout, result.stderr)
+        return result
+
+    async def _slotted(self, args: tuple[str, ...], limit: float, stdin: bytes | None) -> Result:
+        # The slot is held by the task, so a shielded command keeps it until it ends.
+        async with self._slots:
+            return await self._execute(args, limit, stdin)
+
+    async def _execute(self, args: tuple[str, ...], limit: float, stdin: bytes | None) -> Result:
+        start = time.monotonic()
+        log.debug("exec %s", " ".join(args))
+        proc = await asyncio.create_subprocess_exec(
+            *args,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=self._env,
+            start_new_session=True,  # own process group, so a kill reaches helpers too
+            close_fds=True,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(stdin), timeout=limit)
+        except TimeoutError:
+            _kill_group(proc.pid)
+            # A process stuck in the kernel (D state) may never die; don't wait forever.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), timeout=2.0)
+            self._observe(args[0], time.monotonic() - start, None)
+            log.warning("command timed out after %.1fs: %s", limit, " ".join(args))
+            raise CommandTimeout(args, limit) from None
+        except asyncio.CancelledError:
+            # Only read-only commands get here (mutating ones are shielded).
+            _kill_group(proc.pid)
+            raise
+        seconds = time.monotonic() - start
+        rc = proc.returncode if proc.returncode is not None else -1
+        self._observe(args[0], seconds, rc)
+        return Result(args, rc, out, err, seconds)
+
+    def _observe(self, program: str, seconds: float, rc: int | None) -> None:
+        if self._observer is not None:
+            try:
+                self._observer(os.path.basename(program), seconds, rc)
+            except Exception:  # metrics must never break a command
+                log.exception("command observer failed")
+
+
+def _check_argv(argv: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(argv, str | bytes) or not argv:
+        raise TypeError("argv must be a non-empty list of strings")
+    args = tuple(argv)
+    for a in args:
+        if not isinstance(a, str):
+            raise TypeError(f"argv items must be str, not {type(a).__name__}")
+        if "\x00" in a:
+            raise ValueError("argv item contains a NUL byte")
+    return args
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)

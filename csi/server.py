@@ -1,0 +1,178 @@
+"""Build and run the gRPC server on its unix socket.
+
+grpc.aio is used because handlers shell out: with a thread pool, a hung
+``mount`` pins a worker and enough of them starve Probe; with asyncio only
+the coroutine that waits is stuck (measured in the dependency notes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import grp
+import logging
+import os
+import signal
+import socket
+import stat
+
+import grpc
+
+from csi.backend.base import Backend
+from csi.config import Config
+from csi.errors import ElvError
+from csi.host.fs import FsTool
+from csi.host.paths import PathGuard
+from csi.interceptor import RpcInterceptor
+from csi.nodeops import NodeOps
+from csi.ops import Gate
+from csi.runner import Runner
+from csi.services.controller import ControllerService
+from csi.services.group import GroupControllerService
+from csi.services.identity import IdentityService
+from csi.services.node import NodeService
+from csi.v1 import csi_pb2_grpc
+
+log = logging.getLogger(__name__)
+MAX_UNIX_PATH = 107
+
+
+class SocketError(ElvError):
+    pass
+
+
+def prepare_socket(path: str) -> None:
+    """Make ``path`` free for a new socket.
+
+    A stale socket from a dead driver is removed; a live one (something
+    answers) or anything that is not a socket is refused and left untouched.
+    """
+    if len(path.encode()) > MAX_UNIX_PATH:
+        raise SocketError(f"socket path {path} is longer than {MAX_UNIX_PATH} bytes")
+    os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError as e:
+        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise SocketError(f"cannot check {path}: {e.strerror}") from e
+        os.unlink(path)  # nobody listens: a leftover from a crash
+        log.info("removed stale socket %s", path)
+        return
+    finally:
+        probe.close()
+    raise SocketError(f"another process is already serving on {path}")
+
+
+def secure_socket(path: str, group: str | None) -> None:
+    if group:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(path, 0o660)
+    else:
+        os.chmod(path, 0o600)
+
+
+def build_backend(config: Config, runner: Runner) -> Backend:
+    if config.backend == "loop":
+        from csi.backend.loop.backend import LoopBackend
+
+        return LoopBackend(
+            config.loop_dir, runner, overprovision_ratio=config.overprovision_ratio, direct_io=config.direct_io
+        )
+    raise ValueError(f"unknown backend {config.backend!r}")
+
+
+class Driver:
+    """Everything one ``elv serve`` process runs."""
+
+    def __init__(self, config: Config, *, runner: Runner | None = None, backend: Backend | None = None) -> None:
+        self.config = config
+        self.runner = runner or Runner(
+            default_timeout=config.command_timeout, max_parallel=config.max_parallel_commands
+        )
+        self.backend = backend or build_backend(config, self.runner)
+        self.gate = Gate()
+        self.interceptor = RpcInterceptor()
+        self.server: grpc.aio.Server | None = None
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        cfg = self.config
+        await self.backend.start()
+        server = grpc.aio.server(
+            interceptors=[self.interceptor],
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+            options=[("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+        )
+        csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(cfg, self.backend, group_snapshots=True), server)
+        if cfg.mode.controller:
+            csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(cfg, self.backend, self.gate), server)
+            csi_pb2_grpc.add_GroupControllerServicer_to_server(GroupControllerService(self.backend, self.gate), server)
+        if cfg.mode.node:
+            ops = NodeOps(self.backend, PathGuard(cfg.kubelet_dir), FsTool(self.runner, xfs_config=cfg.xfs_config))
+            csi_pb2_grpc.add_NodeServicer_to_server(NodeService(cfg, ops, self.gate), server)
+        path = cfg.socket_path
+        prepare_socket(path)
+        old = os.umask(0o177)  # the socket is born 0600; no window where others may connect
+        try:
+            if server.add_insecure_port("unix://" + path) == 0:
+                raise SocketError(f"cannot listen on {path}")
+        finally:
+            os.umask(old)
+        secure_socket(path, cfg.socket_group)
+        await server.start()
+        self.server = server
+        log.info(
+            "serving CSI",
+            extra={
+                "fields": {
+                    "endpoint": cfg.endpoint,
+                    "backend": cfg.backend,
+                    "mode": cfg.mode.value,
+                    "node": cfg.node_id,
+                }
+            },
+        )
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if self.server is not None:
+            await self.server.stop(grace)
+        # Let shielded operations (a copy, an mkfs) finish rather than cut them off.
+        for _ in range(int(grace * 10)):
+            if self.gate.in_flight() == 0:
+                break
+            await asyncio.sleep(0.1)
+        path = self.config.socket_path
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        log.info("stopped")
+
+
+async def run(config: Config) -> int:
+    driver = Driver(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, driver.request_stop)
+    try:
+        await driver.start()
+    except ElvError as e:
+        log.error("cannot start: %s", e.message)
+        return 1
+    await driver.wait()
+    await driver.stop()
+    return 0

@@ -1,0 +1,337 @@
+"""CSI Controller service: validate, call the backend, wrap the result."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from google.protobuf import wrappers_pb2
+
+from csi import ids
+from csi import validate as v
+from csi.backend.base import AccessType, Backend, VolumeSpec
+from csi.config import Config
+from csi.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from csi.host.fs import DEFAULT_FS
+from csi.ops import Gate
+from csi.services import Context, convert
+from csi.v1 import csi_pb2, csi_pb2_grpc
+
+T = TypeVar("T")
+RPC = csi_pb2.ControllerServiceCapability.RPC
+PROVISIONING = "elv.csi.dev/provisioning"
+
+CAPABILITIES = (
+    RPC.CREATE_DELETE_VOLUME,
+    RPC.CREATE_DELETE_SNAPSHOT,
+    RPC.CLONE_VOLUME,
+    RPC.LIST_VOLUMES,
+    RPC.LIST_SNAPSHOTS,
+    RPC.GET_CAPACITY,
+    RPC.EXPAND_VOLUME,
+    RPC.GET_VOLUME,
+    RPC.VOLUME_CONDITION,
+    RPC.SINGLE_NODE_MULTI_WRITER,
+    RPC.GET_SNAPSHOT,
+    RPC.PUBLISH_UNPUBLISH_VOLUME,
+    RPC.PUBLISH_READONLY,
+    RPC.MODIFY_VOLUME,
+)
+
+
+def paginate(
+    items: Sequence[T], key: Callable[[T], str], token: str, max_entries: int, kind: ids.Kind
+) -> tuple[list[T], str]:
+    """A page of ``items`` (sorted by key). The token is the key of the first
+    entry of the next page, so deleting entries between calls is harmless."""
+    if max_entries < 0:
+        raise InvalidArgument("max_entries must not be negative")
+    start = 0
+    if token:
+        if ids.parse(token, kind) is None:
+            raise Aborted(f"starting_token {token!r} is not a token this driver issued")
+        start = next((i for i, it in enumerate(items) if key(it) >= token), len(items))
+    end = len(items) if max_entries == 0 else min(len(items), start + max_entries)
+    nxt = key(items[end]) if end < len(items) else ""
+    return list(items[start:end]), nxt
+
+
+class ControllerService(csi_pb2_grpc.ControllerServicer):
+    def __init__(self, config: Config, backend: Backend, gate: Gate) -> None:
+        self._config = config
+        self._backend = backend
+        self._gate = gate
+        self._topology = {config.topology_key: config.node_id}
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _volume_parameters(self, params: dict[str, str]) -> dict[str, str]:
+        allowed = v.COMMON_KEYS | self._backend.parameter_keys
+        checked = v.parameters(params, allowed)
+        # Only the keys that shape the volume take part in idempotency checks.
+        return {k: val for k, val in checked.items() if k in self._backend.parameter_keys}
+
+    def _check_topology(self, req: csi_pb2.TopologyRequirement | None) -> None:
+        if req is None or not req.requisite:
+            return
+        for topo in req.requisite:
+            if dict(topo.segments) == self._topology:
+                return
+        raise ResourceExhausted(
+            f"this driver serves node {self._config.node_id!r}, which is not in the requisite topology"
+        )
+
+    # -- volumes ------------------------------------------------------------------
+
+    async def CreateVolume(
+        self, request: csi_pb2.CreateVolumeRequest, context: Context
+    ) -> csi_pb2.CreateVolumeResponse:
+        name = v.name(request.name)
+        caps = v.capabilities(request.volume_capabilities)
+        v.string_map(request.secrets, "secrets")
+        params = dict(request.parameters)
+        shaping = self._volume_parameters(params)
+        mutable = v.parameters(dict(request.mutable_parameters), self._backend.mutable_keys, "mutable_parameters")
+        access = caps[0].access
+        fs_type: str | None = None
+        if access == AccessType.MOUNT:
+            from_caps = next((c.fs_type for c in caps if c.fs_type), None)
+            from_params = params.get(v.FSTYPE_KEY)
+            if from_caps and from_params and from_caps != from_params:
+                raise InvalidArgument(f"the capability asks for {from_caps} but {v.FSTYPE_KEY} says {from_params}")
+            fs_type = from_caps or from_params or DEFAULT_FS
+        minimum = max(self._backend.min_size, v.fs_minimum(fs_type))
+        size = v.size(request.capacity_range if request.HasField("capacity_range") else None,
+                      minimum=minimum, granularity=self._backend.granularity)  # fmt: skip
+        self._check_topology(
+            request.accessibility_requirements if request.HasField("accessibility_requirements") else None
+        )
+        source = (
+            convert.content_source(request.volume_content_source) if request.HasField("volume_content_source") else None
+        )
+        spec = VolumeSpec(
+            name=name,
+            size=size,
+            access=access,
+            fs_type=fs_type,
+            thick={**shaping, **mutable}.get(PROVISIONING) == "thick",
+            source=source,
+            parameters=shaping,
+        )
+        vid = self._backend.volume_id(name, shaping)
+        keys = [vid] + ([source.id] if source else [])
+        if mutable:
+            shaping = {**shaping, **{f"mutable:{k}": x for k, x in mutable.items()}}
+            spec = VolumeSpec(**{**spec.__dict__, "parameters": shaping})
+        vol = await self._gate.run("CreateVolume", keys, convert.fingerprint(request),
+                                   lambda: self._backend.create_volume(spec))  # fmt: skip
+        return csi_pb2.CreateVolumeResponse(volume=convert.volume(vol, self._topology))
+
+    async def DeleteVolume(
+        self, request: csi_pb2.DeleteVolumeRequest, context: Context
+    ) -> csi_pb2.DeleteVolumeResponse:
+        vid = v.required_id(request.volume_id, "volume_id")
+        await self._gate.run(
+            "DeleteVolume", [vid], convert.fingerprint(request), lambda: self._backend.delete_volume(vid)
+        )
+        return csi_pb2.DeleteVolumeResponse()
+
+    async def ValidateVolumeCapabilities(
+        self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: Context
+    ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
+        vid = v.required_id(request.volume_id, "volume_id")
+        if not request.volume_capabilities:
+            raise InvalidArgument("volume_capabilities is required")
+        vol = await self._backend.get_volume(vid)
+        if vol is None:
+            raise NotFound(f"volume {vid} does not exist")
+        for cap in request.volume_capabilities:
+            problem = v.capability_problem(cap)
+            if problem is None:
+                c = v.capability(cap)
+                if c.access != vol.access:
+                    problem = f"the volume is a {vol.access.value} volume"
+                elif c.fs_type and c.fs_type != (vol.formatted or vol.fs_type):
+                    problem = f"the volume holds {vol.formatted or vol.fs_type}"
+            if problem is not None:
+                return csi_pb2.ValidateVolumeCapabilitiesResponse(message=problem)
+        try:
+            self._volume_parameters(dict(request.parameters))
+        except InvalidArgument as e:
+            return csi_pb2.ValidateVolumeCapabilitiesResponse(message=e.message)
+        confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
+            volume_context=request.volume_context,
+            volume_capabilities=request.volume_capabilities,
+            parameters=request.parameters,
+        )
+        return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
+
+    async def _status(self, volume_id: str) -> csi_pb2.ListVolumesResponse.VolumeStatus:
+        h = await self._backend.health(volume_id)
+        # Controller view: a volume that is simply not staged is healthy.
+        abnormal = h.abnormal and "not attached" not in h.message
+        return csi_pb2.ListVolumesResponse.VolumeStatus(
+            volume_condition=csi_pb2.VolumeCondition(abnormal=abnormal, message=h.message if abnormal else "ok")
+        )
+
+    async def ListVolumes(self, request: csi_pb2.ListVolumesRequest, context: Context) -> csi_pb2.ListVolumesResponse:
+        vols = await self._backend.list_volumes()
+        page, nxt = paginate(vols, lambda x: x.id, request.starting_token, request.max_entries, "v")
+        entries = [
+            csi_pb2.ListVolumesResponse.Entry(volume=convert.volume(x, self._topology), status=await self._status(x.id))
+            for x in page
+        ]
+        return csi_pb2.ListVolumesResponse(entries=entries, next_token=nxt)
+
+    async def ControllerGetVolume(
+        self, request: csi_pb2.ControllerGetVolumeRequest, context: Context
+    ) -> csi_pb2.ControllerGetVolumeResponse:
+        vid = v.required_id(request.volume_id, "volume_id")
+        vol = await self._backend.get_volume(vid)
+        if vol is None:
+            raise NotFound(f"volume {vid} does not exist")
+        st = await self._status(vid)
+        return csi_pb2.ControllerGetVolumeResponse(
+            volume=convert.volume(vol, self._topology),
+            status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(volume_condition=st.volume_condition),
+        )
+
+    async def GetCapacity(self, request: csi_pb2.GetCapacityRequest, context: Context) -> csi_pb2.GetCapacityResponse:
+        params = dict(request.parameters)
+        self._volume_parameters(params)
+        if request.HasField("accessible_topology") and dict(request.accessible_topology.segments) != self._topology:
+            return csi_pb2.GetCapacityResponse(available_capacity=0)
+        for cap in request.volume_capabilities:
+            if v.capability_problem(cap) is not None:
+                return csi_pb2.GetCapacityResponse(available_capacity=0)
+        c = await self._backend.capacity(params)
+        return csi_pb2.GetCapacityResponse(
+            available_capacity=c.available,
+            maximum_volume_size=wrappers_pb2.Int64Value(value=c.maximum_volume_size),
+            minimum_volume_size=wrappers_pb2.Int64Value(value=c.minimum_volume_size),
+        )
+
+    async def ControllerGetCapabilities(
+        self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: Context
+    ) -> csi_pb2.ControllerGetCapabilitiesResponse:
+        return csi_pb2.ControllerGetCapabilitiesResponse(
+            capabilities=[csi_pb2.ControllerServiceCapability(rpc=RPC(type=t)) for t in CAPABILITIES]
+        )
+
+    async def ControllerExpandVolume(
+        self, request: csi_pb2.ControllerExpandVolumeRequest, context: Context
+    ) -> csi_pb2.ControllerExpandVolumeResponse:
+        vid = v.required_id(request.volume_id, "volume_id")
+        if not request.HasField("capacity_range"):
+            raise InvalidArgument("capacity_range is required")
+        if request.HasField("volume_capability"):
+            v.capability(request.volume_capability)
+        vol = await self._backend.get_volume(vid)
+        if vol is None:
+            raise NotFound(f"volume {vid} does not exist")
+        size = v.size(request.capacity_range, minimum=vol.size, granularity=self._backend.granularity)
+        grown = await self._gate.run("ControllerExpandVolume", [vid], convert.fingerprint(request),
+                                     lambda: self._backend.expand_volume(vid, size))  # fmt: skip
+        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=grown.size, node_expansion_required=True)
+
+    async def ControllerPublishVolume(
+        self, request: csi_pb2.ControllerPublishVolumeRequest, context: Context
+    ) -> csi_pb2.ControllerPublishVolumeResponse:
+        """Volumes are local, so "publishing" to a node only checks that the node
+        is this one and records the attachment; DeleteVolume refuses while one
+        exists. Kubernetes skips this RPC (the CSIDriver says attachRequired:
+        false); other orchestrators may call it."""
+        vid = v.required_id(request.volume_id, "volume_id")
+        node = v.required_id(request.node_id, "node_id")
+        if not request.HasField("volume_capability"):
+            raise InvalidArgument("volume_capability is required")
+        cap = v.capability(request.volume_capability)
+        vol = await self._backend.get_volume(vid)
+        if vol is None:
+            raise NotFound(f"volume {vid} does not exist")
+        if node != self._config.node_id:
+            raise NotFound(
+                f"node {node!r} is not served by this driver; volume {vid} lives on {self._config.node_id!r}"
+            )
+        if cap.access != vol.access:
+            raise InvalidArgument(f"volume {vid} is a {vol.access.value} volume")
+        if node in vol.attachments:
+            if vol.attachments[node] != request.readonly:
+                raise AlreadyExists(
+                    f"volume {vid} is already published to {node} with readonly={vol.attachments[node]}"
+                )
+        else:
+            limit = self._config.max_volumes_per_node
+            if limit and sum(1 for x in await self._backend.list_volumes() if node in x.attachments) >= limit:
+                raise ResourceExhausted(f"node {node!r} already has {limit} volumes published (--max-volumes-per-node)")
+            await self._gate.run("ControllerPublishVolume", [vid], convert.fingerprint(request),
+                                 lambda: self._backend.set_attachment(vid, node, request.readonly))  # fmt: skip
+        return csi_pb2.ControllerPublishVolumeResponse(publish_context={})
+
+    async def ControllerUnpublishVolume(
+        self, request: csi_pb2.ControllerUnpublishVolumeRequest, context: Context
+    ) -> csi_pb2.ControllerUnpublishVolumeResponse:
+        vid = v.required_id(request.volume_id, "volume_id")
+        vol = await self._backend.get_volume(vid)
+        if vol is not None:
+            nodes = [request.node_id] if request.node_id else list(vol.attachments)
+            for node in nodes:
+                await self._gate.run("ControllerUnpublishVolume", [vid], convert.fingerprint(request),
+                                     lambda n=node: self._backend.set_attachment(vid, n, None))  # type: ignore[misc]  # fmt: skip
+        return csi_pb2.ControllerUnpublishVolumeResponse()
+
+    async def ControllerModifyVolume(
+        self, request: csi_pb2.ControllerModifyVolumeRequest, context: Context
+    ) -> csi_pb2.ControllerModifyVolumeResponse:
+        vid = v.required_id(request.volume_id, "volume_id")
+        mutable = v.parameters(dict(request.mutable_parameters), self._backend.mutable_keys, "mutable_parameters")
+        if await self._backend.get_volume(vid) is None:
+            raise NotFound(f"volume {vid} does not exist")
+        await self._gate.run("ControllerModifyVolume", [vid], convert.fingerprint(request),
+                             lambda: self._backend.modify_volume(vid, mutable))  # fmt: skip
+        return csi_pb2.ControllerModifyVolumeResponse()
+
+    # -- snapshots ------------------------------------------------------------------
+
+    async def CreateSnapshot(
+        self, request: csi_pb2.CreateSnapshotRequest, context: Context
+    ) -> csi_pb2.CreateSnapshotResponse:
+        name = v.name(request.name)
+        src = v.required_id(request.source_volume_id, "source_volume_id")
+        v.parameters(dict(request.parameters), v.SNAPSHOT_KEYS)
+        sid = self._backend.snapshot_id(name, src)
+        snap = await self._gate.run("CreateSnapshot", [sid, src], convert.fingerprint(request),
+                                    lambda: self._backend.create_snapshot(name, src))  # fmt: skip
+        return csi_pb2.CreateSnapshotResponse(snapshot=convert.snapshot(snap))
+
+    async def DeleteSnapshot(
+        self, request: csi_pb2.DeleteSnapshotRequest, context: Context
+    ) -> csi_pb2.DeleteSnapshotResponse:
+        sid = v.required_id(request.snapshot_id, "snapshot_id")
+        snap = await self._backend.get_snapshot(sid)
+        if snap is not None and snap.group_id:
+            raise FailedPrecondition(f"snapshot {sid} belongs to group snapshot {snap.group_id}; delete the group")
+        await self._gate.run(
+            "DeleteSnapshot", [sid], convert.fingerprint(request), lambda: self._backend.delete_snapshot(sid)
+        )
+        return csi_pb2.DeleteSnapshotResponse()
+
+    async def ListSnapshots(
+        self, request: csi_pb2.ListSnapshotsRequest, context: Context
+    ) -> csi_pb2.ListSnapshotsResponse:
+        snaps = await self._backend.list_snapshots()
+        if request.snapshot_id:
+            snaps = [s for s in snaps if s.id == request.snapshot_id]
+        if request.source_volume_id:
+            snaps = [s for s in snaps if s.source_volume_id == request.source_volume_id]
+        page, nxt = paginate(snaps, lambda s: s.id, request.starting_token, request.max_entries, "s")
+        return csi_pb2.ListSnapshotsResponse(
+            entries=[csi_pb2.ListSnapshotsResponse.Entry(snapshot=convert.snapshot(s)) for s in page], next_token=nxt
+        )
+
+    async def GetSnapshot(self, request: csi_pb2.GetSnapshotRequest, context: Context) -> csi_pb2.GetSnapshotResponse:
+        sid = v.required_id(request.snapshot_id, "snapshot_id")
+        snap = await self._backend.get_snapshot(sid)
+        if snap is None:
+            raise NotFound(f"snapshot {sid} does not exist")
+        return csi_pb2.GetSnapshotResponse(snapshot=convert.snapshot(snap))

@@ -1,0 +1,64 @@
+"""Model objects to CSI messages and back. Pure functions."""
+
+from __future__ import annotations
+
+import hashlib
+
+from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
+
+from csi.backend.base import Snapshot, Source, Volume
+from csi.errors import InvalidArgument
+from csi.v1 import csi_pb2
+
+
+def timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+def volume(v: Volume, topology: dict[str, str]) -> csi_pb2.Volume:
+    msg = csi_pb2.Volume(
+        volume_id=v.id,
+        capacity_bytes=v.size,
+        accessible_topology=[csi_pb2.Topology(segments=topology)],
+    )
+    if v.source is not None:
+        if v.source.kind == "snapshot":
+            msg.content_source.snapshot.snapshot_id = v.source.id
+        else:
+            msg.content_source.volume.volume_id = v.source.id
+    return msg
+
+
+def snapshot(s: Snapshot) -> csi_pb2.Snapshot:
+    return csi_pb2.Snapshot(
+        snapshot_id=s.id,
+        source_volume_id=s.source_volume_id,
+        size_bytes=s.size,
+        creation_time=timestamp(s.created_ns),
+        ready_to_use=s.ready,
+        group_snapshot_id=s.group_id or "",
+    )
+
+
+def content_source(src: csi_pb2.VolumeContentSource) -> Source | None:
+    kind = src.WhichOneof("type")
+    if kind is None:
+        return None
+    if kind == "snapshot":
+        if not src.snapshot.snapshot_id:
+            raise InvalidArgument("volume_content_source.snapshot.snapshot_id is required")
+        return Source("snapshot", src.snapshot.snapshot_id)
+    if not src.volume.volume_id:
+        raise InvalidArgument("volume_content_source.volume.volume_id is required")
+    return Source("volume", src.volume.volume_id)
+
+
+def fingerprint(request: Message) -> bytes:
+    """Identity of a request for joining retries; secrets are left out."""
+    msg = request.__class__()
+    msg.CopyFrom(request)
+    if msg.DESCRIPTOR.fields_by_name.get("secrets") is not None:
+        msg.ClearField("secrets")
+    data: bytes = msg.SerializeToString(deterministic=True)
+    return hashlib.sha256(data).digest()
