@@ -40,6 +40,9 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--max-concurrent-rpcs", type=int, default=256, help="RPCs served at once; more get RESOURCE_EXHAUSTED"
     )
     p.add_argument("--xfs-config", default=None, help="mkfs.xfs options file (-c options=FILE), e.g. an lts_*.conf")
+    p.add_argument(
+        "--tool-path", default=Config.tool_path, help="PATH searched for external tools (mkfs, losetup, ...)"
+    )
     p.add_argument("--no-direct-io", action="store_true", help="attach loop devices without direct I/O")
 
 
@@ -80,6 +83,7 @@ def config_from(args: argparse.Namespace) -> Config:
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         direct_io=not args.no_direct_io,
         xfs_config=args.xfs_config,
+        tool_path=args.tool_path,
     )
     try:
         cfg.socket_path  # noqa: B018 - validates the endpoint

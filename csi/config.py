@@ -47,6 +47,8 @@ class Config:
     max_concurrent_rpcs: int = 256
     max_parallel_commands: int = 16
     direct_io: bool = True
+    #: PATH the runner searches for external tools (a fixed, root-owned list by default).
+    tool_path: str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     #: mkfs.xfs -c options=FILE, e.g. an lts_*.conf for older kernels (Debian 12's xfsprogs 6.1
     #: cannot parse its own lts files, so there is no default).
     xfs_config: str | None = None

@@ -18,7 +18,7 @@ logged, so a client never sees UNKNOWN.
     ├── Unimplemented             UNIMPLEMENTED
     └── Internal                  INTERNAL
         ├── CommandError                            an external command failed
-        │   └── CommandTimeout                      ... or ran past its deadline
+        │   └── CommandTimeout    DEADLINE_EXCEEDED ... or ran past its deadline (retryable)
         └── CorruptState                            on-disk state contradicts itself
 
 Messages are shown to users (Kubernetes turns them into events), so they
@@ -127,7 +127,10 @@ class CommandError(Internal):
 
 
 class CommandTimeout(CommandError):
-    """The command ran past its deadline and was killed."""
+    """The command ran past its deadline and was killed. Callers treat
+    DEADLINE_EXCEEDED as "may still be in progress" and retry."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
     def __init__(self, argv: Sequence[str], timeout: float) -> None:
         super().__init__(argv, -9)

@@ -60,10 +60,11 @@ class Runner:
         max_parallel: int = 16,
         extra_env: Mapping[str, str] | None = None,
         observer: Observer | None = None,
+        search_path: str = SAFE_PATH,
     ) -> None:
         self.default_timeout = default_timeout
         self._slots = asyncio.Semaphore(max_parallel)
-        env = {"PATH": SAFE_PATH, "LC_ALL": "C", "LANG": "C", "LVM_SUPPRESS_FD_WARNINGS": "1"}
+        env = {"PATH": search_path, "LC_ALL": "C", "LANG": "C", "LVM_SUPPRESS_FD_WARNINGS": "1"}
         env.update(extra_env or {})
         self._env = env
         self._observer = observer

@@ -96,7 +96,9 @@ class Driver:
     def __init__(self, config: Config, *, runner: Runner | None = None, backend: Backend | None = None) -> None:
         self.config = config
         self.runner = runner or Runner(
-            default_timeout=config.command_timeout, max_parallel=config.max_parallel_commands
+            default_timeout=config.command_timeout,
+            max_parallel=config.max_parallel_commands,
+            search_path=config.tool_path,
         )
         self.backend = backend or build_backend(config, self.runner)
         self.gate = Gate()

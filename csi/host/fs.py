@@ -112,9 +112,7 @@ class FsTool:
 
     async def probe(self, device: str) -> Probe:
         # -p: probe the device itself, never the blkid cache; exit 2 means "nothing found".
-        res = await self._run.run(
-            ["blkid", "-p", "-o", "export", "--", device], ok_codes=(0, 2), timeout=60, mutating=False
-        )
+        res = await self._run.run(["blkid", "-p", "-o", "export", "--", device], ok_codes=(0, 2), mutating=False)
         if res.returncode == 2:
             return Probe(True, None, {})
         fields = parse_blkid_export(res.text)
@@ -169,7 +167,7 @@ class FsTool:
         await self._run.run(["resize2fs", device], timeout=1800)
 
     async def freeze(self, mount_point: str) -> None:
-        await self._run.run(["fsfreeze", "--freeze", mount_point], timeout=60)
+        await self._run.run(["fsfreeze", "--freeze", mount_point])
 
     async def thaw(self, mount_point: str) -> None:
-        await self._run.run(["fsfreeze", "--unfreeze", mount_point], timeout=60)
+        await self._run.run(["fsfreeze", "--unfreeze", mount_point])

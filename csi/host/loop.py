@@ -118,7 +118,7 @@ class LoopTool:
             # Direct I/O skips the double page cache (pool fs + volume fs).
             argv.append("--direct-io=on")
         argv += ["--", backing_file]
-        res = await self._run.run(argv, timeout=60)
+        res = await self._run.run(argv)
         dev = res.text.strip()
         name = os.path.basename(dev)
         if not _LOOP_NAME.match(name):
@@ -132,7 +132,7 @@ class LoopTool:
         if not _LOOP_NAME.match(name):
             raise ValueError(f"not a loop device name: {name!r}")
         try:
-            await self._run.run(["losetup", "--detach", "/dev/" + name], timeout=60)
+            await self._run.run(["losetup", "--detach", "/dev/" + name])
         except CommandError:
             # Already gone is fine; anything else is re-raised below.
             if os.path.exists(os.path.join(self._sys_block, name, "loop", "backing_file")):
@@ -142,5 +142,5 @@ class LoopTool:
         """Make the device see its backing file's new size; returns the size."""
         if not _LOOP_NAME.match(name):
             raise ValueError(f"not a loop device name: {name!r}")
-        await self._run.run(["losetup", "--set-capacity", "/dev/" + name], timeout=60)
+        await self._run.run(["losetup", "--set-capacity", "/dev/" + name])
         return size_bytes(name, self._sys_block)

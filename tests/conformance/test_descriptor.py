@@ -68,9 +68,7 @@ def _download_spec(workdir: Path) -> Path:
     return spec_dir
 
 
-def _compile_official(
-    spec_dir: Path, workdir: Path
-) -> descriptor_pb2.FileDescriptorProto:
+def _compile_official(spec_dir: Path, workdir: Path) -> descriptor_pb2.FileDescriptorProto:
     well_known = importlib.resources.files("grpc_tools") / "_proto"
     out = workdir / "official.pb"
     proc = subprocess.run(
@@ -89,9 +87,7 @@ def _compile_official(
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 0, (
-        f"protoc failed on the official csi.proto:\n{proc.stderr}"
-    )
+    assert proc.returncode == 0, f"protoc failed on the official csi.proto:\n{proc.stderr}"
     fds = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     assert len(fds.file) == 1, [f.name for f in fds.file]
     return fds.file[0]
@@ -146,13 +142,7 @@ def _opts(owner: Any) -> str | None:
     """An element's options as text; None when absent (presence is part of the wire form)."""
     if not owner.HasField("options"):
         return None
-    return (
-        "{"
-        + text_format.MessageToString(
-            owner.options, as_one_line=True, print_unknown_fields=True
-        )
-        + "}"
-    )
+    return "{" + text_format.MessageToString(owner.options, as_one_line=True, print_unknown_fields=True) + "}"
 
 
 def _field_view(f: FDP, owner: descriptor_pb2.DescriptorProto | None) -> dict[str, Any]:
@@ -161,9 +151,7 @@ def _field_view(f: FDP, owner: descriptor_pb2.DescriptorProto | None) -> dict[st
         "type": FDP.Type.Name(f.type),
         "type_name": f.type_name,
         "label": FDP.Label.Name(f.label),
-        "oneof": owner.oneof_decl[f.oneof_index].name
-        if owner is not None and f.HasField("oneof_index")
-        else None,
+        "oneof": owner.oneof_decl[f.oneof_index].name if owner is not None and f.HasField("oneof_index") else None,
         "proto3_optional": f.proto3_optional,
         "extendee": f.extendee,
         "default_value": f.default_value,
@@ -176,8 +164,7 @@ def _enum_view(e: descriptor_pb2.EnumDescriptorProto) -> dict[str, Any]:
         "options": _opts(e),
         "values": {v.name: {"number": v.number, "options": _opts(v)} for v in e.value},
         "value_order": [v.name for v in e.value],
-        "reserved": [(r.start, r.end) for r in e.reserved_range]
-        + list(e.reserved_name),
+        "reserved": [(r.start, r.end) for r in e.reserved_range] + list(e.reserved_name),
     }
 
 
@@ -193,8 +180,7 @@ def _message_view(m: descriptor_pb2.DescriptorProto) -> dict[str, Any]:
         "enum_order": [e.name for e in m.enum_type],
         "extensions": {x.name: _field_view(x, None) for x in m.extension},
         "extension_ranges": [(r.start, r.end) for r in m.extension_range],
-        "reserved": [(r.start, r.end) for r in m.reserved_range]
-        + list(m.reserved_name),
+        "reserved": [(r.start, r.end) for r in m.reserved_range] + list(m.reserved_name),
     }
 
 
@@ -237,9 +223,7 @@ def diff(ours: Any, official: Any, path: str = "csi.v1") -> list[str]:
         for key in sorted(set(ours) | set(official), key=str):
             where = f"{path}.{key}"
             if key not in official:
-                problems.append(
-                    f"{where}: present in ours, absent from the official schema"
-                )
+                problems.append(f"{where}: present in ours, absent from the official schema")
             elif key not in ours:
                 problems.append(f"{where}: missing from ours")
             else:
@@ -257,9 +241,7 @@ def compare(
     """All differences after normalisation; empty means identical, byte for byte."""
     a, b = normalise(ours), normalise(official)
     problems = diff(file_view(a), file_view(b))
-    if not problems and a.SerializeToString(deterministic=True) != b.SerializeToString(
-        deterministic=True
-    ):
+    if not problems and a.SerializeToString(deterministic=True) != b.SerializeToString(deterministic=True):
         problems.append(
             "normalised descriptors differ on the wire although every compared "
             "attribute matches; a descriptor attribute is not covered by file_view()"
@@ -271,9 +253,7 @@ def compare(
 
 
 def _ours() -> descriptor_pb2.FileDescriptorProto:
-    return descriptor_pb2.FileDescriptorProto.FromString(
-        csi_pb2.DESCRIPTOR.serialized_pb
-    )
+    return descriptor_pb2.FileDescriptorProto.FromString(csi_pb2.DESCRIPTOR.serialized_pb)
 
 
 @functools.cache
@@ -290,13 +270,11 @@ def test_descriptor_matches_official_spec() -> None:
     official = _official()
     ours = _ours()
     problems = compare(ours, official)
-    assert not problems, "csi.proto deviates from CSI {}:\n  {}".format(
-        SPEC_VERSION, "\n  ".join(problems)
-    )
+    assert not problems, "csi.proto deviates from CSI {}:\n  {}".format(SPEC_VERSION, "\n  ".join(problems))
     # Wire identity of the normalised descriptors.
-    assert normalise(ours).SerializeToString(deterministic=True) == normalise(
-        official
-    ).SerializeToString(deterministic=True)
+    assert normalise(ours).SerializeToString(deterministic=True) == normalise(official).SerializeToString(
+        deterministic=True
+    )
 
 
 @pytest.mark.timeout(300)
@@ -308,7 +286,4 @@ def test_comparison_detects_a_changed_field_number() -> None:
     field = next(f for f in msg.field if f.name == "secrets")
     field.number = 55
     problems = compare(tampered, official)
-    assert (
-        "csi.v1.messages.CreateVolumeRequest.fields.secrets.number: ours=55 official=5"
-        in problems
-    ), problems
+    assert "csi.v1.messages.CreateVolumeRequest.fields.secrets.number: ours=55 official=5" in problems, problems

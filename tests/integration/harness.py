@@ -1,0 +1,231 @@
+"""Run a real ``elv serve`` on the loop backend in a scratch directory, and
+clean up every mount, loop device and process it leaves, even on failure."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from csi.host import loop as loopdev
+from csi.host.mountinfo import MountTable
+from csi.v1 import csi_pb2, csi_pb2_grpc
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MiB = 1024 * 1024
+SNW = csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+SNSW = csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_SINGLE_WRITER
+SNRO = csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_READER_ONLY
+
+
+def mount_cap(fs: str = "", mode: int = SNW, flags: tuple[str, ...] = ()) -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs, mount_flags=list(flags)),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode),  # type: ignore[arg-type]
+    )
+
+
+def block_cap(mode: int = SNW) -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        block=csi_pb2.VolumeCapability.BlockVolume(),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode),  # type: ignore[arg-type]
+    )
+
+
+def leftovers(base: str) -> list[str]:
+    """Mounts and loop devices that belong to this scratch directory."""
+    real = os.path.realpath(base)
+    found = [f"mount {m.mount_point}" for m in MountTable.load().under(real)]
+    found += [f"loop {d.path} -> {d.backing_file}" for d in loopdev.scan() if d.backing_file.startswith(real + "/")]
+    return found
+
+
+def force_cleanup(base: str) -> None:
+    real = os.path.realpath(base)
+    for _ in range(20):
+        mounts = MountTable.load().under(real)
+        if not mounts:
+            break
+        for m in sorted(mounts, key=lambda m: -len(m.mount_point)):
+            subprocess.run(["umount", "-l", m.mount_point], check=False, capture_output=True)
+    for d in loopdev.scan():
+        if d.backing_file.startswith(real + "/"):
+            subprocess.run(["losetup", "-d", d.path], check=False, capture_output=True)
+
+
+class Driver:
+    """One ``elv serve`` process plus a CSI client for it."""
+
+    def __init__(self, base: str, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.base = base
+        self.pool = os.path.join(base, "pool")
+        self.kubelet = os.path.join(base, "kubelet")
+        self.socket = os.path.join(base, "csi.sock")
+        self.log_path = os.path.join(base, "driver.log")
+        self.extra = list(extra)
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.channel: grpc.Channel | None = None
+        os.makedirs(self.kubelet, exist_ok=True)
+
+    @property
+    def endpoint(self) -> str:
+        return "unix://" + self.socket
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable, "-m", "csi", "serve", "--backend", "loop", "--loop-dir", self.pool,
+            "--node-id", "node-a", "--endpoint", self.endpoint, "--kubelet-dir", self.kubelet,
+            *self.extra,
+        ]  # fmt: skip
+
+    def start(self, wait: bool = True) -> Driver:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        env = dict(os.environ, PYTHONPATH=REPO, **(self.env or {}))
+        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log, env=env, cwd=REPO)
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"driver exited with {self.proc.returncode}:\n{self.log()}")
+            if os.path.exists(self.socket):
+                try:
+                    self.identity.Probe(csi_pb2.ProbeRequest(), timeout=2)
+                    return
+                except grpc.RpcError:
+                    pass
+            time.sleep(0.02)
+        raise TimeoutError(f"driver not ready after {timeout}s:\n{self.log()}")
+
+    def _chan(self) -> grpc.Channel:
+        if self.channel is None:
+            self.channel = grpc.insecure_channel(self.endpoint)
+        return self.channel
+
+    @property
+    def identity(self) -> csi_pb2_grpc.IdentityStub:
+        return csi_pb2_grpc.IdentityStub(self._chan())
+
+    @property
+    def controller(self) -> csi_pb2_grpc.ControllerStub:
+        return csi_pb2_grpc.ControllerStub(self._chan())
+
+    @property
+    def node(self) -> csi_pb2_grpc.NodeStub:
+        return csi_pb2_grpc.NodeStub(self._chan())
+
+    @property
+    def group(self) -> csi_pb2_grpc.GroupControllerStub:
+        return csi_pb2_grpc.GroupControllerStub(self._chan())
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def close_channel(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        self.close_channel()
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> Driver:
+        self.stop()
+        return self.start()
+
+    # -- convenience wrappers ----------------------------------------------------
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.kubelet, *parts)
+
+    def create(self, name: str, size: int = 64 * MiB, cap: csi_pb2.VolumeCapability | None = None, **kw: object) -> str:
+        req = csi_pb2.CreateVolumeRequest(
+            name=name,
+            volume_capabilities=[cap or mount_cap()],
+            capacity_range=csi_pb2.CapacityRange(required_bytes=size),
+            **kw,  # type: ignore[arg-type]
+        )
+        return self.controller.CreateVolume(req).volume.volume_id
+
+    def stage(self, vid: str, staging: str, cap: csi_pb2.VolumeCapability | None = None) -> None:
+        os.makedirs(staging, exist_ok=True)
+        self.node.NodeStageVolume(
+            csi_pb2.NodeStageVolumeRequest(
+                volume_id=vid, staging_target_path=staging, volume_capability=cap or mount_cap()
+            )
+        )
+
+    def publish(
+        self, vid: str, staging: str, target: str, cap: csi_pb2.VolumeCapability | None = None, readonly: bool = False
+    ) -> None:
+        self.node.NodePublishVolume(
+            csi_pb2.NodePublishVolumeRequest(
+                volume_id=vid,
+                staging_target_path=staging,
+                target_path=target,
+                volume_capability=cap or mount_cap(),
+                readonly=readonly,
+            )
+        )
+
+    def unpublish(self, vid: str, target: str) -> None:
+        self.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target))
+
+    def unstage(self, vid: str, staging: str) -> None:
+        self.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging))
+
+    def delete(self, vid: str) -> None:
+        self.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid))
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[str]:
+    """A short-path scratch dir (unix socket paths are limited to 107 bytes)."""
+    base = tempfile.mkdtemp(prefix="elv-it-", dir="/tmp")
+    try:
+        yield base
+    finally:
+        force_cleanup(base)
+        if not MountTable.load().under(os.path.realpath(base)):
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def code_of(fn: object, *args: object, **kw: object) -> grpc.StatusCode:
+    """The status code a call fails with (OK if it succeeds)."""
+    try:
+        fn(*args, **kw)  # type: ignore[operator]
+    except grpc.RpcError as e:
+        return e.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
