@@ -48,7 +48,4 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
         fresh = (out_dir / name).read_bytes()
         if committed != fresh:
             stale.append(_first_diff(committed, fresh, name))
-    assert not stale, (
-        "csi/v1 is out of date with proto/csi/v1/csi.proto; run `make proto`.\n\n"
-        + "\n\n".join(stale)
-    )
+    assert not stale, "csi/v1 is out of date with proto/csi/v1/csi.proto; run `make proto`.\n\n" + "\n\n".join(stale)
