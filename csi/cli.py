@@ -23,12 +23,18 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="unix:///absolute/path of the socket (env CSI_ENDPOINT)")  # fmt: skip
     p.add_argument("--node-id", default=_env("NODE_ID", socket.gethostname()),
                    help="this node's ID, usually the Kubernetes node name (env NODE_ID)")  # fmt: skip
-    p.add_argument("--backend", choices=["loop"], default="loop", help="storage backend")
+    p.add_argument("--backend", choices=["loop", "lvm"], default="loop", help="storage backend")
     p.add_argument("--mode", choices=[m.value for m in Mode], default="all", help="which CSI services to serve")
     p.add_argument("--driver-name", default=DRIVER_NAME, help="CSI driver name")
     p.add_argument("--loop-dir", default="/var/lib/elv/loop", help="directory of the loop backend's pool")
     p.add_argument("--kubelet-dir", default="/var/lib/kubelet",
                    help="staging and target paths must lie beneath this directory")  # fmt: skip
+    lvm = p.add_argument_group("lvm backend")
+    lvm.add_argument("--lvm-config", default=None, help="device-class file (see the README's LVM section)")
+    lvm.add_argument("--lvm-vg", default=None, help="volume group of the single default device class")
+    lvm.add_argument("--lvm-thin-pool", default=None, help="thin pool (in --lvm-vg) of the default device class")
+    lvm.add_argument("--lvm-devices", default=None,
+                     help="device selector to build or extend the VG from empty disks")  # fmt: skip
     p.add_argument("--overprovision-ratio", type=float, default=1.0,
                    help="sparse volumes may promise this many times the pool's space (default 1.0: never)")  # fmt: skip
     p.add_argument("--max-volumes-per-node", type=int, default=0, help="reported to the scheduler; 0 = no limit")
@@ -84,6 +90,10 @@ def config_from(args: argparse.Namespace) -> Config:
         direct_io=not args.no_direct_io,
         xfs_config=args.xfs_config,
         tool_path=args.tool_path,
+        lvm_config=args.lvm_config,
+        lvm_vg=args.lvm_vg,
+        lvm_thin_pool=args.lvm_thin_pool,
+        lvm_devices=args.lvm_devices,
     )
     try:
         cfg.socket_path  # noqa: B018 - validates the endpoint

@@ -52,6 +52,11 @@ class Config:
     #: mkfs.xfs -c options=FILE, e.g. an lts_*.conf for older kernels (Debian 12's xfsprogs 6.1
     #: cannot parse its own lts files, so there is no default).
     xfs_config: str | None = None
+    #: LVM backend: a device-class file, or one class from flags (see csi.backend.lvm).
+    lvm_config: str | None = None
+    lvm_vg: str | None = None
+    lvm_thin_pool: str | None = None
+    lvm_devices: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

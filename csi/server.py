@@ -87,6 +87,10 @@ def build_backend(config: Config, runner: Runner) -> Backend:
         return LoopBackend(
             config.loop_dir, runner, overprovision_ratio=config.overprovision_ratio, direct_io=config.direct_io
         )
+    if config.backend == "lvm":
+        from csi.backend.lvm import build
+
+        return build(config, runner)
     raise ValueError(f"unknown backend {config.backend!r}")
 
 
