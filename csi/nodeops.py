@@ -185,9 +185,17 @@ class NodeOps:
         log.info("staged %s (%s, %s) at %s", vol.id, dev.path, fs_type, staging)
 
     async def _format_if_blank(self, vol: Volume, dev: Device, fs_type: str) -> bool:
-        """Format only a device the probe proves blank. Returns True if it did."""
+        """Format only a device the probe proves blank. Returns True if it did.
+
+        The one exception: when the volume records that *we* started mkfs and
+        never finished (a crash or kill in between), whatever is on the device
+        is our own half-made filesystem; no user could have written to it, as
+        a volume is mounted only after ``formatted`` is recorded. Then mkfs
+        runs again with force.
+        """
         probe = await self.fs.probe(dev.path)
-        if probe.blank:
+        interrupted = not vol.formatted and vol.formatting == fs_type
+        if probe.blank or interrupted:
             if vol.formatted:
                 # The record says we formatted it; a blank read now means something
                 # is badly wrong underneath. Formatting would destroy the evidence.
@@ -195,9 +203,12 @@ class NodeOps:
                     f"volume {vol.id} was formatted with {vol.formatted} but its device reads blank; "
                     "refusing to format it again"
                 )
-            await self.fs.mkfs(dev.path, fs_type)
+            await self.backend.mark_formatted(vol.id, fs_type, complete=False)
+            await self.fs.mkfs(dev.path, fs_type, force=interrupted and not probe.blank)
             await self.backend.mark_formatted(vol.id, fs_type)
-            log.info("formatted %s as %s", vol.id, fs_type)
+            log.info(
+                "formatted %s as %s%s", vol.id, fs_type, " (redone after an interrupted mkfs)" if interrupted else ""
+            )
             return True
         if probe.fstype != fs_type:
             found = probe.fstype or ", ".join(f"{k}={v}" for k, v in sorted(probe.fields.items())) or "a signature"

@@ -52,6 +52,9 @@ class Volume:
     created_ns: int
     #: The filesystem the node put on it (durable "formatted" record), if any.
     formatted: str | None = None
+    #: Set just before mkfs starts and cleared when ``formatted`` is recorded:
+    #: what is on the device then is our own unfinished mkfs, never user data.
+    formatting: str | None = None
     #: ControllerPublishVolume records: node ID -> readonly.
     attachments: Mapping[str, bool] = field(default_factory=dict)
 
@@ -179,7 +182,8 @@ class Backend(Protocol):
     async def refresh_device(self, volume_id: str) -> int:
         """Make an attached device see the volume's current size; return it."""
 
-    async def mark_formatted(self, volume_id: str, fs_type: str) -> None:
-        """Record durably that the volume carries this filesystem."""
+    async def mark_formatted(self, volume_id: str, fs_type: str, *, complete: bool = True) -> None:
+        """Record durably that the volume carries this filesystem; with
+        ``complete=False``, record that mkfs is about to start (the intent)."""
 
     async def health(self, volume_id: str) -> Health: ...

@@ -119,15 +119,20 @@ class FsTool:
         fstype = fields.get("TYPE")
         return Probe(False, fstype, fields)
 
-    async def mkfs(self, device: str, fstype: str) -> None:
-        """Format a device the caller has *just* probed blank. No force flags:
-        if anything appeared since, mkfs itself refuses (its prompt reads EOF)."""
+    async def mkfs(self, device: str, fstype: str, *, force: bool = False) -> None:
+        """Format a device the caller has *just* probed blank. Without ``force``,
+        if anything appeared since, mkfs itself refuses (its prompt reads EOF).
+        ``force`` is only for redoing our own interrupted mkfs (see nodeops)."""
         if fstype == "ext4":
             # nodiscard: discard on a fallocated loop file punches holes and silently
             # drops a thick volume's reservation (measured in landscape notes).
             argv = ["mkfs.ext4", "-q", "-m", "0", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"]
+            if force:
+                argv.append("-F")
         elif fstype == "xfs":
             argv = ["mkfs.xfs", "-q", "-K"]
+            if force:
+                argv.append("-f")
             if self._xfs_config:
                 # e.g. an lts_*.conf: features older kernels can still mount.
                 argv += ["-c", "options=" + self._xfs_config]

@@ -184,28 +184,31 @@ class LoopBackend:
             raise AlreadyExists(f"volume {spec.name!r} already exists with a different " + ", ".join(diffs))
 
     async def _source(self, src: Source, spec: VolumeSpec) -> tuple[str, int, str | None]:
-        """(image path, size, recorded filesystem) of a content source."""
+        """(image path, size, filesystem actually on it) of a content source."""
         if src.kind == "snapshot":
             sid = self._sid(src.id)
             snap = self.store.snapshots.get(src.id) if sid else None
             if sid is None or snap is None:
                 raise NotFound(f"source snapshot {src.id} does not exist")
-            access, fs, path, size = snap.access, snap.fs_type, self.store.snapshot_image(sid), snap.size
+            access, formatted, path, size = snap.access, snap.fs_type, self.store.snapshot_image(sid), snap.size
+            intended = snap.fs_type
         else:
             vid = self._vid(src.id)
             vol = self.store.volumes.get(src.id) if vid else None
             if vid is None or vol is None:
                 raise NotFound(f"source volume {src.id} does not exist")
-            access, fs, path, size = vol.access, vol.formatted or vol.fs_type, self.store.volume_image(vid), vol.size
+            access, formatted, path, size = vol.access, vol.formatted, self.store.volume_image(vid), vol.size
+            intended = vol.fs_type
         if access != spec.access:
             raise FailedPrecondition(
                 f"the source is a {access.value} volume; the new volume must be {access.value} too"
             )
+        fs = formatted or intended
         if spec.access == AccessType.MOUNT and fs and spec.fs_type and fs != spec.fs_type:
             raise FailedPrecondition(f"the source holds {fs}; a clone of it cannot be {spec.fs_type}")
         if spec.size < size:
             raise OutOfRange(f"the new volume ({spec.size} bytes) is smaller than its source ({size} bytes)")
-        return path, size, fs
+        return path, size, formatted
 
     async def create_volume(self, spec: VolumeSpec) -> Volume:
         oid = ids.make("v", POOL, spec.name)
@@ -382,12 +385,13 @@ class LoopBackend:
             raise FailedPrecondition(f"volume {volume_id} is not staged on this node")
         return await self._loop.refresh_capacity(dev.name)
 
-    async def mark_formatted(self, volume_id: str, fs_type: str) -> None:
+    async def mark_formatted(self, volume_id: str, fs_type: str, *, complete: bool = True) -> None:
         vol = self.store.volumes.get(volume_id)
         if vol is None:
             raise NotFound(f"volume {volume_id} does not exist")
-        if vol.formatted != fs_type:
-            await self.store.put_volume(replace(vol, formatted=fs_type))
+        new = replace(vol, formatted=fs_type, formatting=None) if complete else replace(vol, formatting=fs_type)
+        if new != vol:
+            await self.store.put_volume(new)
 
     async def health(self, volume_id: str) -> Health:
         oid = self._vid(volume_id)

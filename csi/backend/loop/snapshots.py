@@ -108,7 +108,7 @@ class LoopSnapshots:
                 created_ns=time.time_ns(),
                 group_id=group_id,
                 access=vol.access,
-                fs_type=vol.formatted or vol.fs_type,
+                fs_type=vol.formatted,  # what is really on the copied data
             )
             await self.store.put_snapshot(snap)
         except BaseException:

@@ -95,6 +95,7 @@ def volume_to_json(v: Volume) -> dict[str, Any]:
         "parameters": dict(v.parameters),
         "created_ns": v.created_ns,
         "formatted": v.formatted,
+        "formatting": v.formatting,
         "attachments": dict(v.attachments),
     }
 
@@ -112,6 +113,7 @@ def volume_from_json(d: Mapping[str, Any]) -> Volume:
         parameters={str(k): str(v) for k, v in (d.get("parameters") or {}).items()},
         created_ns=int(d["created_ns"]),
         formatted=d.get("formatted"),
+        formatting=d.get("formatting"),
         attachments={str(k): bool(x) for k, x in (d.get("attachments") or {}).items()},
     )
 
