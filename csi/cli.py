@@ -46,6 +46,8 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--max-concurrent-rpcs", type=int, default=256, help="RPCs served at once; more get RESOURCE_EXHAUSTED"
     )
     p.add_argument("--xfs-config", default=None, help="mkfs.xfs options file (-c options=FILE), e.g. an lts_*.conf")
+    p.add_argument("--state-dir", default=None,
+                   help="per-boot state (default /run/elv/<hash of the endpoint>)")  # fmt: skip
     p.add_argument(
         "--tool-path", default=Config.tool_path, help="PATH searched for external tools (mkfs, losetup, ...)"
     )
@@ -90,6 +92,7 @@ def config_from(args: argparse.Namespace) -> Config:
         direct_io=not args.no_direct_io,
         xfs_config=args.xfs_config,
         tool_path=args.tool_path,
+        state_dir=args.state_dir,
         lvm_config=args.lvm_config,
         lvm_vg=args.lvm_vg,
         lvm_thin_pool=args.lvm_thin_pool,

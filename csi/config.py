@@ -6,6 +6,7 @@ Nothing else in the package reads the environment.
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field
 
 from csi import DRIVER_NAME
@@ -52,6 +53,9 @@ class Config:
     #: mkfs.xfs -c options=FILE, e.g. an lts_*.conf for older kernels (Debian 12's xfsprogs 6.1
     #: cannot parse its own lts files, so there is no default).
     xfs_config: str | None = None
+    #: Process state that must not outlive a reboot (the running-commands journal).
+    #: None means /run/elv/<hash of the endpoint>, so drivers on one host never share it.
+    state_dir: str | None = None
     #: LVM backend: a device-class file, or one class from flags (see csi.backend.lvm).
     lvm_config: str | None = None
     lvm_vg: str | None = None
@@ -62,6 +66,13 @@ class Config:
     @property
     def topology_key(self) -> str:
         return f"topology.{self.driver_name}/node"
+
+    @property
+    def run_dir(self) -> str:
+        if self.state_dir:
+            return self.state_dir
+        digest = hashlib.sha256(self.endpoint.encode()).hexdigest()[:12]
+        return f"/run/elv/{digest}"
 
     @property
     def socket_path(self) -> str:

@@ -177,6 +177,7 @@ async def spawned_server(base: str) -> AsyncIterator[str]:
     argv = [
         sys.executable, "-m", "csi", "serve", "--backend", "loop", "--loop-dir", os.path.join(base, "pool"),
         "--node-id", "demo-node", "--endpoint", "unix://" + sock, "--kubelet-dir", os.path.join(base, "kubelet"),
+        "--state-dir", os.path.join(base, "run"),
     ]  # fmt: skip
     os.makedirs(os.path.join(base, "kubelet"), exist_ok=True)
     proc = await asyncio.create_subprocess_exec(*argv)

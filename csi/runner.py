@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -61,8 +62,10 @@ class Runner:
         extra_env: Mapping[str, str] | None = None,
         observer: Observer | None = None,
         search_path: str = SAFE_PATH,
+        journal_dir: str | None = None,
     ) -> None:
         self.default_timeout = default_timeout
+        self._journal = journal_dir
         self._slots = asyncio.Semaphore(max_parallel)
         env = {"PATH": search_path, "LC_ALL": "C", "LANG": "C", "LVM_SUPPRESS_FD_WARNINGS": "1"}
         env.update(extra_env or {})
@@ -85,7 +88,7 @@ class Runner:
         """
         args = _check_argv(argv)
         limit = self.default_timeout if timeout is None else timeout
-        work = asyncio.ensure_future(self._slotted(args, limit, stdin))
+        work = asyncio.ensure_future(self._slotted(args, limit, stdin, mutating))
         if mutating:
             # Let the command finish even if our caller goes away.
             result = await asyncio.shield(work)
@@ -95,12 +98,12 @@ class Runner:
             raise CommandError(args, result.returncode, result.stdout, result.stderr)
         return result
 
-    async def _slotted(self, args: tuple[str, ...], limit: float, stdin: bytes | None) -> Result:
+    async def _slotted(self, args: tuple[str, ...], limit: float, stdin: bytes | None, mutating: bool) -> Result:
         # The slot is held by the task, so a shielded command keeps it until it ends.
         async with self._slots:
-            return await self._execute(args, limit, stdin)
+            return await self._execute(args, limit, stdin, mutating)
 
-    async def _execute(self, args: tuple[str, ...], limit: float, stdin: bytes | None) -> Result:
+    async def _execute(self, args: tuple[str, ...], limit: float, stdin: bytes | None, mutating: bool) -> Result:
         start = time.monotonic()
         log.debug("exec %s", " ".join(args))
         proc = await asyncio.create_subprocess_exec(
@@ -112,6 +115,7 @@ class Runner:
             start_new_session=True,  # own process group, so a kill reaches helpers too
             close_fds=True,
         )
+        entry = self._record(proc.pid, args) if mutating else None
         try:
             out, err = await asyncio.wait_for(proc.communicate(stdin), timeout=limit)
         except TimeoutError:
@@ -126,10 +130,65 @@ class Runner:
             # Only read-only commands get here (mutating ones are shielded).
             _kill_group(proc.pid)
             raise
+        finally:
+            if entry is not None and proc.returncode is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry)
         seconds = time.monotonic() - start
         rc = proc.returncode if proc.returncode is not None else -1
         self._observe(args[0], seconds, rc)
         return Result(args, rc, out, err, seconds)
+
+    # -- commands left running by a previous incarnation ----------------------
+
+    def _record(self, pid: int, args: tuple[str, ...]) -> str | None:
+        """Note a running mutating command, so that if this process dies, the
+        next one waits for it instead of racing it (an orphaned mkfs keeps
+        writing after its parent is killed)."""
+        if self._journal is None:
+            return None
+        path = os.path.join(self._journal, f"{pid}.json")
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"argv": list(args), "cmdline": _cmdline(pid)}, f)
+        except OSError:
+            log.warning("cannot record running command in %s", self._journal, exc_info=True)
+            return None
+        return path
+
+    async def wait_for_orphans(self, timeout: float) -> int:
+        """Wait for commands a previous incarnation left running; kill those
+        still running after ``timeout``. Returns how many were found alive."""
+        if self._journal is None:
+            return 0
+        os.makedirs(self._journal, mode=0o700, exist_ok=True)
+        alive: dict[int, str] = {}
+        for name in os.listdir(self._journal):
+            path = os.path.join(self._journal, name)
+            try:
+                pid = int(name.removesuffix(".json"))
+                with open(path, encoding="utf-8") as f:
+                    recorded = json.load(f).get("cmdline")
+            except (ValueError, OSError, json.JSONDecodeError):
+                recorded, pid = None, -1
+            # The pid must still run the same command line (pids are reused).
+            if pid > 0 and recorded and _cmdline(pid) == recorded:
+                alive[pid] = path
+                log.warning("waiting for pid %d (%s), left running by a previous instance", pid, recorded[:80])
+            else:
+                os.unlink(path)
+        deadline = time.monotonic() + timeout
+        while alive and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            for pid, path in list(alive.items()):
+                if _cmdline(pid) is None:
+                    os.unlink(path)
+                    del alive[pid]
+        for pid, path in alive.items():
+            log.error("killing pid %d, still running after %.0fs", pid, timeout)
+            _kill_group(pid)
+            os.unlink(path)
+        return len(alive)
 
     def _observe(self, program: str, seconds: float, rc: int | None) -> None:
         if self._observer is not None:
@@ -149,6 +208,17 @@ def _check_argv(argv: Sequence[str]) -> tuple[str, ...]:
         if "\x00" in a:
             raise ValueError("argv item contains a NUL byte")
     return args
+
+
+def _cmdline(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    if not data:
+        return None  # a zombie or a kernel thread
+    return data.decode("utf-8", "replace")
 
 
 def _kill_group(pid: int) -> None:

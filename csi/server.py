@@ -103,6 +103,7 @@ class Driver:
             default_timeout=config.command_timeout,
             max_parallel=config.max_parallel_commands,
             search_path=config.tool_path,
+            journal_dir=os.path.join(config.run_dir, "commands"),
         )
         self.backend = backend or build_backend(config, self.runner)
         self.gate = Gate()
@@ -112,6 +113,11 @@ class Driver:
 
     async def start(self) -> None:
         cfg = self.config
+        # A previous instance killed mid-operation may have left a mutating command
+        # (mkfs, losetup, cp) running; racing it would corrupt what it writes.
+        orphans = await self.runner.wait_for_orphans(timeout=cfg.command_timeout)
+        if orphans:
+            log.warning("waited for %d command(s) left running by a previous instance", orphans)
         await self.backend.start()
         server = grpc.aio.server(
             interceptors=[self.interceptor],
@@ -166,6 +172,10 @@ class Driver:
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(path).st_mode):
                 os.unlink(path)
+        # Nothing left running: the journal is empty and the run dir can go.
+        for d in (os.path.join(self.config.run_dir, "commands"), self.config.run_dir):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
         log.info("stopped")
 
 

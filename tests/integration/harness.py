@@ -84,7 +84,7 @@ class Driver:
         return [
             sys.executable, "-m", "csi", "serve", "--backend", "loop", "--loop-dir", self.pool,
             "--node-id", "node-a", "--endpoint", self.endpoint, "--kubelet-dir", self.kubelet,
-            *self.extra,
+            "--state-dir", os.path.join(self.base, "run"), *self.extra,
         ]  # fmt: skip
 
     def start(self, wait: bool = True) -> Driver:
