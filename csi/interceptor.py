@@ -60,9 +60,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             code = grpc.StatusCode.OK
             message = ""
             self.in_flight += 1
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("request", extra={"fields": {"rpc": method, "request": redact(request)}})
             try:
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("request", extra={"fields": {"rpc": method, "request": redact(request)}})
                 result = inner(request, context)  # type: ignore[arg-type]
                 if inspect.isawaitable(result):
                     result = await result

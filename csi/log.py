@@ -64,7 +64,7 @@ def _strip(msg: Message) -> None:
             field.message_type is not None and field.message_type.GetOptions().map_entry
         ):
             continue
-        if field.label == FieldDescriptor.LABEL_REPEATED:  # type: ignore[attr-defined]
+        if field.is_repeated:
             for item in value:
                 _strip(item)
         else:

@@ -8,6 +8,7 @@ the coroutine that waits is stuck (measured in the dependency notes).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import grp
@@ -180,8 +181,12 @@ class Driver:
 
 
 async def run(config: Config) -> int:
-    driver = Driver(config)
     loop = asyncio.get_running_loop()
+    # Blocking calls (mount(2), mountinfo, fsync) run in worker threads. A mount can
+    # hang on a broken device; the default pool (cores + 4) would then starve
+    # every other volume's RPCs, so give it room.
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="elv-io"))
+    driver = Driver(config)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, driver.request_stop)
     try:

@@ -49,7 +49,20 @@ def leftovers(base: str) -> list[str]:
 
 
 def force_cleanup(base: str) -> None:
+    """Best-effort removal of everything under ``base`` after a failed test.
+
+    Loop devices are detached first (a busy one is marked to detach on last
+    close), then mounts are lazily unmounted deepest first; a pool that is
+    itself a mounted filesystem goes last, once nothing holds it.
+    """
     real = os.path.realpath(base)
+
+    def ours(d: loopdev.LoopDevice) -> bool:
+        return d.backing_file.startswith(real + "/")
+
+    for d in loopdev.scan():
+        if ours(d):
+            subprocess.run(["losetup", "-d", d.path], check=False, capture_output=True)
     for _ in range(20):
         mounts = MountTable.load().under(real)
         if not mounts:
@@ -57,7 +70,7 @@ def force_cleanup(base: str) -> None:
         for m in sorted(mounts, key=lambda m: -len(m.mount_point)):
             subprocess.run(["umount", "-l", m.mount_point], check=False, capture_output=True)
     for d in loopdev.scan():
-        if d.backing_file.startswith(real + "/"):
+        if ours(d):
             subprocess.run(["losetup", "-d", d.path], check=False, capture_output=True)
 
 

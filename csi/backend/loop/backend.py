@@ -127,15 +127,16 @@ class LoopBackend:
 
         The pool can hold what is free plus what ELV already allocated; times the
         overprovision ratio, minus every volume's full size (each sparse volume
-        may yet fill up) and what in-flight creates reserved. Snapshots are
-        read-only copies, so only their allocation counts.
+        may yet fill up), what snapshots take, and what in-flight creates
+        reserved. Overprovisioning never promises more than the ratio times
+        the space still free, so a physically full pool promises nothing.
         """
         st = await asyncio.to_thread(os.statvfs, self.store.root)
         free = st.f_bavail * st.f_frsize
         vol_alloc, snap_alloc = await self._allocated()
         pool = free + vol_alloc + snap_alloc
         promised = self.store.provisioned + snap_alloc + self._reserved
-        return max(0, int(pool * self._ratio) - promised)
+        return max(0, min(int(pool * self._ratio) - promised, int(free * self._ratio) - self._reserved))
 
     async def capacity(self, parameters: Mapping[str, str]) -> Capacity:
         avail = await self._promisable()
