@@ -119,7 +119,9 @@ class Driver:
                     self.identity.Probe(csi_pb2.ProbeRequest(), timeout=2)
                     return
                 except grpc.RpcError:
-                    pass
+                    # A failed connect puts the channel into reconnect backoff (1 s);
+                    # a fresh channel retries at once.
+                    self.close_channel()
             time.sleep(0.02)
         raise TimeoutError(f"driver not ready after {timeout}s:\n{self.log()}")
 
