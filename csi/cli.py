@@ -41,6 +41,9 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--socket-group", default=None, help="group allowed to use the socket (mode 0660)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     p.add_argument("--log-format", choices=["text", "json"], default="text")
+    p.add_argument(
+        "--metrics-address", default=None, help="serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9808)"
+    )
     p.add_argument("--command-timeout", type=float, default=120.0, help="seconds before an external command is killed")
     p.add_argument(
         "--max-concurrent-rpcs", type=int, default=256, help="RPCs served at once; more get RESOURCE_EXHAUSTED"
@@ -63,11 +66,17 @@ def add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from csi.cmd import attach, doctor, volumes
+
     p = argparse.ArgumentParser(prog="elv", description="ELV: Elastic Local Volumes, a CSI driver")
     p.add_argument("--version", action="version", version=f"elv {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     add_serve(sub)
     add_demo(sub)
+    endpoint = _env("CSI_ENDPOINT", "unix:///run/elv/csi.sock")
+    volumes.add_parsers(sub, endpoint)
+    attach.add_parsers(sub, endpoint)
+    doctor.add_parser(sub, endpoint)
     return p
 
 
@@ -87,6 +96,7 @@ def config_from(args: argparse.Namespace) -> Config:
         socket_group=args.socket_group,
         log_level=args.log_level,
         log_format=args.log_format,
+        metrics_address=args.metrics_address,
         command_timeout=args.command_timeout,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         direct_io=not args.no_direct_io,
@@ -118,6 +128,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         log.setup("warning")
         return asyncio.run(demo.main(args.endpoint, args.kubelet_dir, args.loop_dir))
+    return _tool(args)
+
+
+def _tool(args: argparse.Namespace) -> int:
+    from csi.cmd import attach, doctor, volumes
+    from csi.cmd.common import CliError
+
+    try:
+        if args.command == "volume":
+            return asyncio.run(volumes.run(args))
+        if args.command == "attach":
+            return asyncio.run(attach.attach(args))
+        if args.command == "detach":
+            return asyncio.run(attach.detach(args))
+        if args.command == "doctor":
+            return doctor.run(args)
+    except CliError as e:
+        print(f"elv: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"  {e.hint}", file=sys.stderr)
+        return e.status
     return 2
 
 

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import stat
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -26,6 +27,9 @@ from csi.errors import ElvError
 from csi.host.fs import FsTool
 from csi.host.paths import PathGuard
 from csi.interceptor import RpcInterceptor
+
+if TYPE_CHECKING:
+    from csi.metrics import Metrics
 from csi.nodeops import NodeOps
 from csi.ops import Gate
 from csi.runner import Runner
@@ -100,15 +104,22 @@ class Driver:
 
     def __init__(self, config: Config, *, runner: Runner | None = None, backend: Backend | None = None) -> None:
         self.config = config
+        self.gate = Gate()
+        self.metrics: Metrics | None = None
+        if config.metrics_address:
+            from csi.metrics import Metrics
+
+            self.metrics = Metrics(in_flight=self.gate.in_flight)
         self.runner = runner or Runner(
             default_timeout=config.command_timeout,
             max_parallel=config.max_parallel_commands,
             search_path=config.tool_path,
             journal_dir=os.path.join(config.run_dir, "commands"),
+            observer=self.metrics.observe_command if self.metrics else None,
         )
         self.backend = backend or build_backend(config, self.runner)
-        self.gate = Gate()
-        self.interceptor = RpcInterceptor()
+        self.interceptor = RpcInterceptor(observer=self.metrics.observe_rpc if self.metrics else None)
+        self._tasks: list[asyncio.Task[None]] = []
         self.server: grpc.aio.Server | None = None
         self._stop = asyncio.Event()
 
@@ -143,6 +154,9 @@ class Driver:
         secure_socket(path, cfg.socket_group)
         await server.start()
         self.server = server
+        if self.metrics is not None and cfg.metrics_address:
+            self.metrics.serve(cfg.metrics_address)
+            self._tasks.append(asyncio.ensure_future(self.metrics.refresh_forever(self.backend.pool_stats)))
         log.info(
             "serving CSI",
             extra={
@@ -162,6 +176,8 @@ class Driver:
         await self._stop.wait()
 
     async def stop(self, grace: float = 10.0) -> None:
+        for t in self._tasks:
+            t.cancel()
         if self.server is not None:
             await self.server.stop(grace)
         # Let shielded operations (a copy, an mkfs) finish rather than cut them off.

@@ -88,6 +88,20 @@ class Capacity:
 
 
 @dataclass(frozen=True)
+class PoolStats:
+    """One pool or device class, for metrics and ``elv doctor``."""
+
+    pool: str
+    size_bytes: int
+    used_bytes: int
+    available_bytes: int
+    volumes: int
+    snapshots: int
+    thin_data_percent: float | None = None
+    thin_metadata_percent: float | None = None
+
+
+@dataclass(frozen=True)
 class Device:
     name: str  # kernel name, e.g. "loop3"
     path: str  # "/dev/loop3"
@@ -187,3 +201,6 @@ class Backend(Protocol):
         ``complete=False``, record that mkfs is about to start (the intent)."""
 
     async def health(self, volume_id: str) -> Health: ...
+
+    async def pool_stats(self) -> list[PoolStats]:
+        """Size, use and promisable space of each pool (cheap; called every few seconds)."""

@@ -16,11 +16,19 @@ def timestamp(ns: int) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
 
 
+NAME_KEY = "elv.csi.dev/name"
+FS_KEY = "elv.csi.dev/fs"
+ACCESS_KEY = "elv.csi.dev/access"
+
+
 def volume(v: Volume, topology: dict[str, str]) -> csi_pb2.Volume:
+    # The name rides along in volume_context so that tools (elv volume list)
+    # can show it; the driver itself never trusts volume_context.
     msg = csi_pb2.Volume(
         volume_id=v.id,
         capacity_bytes=v.size,
         accessible_topology=[csi_pb2.Topology(segments=topology)],
+        volume_context={NAME_KEY: v.name, ACCESS_KEY: v.access.value, FS_KEY: v.formatted or v.fs_type or ""},
     )
     if v.source is not None:
         if v.source.kind == "snapshot":

@@ -23,10 +23,17 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
     async def GetPluginInfo(
         self, request: csi_pb2.GetPluginInfoRequest, context: Context
     ) -> csi_pb2.GetPluginInfoResponse:
+        pools = ",".join(p.pool for p in await self._backend.pool_stats())
         return csi_pb2.GetPluginInfoResponse(
             name=self._config.driver_name,
             vendor_version=__version__,
-            manifest={"backend": self._backend.kind, "mode": self._config.mode.value},
+            manifest={
+                "backend": self._backend.kind,
+                "mode": self._config.mode.value,
+                "node": self._config.node_id,
+                "pools": pools,
+                "kubelet-dir": self._config.kubelet_dir,
+            },
         )
 
     async def GetPluginCapabilities(

@@ -16,7 +16,18 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 
 from csi import ids
-from csi.backend.base import AccessType, Capacity, Device, GroupSnapshot, Health, Snapshot, Source, Volume, VolumeSpec
+from csi.backend.base import (
+    AccessType,
+    Capacity,
+    Device,
+    GroupSnapshot,
+    Health,
+    PoolStats,
+    Snapshot,
+    Source,
+    Volume,
+    VolumeSpec,
+)
 from csi.backend.loop import files
 from csi.backend.loop.snapshots import LoopSnapshots
 from csi.backend.loop.store import Store
@@ -393,6 +404,20 @@ class LoopBackend:
         new = replace(vol, formatted=fs_type, formatting=None) if complete else replace(vol, formatting=fs_type)
         if new != vol:
             await self.store.put_volume(new)
+
+    async def pool_stats(self) -> list[PoolStats]:
+        st = await asyncio.to_thread(os.statvfs, self.store.root)
+        vol_alloc, snap_alloc = await self._allocated()
+        return [
+            PoolStats(
+                pool=POOL,
+                size_bytes=st.f_blocks * st.f_frsize,
+                used_bytes=vol_alloc + snap_alloc,
+                available_bytes=(await self.capacity({})).available,
+                volumes=len(self.store.volumes),
+                snapshots=len(self.store.snapshots),
+            )
+        ]
 
     async def health(self, volume_id: str) -> Health:
         oid = self._vid(volume_id)

@@ -1,0 +1,1 @@
+"""Subcommands of the elv command line (everything but serve and demo)."""

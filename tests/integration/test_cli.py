@@ -1,0 +1,235 @@
+"""The elv command line against a real driver: volume commands, hot-plug into
+namespaces the test makes itself (no Docker engine here), doctor, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from csi.host.mountinfo import MountTable
+from tests.integration.harness import REPO, Driver, leftovers
+
+
+def elv(d: Driver, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, CSI_ENDPOINT=d.endpoint, PYTHONPATH=REPO)
+    r = subprocess.run([sys.executable, "-m", "csi", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    if check:
+        assert r.returncode == 0, f"elv {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def ns_mounts(pid: int) -> MountTable:
+    from csi.host.mountinfo import parse
+
+    with open(f"/proc/{pid}/mountinfo") as f:
+        return MountTable(parse(f.read()))
+
+
+@pytest.fixture
+def plain_ns() -> Iterator[int]:
+    """A process in its own mount namespace (private propagation), like `unshare -m`."""
+    p = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep", "600"])
+    try:
+        deadline = time.monotonic() + 5
+        while os.stat(f"/proc/{p.pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        yield p.pid
+    finally:
+        p.kill()
+        p.wait()
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline") as f:
+        return f.read()
+
+
+@pytest.fixture
+def container(base: str) -> Iterator[tuple[int, str]]:
+    """A container-like process: own mount namespace and a pivot_root'ed root,
+    so paths inside it are not host paths."""
+    root = os.path.join(base, "rootfs")
+    script = f"""
+set -e
+mount -t tmpfs ctr {root}
+mkdir -p {root}/usr {root}/proc {root}/old {root}/etc
+for d in usr bin lib lib64 sbin; do
+  if [ -L /$d ]; then ln -s "$(readlink /$d)" {root}/$d; elif [ -d /$d ]; then mkdir -p {root}/$d; mount --bind /$d {root}/$d; fi
+done
+cd {root}
+pivot_root . old
+mount -t proc proc /proc
+umount -l /old
+rmdir /old
+exec sleep 600
+"""
+    os.makedirs(root)
+    p = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
+    try:
+        deadline = time.monotonic() + 10
+        while "sleep" not in _cmdline(p.pid):
+            assert p.poll() is None, "the container failed to start"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        yield p.pid, root
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_volume_commands(driver: Driver) -> None:
+    out = elv(driver, "volume", "create", "db", "--size", "64Mi").stdout
+    assert "created volume db" in out
+    listed = json.loads(elv(driver, "volume", "list", "--json").stdout)
+    assert [(v["name"], v["size"], v["access"], v["fs"]) for v in listed] == [("db", 64 * 2**20, "mount", "ext4")]
+    elv(driver, "volume", "create", "raw", "--size", "16Mi", "--block")
+    shown = json.loads(elv(driver, "volume", "show", "raw", "--json").stdout)
+    assert shown["access"] == "block" and shown["attached"] == [] and shown["condition"] == "ok"
+    assert "1 GiB" in elv(driver, "volume", "expand", "db", "--size", "1Gi").stdout
+    elv(driver, "volume", "snapshot", "db", "nightly")
+    assert len(json.loads(elv(driver, "volume", "show", "db", "--json").stdout)["snapshots"]) == 1
+    elv(driver, "volume", "create", "restored", "--size", "1Gi", "--from-snapshot", "nightly")
+    elv(driver, "volume", "clone", "db", "db-copy")
+    names = sorted(v["name"] for v in json.loads(elv(driver, "volume", "list", "--json").stdout))
+    assert names == ["db", "db-copy", "raw", "restored"]
+    # Clear errors that say what to do.
+    r = elv(driver, "volume", "show", "nope", check=False)
+    assert r.returncode == 1 and "no volume named 'nope'" in r.stderr and "elv volume list" in r.stderr
+    r = elv(driver, "volume", "create", "big", "--size", "1Pi", check=False)
+    assert r.returncode == 1 and "RESOURCE_EXHAUSTED" in r.stderr and "free space" in r.stderr
+    r = elv(driver, "volume", "create", "x", "--size", "lots", check=False)
+    assert r.returncode == 1 and "cannot read size" in r.stderr
+    for name in ("db-copy", "restored", "raw"):
+        elv(driver, "volume", "delete", name)
+    elv(driver, "volume", "snapshot", "db", "nightly", "--delete")
+    elv(driver, "volume", "delete", "db")
+    assert json.loads(elv(driver, "volume", "list", "--json").stdout) == []
+
+
+def test_no_driver_says_how_to_start_one(base: str) -> None:
+    d = Driver(base)  # never started
+    r = elv(d, "volume", "list", check=False)
+    assert r.returncode == 1
+    assert "no ELV driver answers" in r.stderr and "elv serve --endpoint" in r.stderr
+
+
+def test_attach_into_plain_namespace(driver: Driver, plain_ns: int) -> None:
+    elv(driver, "volume", "create", "hot", "--size", "320Mi", "--fs", "xfs")
+    inside = os.path.join(driver.base, "ns-data")
+    elv(driver, "attach", "hot", "--pid", str(plain_ns), "--path", inside)
+    subprocess.run(["nsenter", "-t", str(plain_ns), "-m", "sh", "-c", f"echo hot > {inside}/f"], check=True)
+    assert ns_mounts(plain_ns).top(inside) is not None
+    assert MountTable.load().top(os.path.realpath(inside)) is None, "the mount must not appear on the host"
+    # The driver knows it is in use.
+    assert elv(driver, "volume", "delete", "hot", check=False).returncode == 1
+    shown = json.loads(elv(driver, "volume", "show", "hot", "--json").stdout)
+    assert shown["attached"][0]["pids"] == [plain_ns]
+    # Online growth while attached, visible inside the namespace.
+    elv(driver, "volume", "expand", "hot", "--size", "640Mi")
+    df = subprocess.run(["nsenter", "-t", str(plain_ns), "-m", "df", "-B1", "--output=size", inside],
+                        capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    assert int(df[-1]) > 500 * 2**20, "grew from 448 MiB"
+    elv(driver, "detach", "hot", "--pid", str(plain_ns))
+    assert ns_mounts(plain_ns).top(inside) is None
+    assert leftovers(driver.base) == []
+    # The data survived: attach again, read-only this time.
+    elv(driver, "attach", "hot", "--pid", str(plain_ns), "--path", inside, "--readonly")
+    r = subprocess.run(["nsenter", "-t", str(plain_ns), "-m", "sh", "-c", f"cat {inside}/f; touch {inside}/g"],
+                       capture_output=True, text=True, check=False)  # fmt: skip
+    assert r.stdout.strip() == "hot" and r.returncode != 0 and "Read-only" in r.stderr
+    elv(driver, "detach", "hot", "--pid", str(plain_ns), "--path", inside)
+    elv(driver, "volume", "delete", "hot")
+
+
+def test_attach_into_container_root(driver: Driver, container: tuple[int, str]) -> None:
+    pid, _ = container
+    elv(driver, "volume", "create", "ctr", "--size", "64Mi")
+    elv(driver, "attach", "ctr", "--pid", str(pid), "--path", "/data")
+    subprocess.run(["nsenter", "-t", str(pid), "-m", "-r", "sh", "-c", "echo in-container > /data/f"], check=True)
+    assert ns_mounts(pid).top("/data") is not None
+    assert not os.path.exists("/data/f"), "the path is inside the container, never the host's /data"
+    # A symlink inside the container is refused.
+    subprocess.run(["nsenter", "-t", str(pid), "-m", "-r", "ln", "-s", "/etc", "/sneaky"], check=True)
+    r = elv(driver, "attach", "ctr", "--pid", str(pid), "--path", "/sneaky", check=False)
+    assert r.returncode == 1 and "symlink" in r.stderr
+    r = elv(driver, "attach", "ctr", "--pid", str(pid), "--path", "/sneaky/x", check=False)
+    assert r.returncode == 1 and "symlink" in r.stderr
+    # Attaching into the host's own namespace is refused.
+    r = elv(driver, "attach", "ctr", "--pid", str(os.getpid()), "--path", "/data", check=False)
+    assert r.returncode == 1 and "host's mount namespace" in r.stderr
+    elv(driver, "detach", "ctr", "--pid", str(pid))
+    assert ns_mounts(pid).top("/data") is None
+    elv(driver, "volume", "delete", "ctr")
+
+
+def test_attach_block_volume(driver: Driver, plain_ns: int) -> None:
+    elv(driver, "volume", "create", "blk", "--size", "8Mi", "--block")
+    inside = os.path.join(driver.base, "ns-dev")
+    elv(driver, "attach", "blk", "--pid", str(plain_ns), "--path", inside)
+    out = subprocess.run(["nsenter", "-t", str(plain_ns), "-m", "blockdev", "--getsize64", inside],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert int(out) == 8 * 2**20
+    elv(driver, "detach", "blk", "--pid", str(plain_ns))
+    elv(driver, "volume", "delete", "blk")
+
+
+def test_doctor(driver: Driver) -> None:
+    r = elv(driver, "doctor", "--endpoint", driver.endpoint, "--loop-dir", driver.pool)
+    assert "[ok  ] a driver answers on the socket" in r.stdout
+    assert "mkfs.xfs" in r.stdout and "losetup" in r.stdout
+    r = elv(driver, "doctor", "--endpoint", "unix:///nonexistent.sock", check=True)
+    assert "fix: start the driver" in r.stdout
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_metrics(base: str) -> None:
+    port = free_port()
+    d = Driver(base, "--metrics-address", f"127.0.0.1:{port}").start()
+    try:
+        elv(d, "volume", "create", "m", "--size", "32Mi")
+        elv(d, "volume", "show", "nope", check=False)
+        staging = d.path("st")
+        vid = json.loads(elv(d, "volume", "list", "--json").stdout)[0]["id"]
+        d.stage(vid, staging)
+        deadline = time.monotonic() + 15
+        while True:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            if 'elv_volumes{pool="loop"} 1.0' in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert 'elv_rpc_total{code="OK",method="CreateVolume"} 1.0' in text
+        assert 'elv_rpc_duration_seconds_count{method="NodeStageVolume"} 1.0' in text
+        assert 'elv_command_duration_seconds_count{command="mkfs.ext4"} 1.0' in text
+        assert 'elv_command_duration_seconds_count{command="losetup"}' in text
+        assert 'elv_volumes{pool="loop"} 1.0' in text
+        assert "elv_pool_size_bytes" in text and "elv_pool_available_bytes" in text and "elv_operations_in_flight 0.0" in text
+        d.unstage(vid, staging)
+        elv(d, "volume", "delete", "m")
+    finally:
+        assert d.stop() == 0
+    assert leftovers(base) == []
+
+
+def test_sigterm_while_serving_metrics(base: str) -> None:
+    d = Driver(base, "--metrics-address", f"127.0.0.1:{free_port()}").start()
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=15) == 0
+    d.proc = None
