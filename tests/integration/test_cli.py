@@ -220,6 +220,14 @@ def test_metrics(base: str) -> None:
         assert 'elv_command_duration_seconds_count{command="losetup"}' in text
         assert 'elv_volumes{pool="loop"} 1.0' in text
         assert "elv_pool_size_bytes" in text and "elv_pool_available_bytes" in text and "elv_operations_in_flight 0.0" in text
+        # Every metric the Grafana dashboard plots is one the driver exports.
+        import re
+
+        with open(os.path.join(REPO, "deploy", "grafana", "elv-dashboard.json")) as f:
+            wanted = set(re.findall(r"elv_[a-z_]+", f.read()))
+        exported = set(re.findall(r"^# TYPE (elv_[a-z_]+)", text, re.M))
+        missing = {w for w in wanted if w.removesuffix("_bucket") not in exported}
+        assert not missing, missing
         d.unstage(vid, staging)
         elv(d, "volume", "delete", "m")
     finally:
