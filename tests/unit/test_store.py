@@ -1,0 +1,290 @@
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from csi import ids
+from csi.backend.base import AccessType, Snapshot, Source, Volume
+from csi.backend.loop.store import (
+    FORMAT_VERSION,
+    MARKER,
+    Store,
+    atomic_write_json,
+    remove_durably,
+    snapshot_from_json,
+    snapshot_to_json,
+    volume_from_json,
+    volume_to_json,
+)
+from csi.errors import CorruptState
+
+MiB = 1024 * 1024
+
+
+def vol(name: str, size: int = 10 * MiB, **kw) -> Volume:
+    fields = {
+        "access": AccessType.MOUNT,
+        "fs_type": "ext4",
+        "thick": False,
+        "source": None,
+        "parameters": {},
+        "created_ns": 1,
+    }
+    fields.update(kw)
+    return Volume(id=str(ids.make("v", "loop", name)), name=name, size=size, **fields)
+
+
+def snap(name: str, source: Volume) -> Snapshot:
+    return Snapshot(
+        id=str(ids.make("s", "loop", name)), name=name, source_volume_id=source.id, size=source.size, created_ns=2
+    )
+
+
+def write_volume(root: Path, v: Volume, image: bool = True) -> None:
+    d = root / "volumes"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{v.id}.json").write_text(json.dumps(volume_to_json(v)))
+    if image:
+        (d / f"{v.id}.img").write_bytes(b"")
+
+
+def listing(d: Path) -> list[str]:
+    return sorted(os.listdir(d))
+
+
+# -- atomic writes ---------------------------------------------------------------------------
+
+
+def test_atomic_write_json_replaces_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    target = tmp_path / "meta.json"
+    atomic_write_json(str(target), {"b": 2, "a": 1})
+    assert json.loads(target.read_text()) == {"a": 1, "b": 2}
+    assert target.read_text() == '{"a":1,"b":2}'
+    atomic_write_json(str(target), {"a": "new"})
+    assert json.loads(target.read_text()) == {"a": "new"}
+    assert listing(tmp_path) == ["meta.json"]
+    assert (target.stat().st_mode & 0o777) == 0o600
+
+
+def test_atomic_write_json_cleans_up_when_the_rename_fails(tmp_path: Path) -> None:
+    target = tmp_path / "dir-in-the-way"
+    (target / "child").mkdir(parents=True)  # os.replace of a file onto a non-empty dir fails
+    with pytest.raises(OSError):
+        atomic_write_json(str(target), {"a": 1})
+    assert listing(tmp_path) == ["dir-in-the-way"]
+
+
+def test_atomic_write_json_refuses_unserialisable_data_without_leftovers(tmp_path: Path) -> None:
+    with pytest.raises(TypeError):
+        atomic_write_json(str(tmp_path / "x.json"), {"a": object()})
+    assert listing(tmp_path) == []
+
+
+def test_remove_durably(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_text("x")
+    assert remove_durably(str(f)) is True
+    assert not f.exists()
+    assert remove_durably(str(f)) is False
+
+
+# -- JSON round trips -------------------------------------------------------------------------
+
+
+def test_volume_json_round_trip() -> None:
+    v = vol(
+        "pvc-1",
+        access=AccessType.BLOCK,
+        fs_type=None,
+        thick=True,
+        source=Source("snapshot", "s-loop-" + "0" * 32),
+        parameters={"elv.csi.dev/provisioning": "thick"},
+        formatted="xfs",
+        attachments={"node-a": True},
+    )
+    data = json.loads(json.dumps(volume_to_json(v)))
+    assert data["format"] == FORMAT_VERSION
+    assert volume_from_json(data) == v
+
+
+def test_snapshot_json_round_trip() -> None:
+    s = replace(snap("snap-1", vol("pvc-1")), group_id="g-loop-" + "1" * 32, access=AccessType.BLOCK, fs_type=None)
+    assert snapshot_from_json(json.loads(json.dumps(snapshot_to_json(s)))) == s
+
+
+# -- open() ------------------------------------------------------------------------------------
+
+
+def test_open_creates_the_layout(tmp_path: Path) -> None:
+    root = tmp_path / "pool"
+    s = Store(str(root))
+    assert s.open() == []
+    assert listing(root) == [MARKER, "groups", "snapshots", "tmp", "volumes"]
+    assert json.loads((root / MARKER).read_text()) == {"format": FORMAT_VERSION}
+    assert s.volumes == {}
+    assert s.provisioned == 0
+    # Opening again is harmless.
+    assert Store(str(root)).open() == []
+
+
+def test_open_cleans_up_after_a_crash_and_keeps_good_volumes(tmp_path: Path) -> None:
+    root = tmp_path / "pool"
+    Store(str(root)).open()
+    good, thin = vol("good", 10 * MiB), vol("thin", 3 * MiB)
+    write_volume(root, good)
+    write_volume(root, thin, image=False)  # metadata without image: still a volume (the node will say it is missing)
+    orphan = ids.make("v", "loop", "orphan")
+    (root / "volumes" / f"{orphan}.img").write_bytes(b"half")
+    stale = root / "volumes" / f".{good.id}.json.1a2b3c4d.tmp"
+    stale.write_text("{")
+    (root / "volumes" / "README").write_text("foreign")
+    (root / "volumes" / "notes.json").write_text("{}")  # foreign metadata-looking file
+    (root / "tmp" / f"{orphan}.partial").write_bytes(b"x")
+    (root / "tmp" / "freeze-1-0.frozen").write_text("{}")
+    (root / "tmp" / ".hidden").write_text("")
+    s_orphan = ids.make("s", "loop", "orphan-snap")
+    (root / "snapshots" / f"{s_orphan}.img").write_bytes(b"")
+
+    s = Store(str(root))
+    removed = s.open()
+
+    assert sorted(removed) == sorted(
+        [
+            f"volumes/{orphan}.img",
+            f"volumes/.{good.id}.json.1a2b3c4d.tmp",
+            f"tmp/{orphan}.partial",
+            "tmp/freeze-1-0.frozen",
+            "tmp/.hidden",
+            f"snapshots/{s_orphan}.img",
+        ]
+    )
+    assert listing(root / "tmp") == []
+    assert listing(root / "volumes") == sorted(
+        ["README", "notes.json", f"{good.id}.img", f"{good.id}.json", f"{thin.id}.json"]
+    )
+    assert listing(root / "snapshots") == []
+    assert s.volumes == {good.id: good, thin.id: thin}
+    assert s.provisioned == 13 * MiB
+
+
+def test_open_loads_snapshots_and_groups(tmp_path: Path) -> None:
+    root = tmp_path / "pool"
+    st = Store(str(root))
+    st.open()
+    v = vol("pvc")
+    write_volume(root, v)
+    sn = snap("snap", v)
+    (root / "snapshots" / f"{sn.id}.json").write_text(json.dumps(snapshot_to_json(sn)))
+    (root / "snapshots" / f"{sn.id}.img").write_bytes(b"")
+    gid = ids.make("g", "loop", "grp")
+    (root / "groups" / f"{gid}.json").write_text(json.dumps({"id": str(gid), "snapshots": [sn.id]}))
+    s = Store(str(root))
+    assert s.open() == []
+    assert s.snapshots == {sn.id: sn}
+    assert s.groups == {str(gid): {"id": str(gid), "snapshots": [sn.id]}}
+
+
+def test_metadata_whose_id_differs_from_its_name_is_corrupt(tmp_path: Path) -> None:
+    root = tmp_path / "pool"
+    Store(str(root)).open()
+    a, b = vol("a"), vol("b")
+    (root / "volumes" / f"{a.id}.json").write_text(json.dumps(volume_to_json(b)))
+    with pytest.raises(CorruptState, match=f"describes {b.id}"):
+        Store(str(root)).open()
+
+
+def test_pool_marker_with_another_format_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "pool"
+    root.mkdir()
+    (root / MARKER).write_text(json.dumps({"format": FORMAT_VERSION + 1}))
+    v = vol("keep")
+    write_volume(root, v)
+    with pytest.raises(CorruptState, match=f"has format {FORMAT_VERSION + 1}"):
+        Store(str(root)).open()
+    # Nothing was touched or rewritten.
+    assert json.loads((root / MARKER).read_text()) == {"format": FORMAT_VERSION + 1}
+    assert listing(root / "volumes") == [f"{v.id}.img", f"{v.id}.json"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=IsADirectoryError,
+    reason="BUG: Store.open() empties tmp/ with os.unlink only; a directory in tmp/ (left by an admin "
+    "or a tool) makes startup crash with IsADirectoryError instead of being removed or ignored",
+)
+def test_open_survives_a_directory_in_tmp(tmp_path: Path) -> None:
+    root = tmp_path / "pool"
+    Store(str(root)).open()
+    (root / "tmp" / "leftover-dir").mkdir()
+    Store(str(root)).open()
+    assert not (root / "tmp" / "leftover-dir").exists()
+
+
+def test_paths_come_from_parsed_ids(tmp_path: Path) -> None:
+    s = Store(str(tmp_path))
+    oid = ids.make("v", "loop", "x")
+    assert s.volume_image(oid) == os.path.join(s.volumes_dir, f"{oid}.img")
+    assert s.volume_meta(oid).endswith(f"volumes/{oid}.json")
+    assert s.scratch(oid) == os.path.join(s.tmp_dir, f"{oid}.partial")
+    sid = ids.make("s", "loop", "x")
+    assert s.snapshot_meta(sid).endswith(f"snapshots/{sid}.json")
+
+
+def test_root_is_resolved(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    s = Store(str(tmp_path / "link"))
+    assert s.root == str(real)
+
+
+# -- changes -------------------------------------------------------------------------------------
+
+
+async def test_put_and_drop_keep_provisioned_exact(tmp_path: Path) -> None:
+    root = tmp_path / "pool"
+    s = Store(str(root))
+    s.open()
+    a, b = vol("a", 10 * MiB), vol("b", 5 * MiB)
+    await s.put_volume(a)
+    await s.put_volume(b)
+    assert s.provisioned == 15 * MiB
+    await s.put_volume(replace(a, size=30 * MiB))  # grow
+    assert s.provisioned == 35 * MiB
+    await s.put_volume(replace(b, attachments={"node-a": False}))  # same size
+    assert s.provisioned == 35 * MiB
+    (root / "volumes" / f"{a.id}.img").write_bytes(b"")
+    await s.drop_volume(ids.parse(a.id, "v"))  # type: ignore[arg-type]
+    assert s.provisioned == 5 * MiB
+    assert listing(root / "volumes") == [f"{b.id}.json"]
+    await s.drop_volume(ids.parse(a.id, "v"))  # type: ignore[arg-type]  # again: nothing changes
+    assert s.provisioned == 5 * MiB
+    # The disk agrees with memory.
+    again = Store(str(root))
+    again.open()
+    assert again.provisioned == s.provisioned == 5 * MiB
+    assert again.volumes == s.volumes
+    assert not [n for n in listing(root / "volumes") if n.endswith(".tmp")]
+
+
+async def test_put_and_drop_snapshots_and_groups(tmp_path: Path) -> None:
+    s = Store(str(tmp_path / "pool"))
+    s.open()
+    sn = snap("s1", vol("v1"))
+    await s.put_snapshot(sn)
+    assert s.snapshots == {sn.id: sn}
+    gid = ids.make("g", "loop", "grp")
+    await s.put_group(gid, {"id": str(gid), "snapshots": [sn.id]})
+    assert str(gid) in s.groups
+    await s.drop_snapshot(ids.parse(sn.id, "s"))  # type: ignore[arg-type]
+    await s.drop_group(gid)
+    assert s.snapshots == {}
+    assert s.groups == {}
+    fresh = Store(s.root)
+    fresh.open()
+    assert fresh.snapshots == {}
+    assert fresh.groups == {}
