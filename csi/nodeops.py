@@ -36,6 +36,11 @@ from csi.validate import Capability, Mode
 
 log = logging.getLogger(__name__)
 
+#: Unmount at most this many stacked mounts at one path; a path that stays a
+#: mount point after that (umount says EINVAL but mountinfo lists it, e.g. a
+#: mount hidden under another) is reported instead of retried forever.
+MAX_STACKED = 16
+
 FLAG_BITS = {
     "ro": syscalls.MS_RDONLY,
     "rw": 0,
@@ -246,7 +251,9 @@ class NodeOps:
         users = self._users(table, dev, {real})
         if users:
             raise InUse(f"volume {volume_id} is still published at {users[0].mount_point}; unpublish it first")
-        while table.top(real) is not None:
+        for _ in range(MAX_STACKED):
+            if table.top(real) is None:
+                break
             try:
                 await asyncio.to_thread(self.guard.umount, staging, "staging_target_path")
             except OSError as e:
@@ -255,6 +262,8 @@ class NodeOps:
                 if e.errno != errno.EINVAL:
                     raise Internal(f"unmounting {staging} failed: {e.strerror}") from e
             table = await self._table()
+        else:
+            raise Internal(f"{staging} is still a mount point after {MAX_STACKED} unmounts; check the mount table")
         await self.backend.detach(volume_id)
         log.info("unstaged %s from %s", volume_id, staging)
 
@@ -321,7 +330,9 @@ class NodeOps:
         if await asyncio.to_thread(self.guard.lstat, target, "target_path") is None:
             return  # already gone: kubelet retries teardown forever on any error
         table = await self._table()
-        while table.top(real) is not None:
+        for _ in range(MAX_STACKED):
+            if table.top(real) is None:
+                break
             try:
                 await asyncio.to_thread(self.guard.umount, target, "target_path")
             except OSError as e:
@@ -330,6 +341,8 @@ class NodeOps:
                 if e.errno != errno.EINVAL:
                     raise Internal(f"unmounting {target} failed: {e.strerror}") from e
             table = await self._table()
+        else:
+            raise Internal(f"{target} is still a mount point after {MAX_STACKED} unmounts; check the mount table")
         await asyncio.to_thread(self.guard.remove, target, "target_path")
         log.info("unpublished %s from %s", volume_id, target)
 

@@ -150,7 +150,9 @@ class Runner:
         path = os.path.join(self._journal, f"{pid}.json")
         try:
             with open(path, "w", encoding="utf-8") as f:
-                json.dump({"argv": list(args), "cmdline": _cmdline(pid)}, f)
+                # What /proc/PID/cmdline will read once the program has been exec'd
+                # (reading it now races the exec and may still show Python).
+                json.dump({"argv": list(args), "cmdline": "\0".join(args) + "\0"}, f)
         except OSError:
             log.warning("cannot record running command in %s", self._journal, exc_info=True)
             return None
@@ -158,7 +160,8 @@ class Runner:
 
     async def wait_for_orphans(self, timeout: float) -> int:
         """Wait for commands a previous incarnation left running; kill those
-        still running after ``timeout``. Returns how many were found alive."""
+        still running after ``timeout``. Returns how many were found alive
+        (waited for, and possibly killed)."""
         if self._journal is None:
             return 0
         os.makedirs(self._journal, mode=0o700, exist_ok=True)
@@ -177,6 +180,7 @@ class Runner:
                 log.warning("waiting for pid %d (%s), left running by a previous instance", pid, recorded[:80])
             else:
                 os.unlink(path)
+        found = len(alive)
         deadline = time.monotonic() + timeout
         while alive and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -188,7 +192,7 @@ class Runner:
             log.error("killing pid %d, still running after %.0fs", pid, timeout)
             _kill_group(pid)
             os.unlink(path)
-        return len(alive)
+        return found
 
     def _observe(self, program: str, seconds: float, rc: int | None) -> None:
         if self._observer is not None:

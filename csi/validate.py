@@ -46,6 +46,13 @@ SNAPSHOT_KEYS = frozenset(
 VALUES: dict[str, frozenset[str]] = {
     FSTYPE_KEY: frozenset(SUPPORTED_FS),
     "elv.csi.dev/provisioning": frozenset({"thin", "thick"}),
+    # The lvm backend's layout keys (csi.backend.lvm.params); the device class
+    # is checked there, against the configured names.
+    "elv.csi.dev/lvm-type": frozenset({"linear", "striped", "raid1"}),
+    "elv.csi.dev/lvm-stripes": frozenset({"2", "3", "4", "5", "6", "7", "8"}),
+    "elv.csi.dev/lvm-stripe-size": frozenset({"64Ki", "128Ki", "256Ki", "512Ki", "1Mi"}),
+    "elv.csi.dev/lvm-mirrors": frozenset({"1", "2", "3"}),
+    "elv.csi.dev/lvm-snapshot-reserve": frozenset({"10%", "25%", "50%", "100%"}),
 }
 
 
@@ -213,6 +220,11 @@ def size(
     else:
         want = default
     got = round_up(max(want, minimum), granularity)
+    if limit and got > limit:
+        # Rounding up overshot the limit; the largest multiple below it may still do.
+        floor = limit - limit % granularity
+        if floor >= max(required, minimum):
+            return floor
     if limit and got > limit:
         raise OutOfRange(f"cannot provision within limit_bytes={limit}: the smallest size possible here is {got} bytes")
     return got

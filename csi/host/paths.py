@@ -144,6 +144,9 @@ class PathGuard:
                     os.close(fd)
                 return True
             except FileExistsError:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    raise InvalidArgument(f"{field} {path} is a symlink; refusing to use it") from None
                 return False
 
     def remove(self, path: str, field: str) -> None:

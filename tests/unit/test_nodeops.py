@@ -187,14 +187,6 @@ async def test_unstage_maps_umount_errors(tmp_path: Path, monkeypatch: pytest.Mo
     assert backend.called("detach") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="BUG: NodeOps.unstage()/unpublish() retry umount in an unbounded loop while mountinfo still lists "
-    "a mount at the path and umount2 answers EINVAL (e.g. the mount is shadowed by a later mount over a "
-    "parent directory, so the descriptor path no longer reaches it): the RPC spins forever holding the "
-    "volume's gate instead of failing",
-)
 async def test_unstage_does_not_spin_when_umount_keeps_failing_with_einval(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

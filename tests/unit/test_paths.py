@@ -140,8 +140,9 @@ def test_a_symlink_as_the_final_component_is_not_followed(
     outside.mkdir()
     link = root / "mount"
     link.symlink_to(outside / "target")
-    # make() neither follows it nor creates anything at its target ...
-    assert guard.make(str(link), "target_path", want_dir=want_dir) is False
+    # make() refuses it, without following it or creating anything at its target ...
+    with pytest.raises(InvalidArgument, match="is a symlink"):
+        guard.make(str(link), "target_path", want_dir=want_dir)
     assert tree(outside) == []
     assert link.is_symlink()
     # ... and every operation that would use it refuses it.

@@ -210,12 +210,6 @@ def test_pool_marker_with_another_format_is_refused(tmp_path: Path) -> None:
     assert listing(root / "volumes") == [f"{v.id}.img", f"{v.id}.json"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IsADirectoryError,
-    reason="BUG: Store.open() empties tmp/ with os.unlink only; a directory in tmp/ (left by an admin "
-    "or a tool) makes startup crash with IsADirectoryError instead of being removed or ignored",
-)
 def test_open_survives_a_directory_in_tmp(tmp_path: Path) -> None:
     root = tmp_path / "pool"
     Store(str(root)).open()

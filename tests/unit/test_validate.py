@@ -311,12 +311,6 @@ def test_size_rounding_above_limit_is_out_of_range() -> None:
         size(MiB + 1, MiB + MiB // 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: validate.size() with required_bytes=0 and a limit_bytes that is not a multiple of the "
-    "granularity rounds the limit *up* and answers OUT_OF_RANGE, although a smaller size that fits "
-    "(floor(limit/granularity)*granularity >= minimum) exists",
-)
 def test_size_required_zero_limit_not_a_multiple_fits_below_the_limit() -> None:
     got = size(0, MiB + MiB // 2)  # 1.5 MiB: 1 MiB satisfies minimum, granularity and limit
     assert got == MiB

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -195,7 +196,11 @@ class Store:
             atomic_write_json(marker, {"format": FORMAT_VERSION})
         removed: list[str] = []
         for name in os.listdir(self.tmp_dir):
-            os.unlink(os.path.join(self.tmp_dir, name))
+            path = os.path.join(self.tmp_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
             removed.append(f"tmp/{name}")
         self.volumes = self._load(self.volumes_dir, "v", volume_from_json, removed)
         self.snapshots = self._load(self.snapshots_dir, "s", snapshot_from_json, removed)
