@@ -66,6 +66,7 @@ def add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from csi.bench import main as bench
     from csi.cmd import attach, doctor, volumes
 
     p = argparse.ArgumentParser(prog="elv", description="ELV: Elastic Local Volumes, a CSI driver")
@@ -77,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     volumes.add_parsers(sub, endpoint)
     attach.add_parsers(sub, endpoint)
     doctor.add_parser(sub, endpoint)
+    bench.add_parser(sub)
     return p
 
 
@@ -144,6 +146,10 @@ def _tool(args: argparse.Namespace) -> int:
             return asyncio.run(attach.detach(args))
         if args.command == "doctor":
             return doctor.run(args)
+        if args.command == "bench":
+            from csi.bench import main as bench
+
+            return bench.main(args)
     except CliError as e:
         print(f"elv: {e.message}", file=sys.stderr)
         if e.hint:

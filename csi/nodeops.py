@@ -102,6 +102,15 @@ class Stats:
     health: Health
 
 
+def _superblock_size(device: str, fs_type: str) -> int | None:
+    """The filesystem size from its superblock, or None if it is not there (or
+    unreadable: the caller then asks blkid for the full story)."""
+    try:
+        return read_fs_size(device, fs_type)
+    except OSError:
+        return None
+
+
 def _mount_error(e: OSError, what: str) -> ElvError:
     if e.errno in (errno.EINVAL, errno.EUCLEAN, errno.EBADMSG):
         return FailedPrecondition(f"{what} failed: {e.strerror} (the filesystem may be damaged or the options invalid)")
@@ -198,6 +207,15 @@ class NodeOps:
         a volume is mounted only after ``formatted`` is recorded. Then mkfs
         runs again with force.
         """
+        if vol.formatted == fs_type and await asyncio.to_thread(_superblock_size, dev.path, fs_type) is not None:
+            return False  # restage: the superblock we recorded is there (a cheap check; blkid otherwise)
+        if not vol.formatted and not vol.formatting and await self.backend.proven_blank(vol.id):
+            # Nothing was ever written to it: every byte reads zero, no probe needed.
+            await self.backend.mark_formatted(vol.id, fs_type, complete=False)
+            await self.fs.mkfs(dev.path, fs_type)
+            await self.backend.mark_formatted(vol.id, fs_type)
+            log.info("formatted %s as %s", vol.id, fs_type)
+            return True
         probe = await self.fs.probe(dev.path)
         interrupted = not vol.formatted and vol.formatting == fs_type
         if probe.blank or interrupted:

@@ -112,7 +112,7 @@ class Runner:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=self._env,
-            start_new_session=True,  # own process group, so a kill reaches helpers too
+            process_group=0,  # own process group, so a kill reaches helpers too (and vfork stays usable)
             close_fds=True,
         )
         entry = self._record(proc.pid, args) if mutating else None

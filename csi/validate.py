@@ -223,7 +223,7 @@ def size(
     if limit and got > limit:
         # Rounding up overshot the limit; the largest multiple below it may still do.
         floor = limit - limit % granularity
-        if floor >= max(required, minimum):
+        if floor > 0 and floor >= max(required, minimum):
             return floor
     if limit and got > limit:
         raise OutOfRange(f"cannot provision within limit_bytes={limit}: the smallest size possible here is {got} bytes")

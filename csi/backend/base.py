@@ -196,6 +196,10 @@ class Backend(Protocol):
     async def refresh_device(self, volume_id: str) -> int:
         """Make an attached device see the volume's current size; return it."""
 
+    async def proven_blank(self, volume_id: str) -> bool:
+        """True only when the backend can *prove* the volume reads all zeros
+        (e.g. a sparse file with no data); False means "probe it"."""
+
     async def mark_formatted(self, volume_id: str, fs_type: str, *, complete: bool = True) -> None:
         """Record durably that the volume carries this filesystem; with
         ``complete=False``, record that mkfs is about to start (the intent)."""

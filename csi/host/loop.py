@@ -9,12 +9,14 @@ between LOOP_CTL_GET_FREE and configuring the device.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 from dataclasses import dataclass
 
 from csi.errors import CommandError, Internal
+from csi.host import loopctl
 from csi.runner import Runner
 
 SYS_BLOCK = "/sys/block"
@@ -73,8 +75,10 @@ def scan(sys_block: str = SYS_BLOCK) -> list[LoopDevice]:
         try:
             with open(os.path.join(base, "backing_file"), encoding="utf-8", errors="surrogateescape") as f:
                 path, deleted = parse_backing_file(f.read())
-        except (FileNotFoundError, NotADirectoryError):
-            continue  # not attached (no loop/ dir) or detached while we looked
+        except OSError:
+            # Not attached (no loop/ dir), or being torn down while we looked:
+            # the kernel then answers ENODEV or ENXIO for the read.
+            continue
         dio: bool | None = None
         try:
             with open(os.path.join(base, "dio"), encoding="ascii") as f:
@@ -101,18 +105,37 @@ def device_numbers(name: str) -> tuple[int, int]:
 
 
 class LoopTool:
-    """losetup through the shared runner."""
+    """Attach, detach and resize loop devices: through the loop ioctls (no
+    process per call) where the kernel has LOOP_CONFIGURE, else losetup
+    through the shared runner."""
 
-    def __init__(self, runner: Runner, *, direct_io: bool = True, sys_block: str = SYS_BLOCK) -> None:
+    def __init__(
+        self, runner: Runner, *, direct_io: bool = True, sys_block: str = SYS_BLOCK, use_ioctl: bool | None = None
+    ) -> None:
         self._run = runner
         self._direct_io = direct_io
         self._sys_block = sys_block
+        self._ioctl = loopctl.supported() if use_ioctl is None else use_ioctl
+        # One attach at a time: concurrent LOOP_CTL_GET_FREE calls all return the
+        # same device and all but one then retry on EBUSY.
+        self._attaching = asyncio.Lock()
 
     async def attach(self, backing_file: str) -> LoopDevice:
         """Attach the file, or return the device it is already attached to."""
         existing = find(backing_file, self._sys_block)
         if existing:
             return existing[0]
+        async with self._attaching:
+            if self._ioctl:
+                name = await asyncio.to_thread(loopctl.attach, backing_file, self._direct_io)
+            else:
+                name = await self._losetup_attach(backing_file)
+        found = [d for d in find(backing_file, self._sys_block) if d.name == name]
+        if not found:
+            raise Internal(f"/dev/{name} is not attached to the volume's backing file after attaching")
+        return found[0]
+
+    async def _losetup_attach(self, backing_file: str) -> str:
         argv = ["losetup", "--find", "--show", "--nooverlap"]
         if self._direct_io:
             # Direct I/O skips the double page cache (pool fs + volume fs).
@@ -123,14 +146,15 @@ class LoopTool:
         name = os.path.basename(dev)
         if not _LOOP_NAME.match(name):
             raise Internal(f"losetup returned an unexpected device name {dev!r}")
-        found = [d for d in find(backing_file, self._sys_block) if d.name == name]
-        if not found:
-            raise Internal(f"{dev} is not attached to the volume's backing file after losetup")
-        return found[0]
+        return name
 
     async def detach(self, name: str) -> None:
         if not _LOOP_NAME.match(name):
             raise ValueError(f"not a loop device name: {name!r}")
+        if self._ioctl:
+            await asyncio.to_thread(loopctl.detach, name)
+            await self._wait_detached(name)
+            return
         try:
             await self._run.run(["losetup", "--detach", "/dev/" + name])
         except CommandError:
@@ -138,9 +162,24 @@ class LoopTool:
             if os.path.exists(os.path.join(self._sys_block, name, "loop", "backing_file")):
                 raise
 
+    async def _wait_detached(self, name: str, timeout: float = 5.0) -> None:
+        """The kernel finishes a detach at the device's last close; wait (bounded)."""
+        path = os.path.join(self._sys_block, name, "loop", "backing_file")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.001
+        while os.path.exists(path):
+            if loop.time() > deadline:
+                raise Internal(f"/dev/{name} is still attached; something holds it open")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
     async def refresh_capacity(self, name: str) -> int:
         """Make the device see its backing file's new size; returns the size."""
         if not _LOOP_NAME.match(name):
             raise ValueError(f"not a loop device name: {name!r}")
-        await self._run.run(["losetup", "--set-capacity", "/dev/" + name])
+        if self._ioctl:
+            await asyncio.to_thread(loopctl.set_capacity, name)
+        else:
+            await self._run.run(["losetup", "--set-capacity", "/dev/" + name])
         return size_bytes(name, self._sys_block)

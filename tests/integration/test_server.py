@@ -84,7 +84,7 @@ def fake_tool(directory: str, name: str, flag: str) -> None:
 def test_hung_command_blocks_nothing_else(base: str) -> None:
     tools, flag = os.path.join(base, "tools"), os.path.join(base, "hang")
     os.makedirs(tools)
-    fake_tool(tools, "blkid", flag)
+    fake_tool(tools, "mkfs.ext4", flag)
     d = Driver(base, "--tool-path", f"{tools}:{SAFE}").start()
     try:
         a = d.create("stuck")
@@ -93,7 +93,7 @@ def test_hung_command_blocks_nothing_else(base: str) -> None:
         results: list[grpc.StatusCode] = []
         t = threading.Thread(target=lambda: results.append(code_of(d.stage, a, staging)))
         t.start()
-        time.sleep(0.5)  # the stage is now inside the hung blkid
+        time.sleep(0.5)  # the stage is now inside the hung mkfs
         for call in (
             lambda: d.identity.Probe(csi_pb2.ProbeRequest(), timeout=1),
             lambda: d.controller.ListVolumes(csi_pb2.ListVolumesRequest(), timeout=1),
@@ -129,6 +129,10 @@ def test_command_timeout_kills_and_reports(base: str) -> None:
     try:
         vid = d.create("slow")
         staging = d.path("st", "slow")
+        # Some data on it (not a filesystem): the driver cannot prove it blank and must probe.
+        with open(os.path.join(d.pool, "volumes", vid + ".img"), "r+b") as f:
+            f.seek(4 * MiB)
+            f.write(b"x" * 4096)
         open(flag, "w").close()
         t0 = time.monotonic()
         assert code_of(d.stage, vid, staging) == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -178,3 +182,73 @@ def test_modes(base: str, mode: str, has_controller: bool) -> None:
     node_expected = grpc.StatusCode.UNIMPLEMENTED if has_controller else grpc.StatusCode.OK
     assert code_of(d.node.NodeGetInfo, csi_pb2.NodeGetInfoRequest()) == node_expected
     assert d.stop() == 0
+
+
+def test_socket_group_mode(base: str) -> None:
+    import grp
+
+    group = grp.getgrgid(0).gr_name if os.getgid() == 0 else grp.getgrgid(os.getgid()).gr_name
+    d = Driver(base, "--socket-group", group).start()
+    st = os.stat(d.socket)
+    assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == grp.getgrnam(group).gr_gid
+    assert d.stop() == 0
+
+
+def test_request_flood_is_bounded(base: str) -> None:
+    """Past --max-concurrent-rpcs the driver answers RESOURCE_EXHAUSTED at once
+    instead of piling up work; Probe keeps answering once the flood passes."""
+    tools, flag = os.path.join(base, "tools"), os.path.join(base, "hang")
+    os.makedirs(tools)
+    fake_tool(tools, "mkfs.ext4", flag)
+    d = Driver(base, "--tool-path", f"{tools}:{SAFE}", "--max-concurrent-rpcs", "4").start()
+    try:
+        vids = [d.create(f"flood-{i}") for i in range(4)]
+        open(flag, "w").close()
+        results: list[grpc.StatusCode] = []
+        threads = [
+            threading.Thread(target=lambda v=v: results.append(code_of(d.stage, v, d.path("st", v))))  # type: ignore[misc]
+            for v in vids
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # four stages now hang in mkfs and fill every slot
+        assert code_of(d.controller.ListVolumes, csi_pb2.ListVolumesRequest()) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        os.unlink(flag)
+        for t in threads:
+            t.join(30)
+        assert results == [grpc.StatusCode.OK] * 4
+        assert d.identity.Probe(csi_pb2.ProbeRequest()).ready.value
+        for v in vids:
+            d.unstage(v, d.path("st", v))
+            d.delete(v)
+    finally:
+        if os.path.exists(flag):
+            os.unlink(flag)
+        assert d.stop() == 0
+    assert leftovers(base) == []
+
+
+def test_the_driver_runs_no_shell() -> None:
+    """Every command goes through csi.runner as an argv list; nothing in the
+    package may start a shell or build a command line from a string."""
+    import ast
+    import pathlib
+
+    pkg = pathlib.Path(REPO) / "csi"
+    offenders = []
+    for path in pkg.rglob("*.py"):
+        if "v1" in path.parts or "bench" in path.parts:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.keyword) and node.arg == "shell" and getattr(node.value, "value", False) is True:
+                offenders.append(f"{path}: shell=True")
+            if isinstance(node, ast.Constant) and node.value in ("/bin/sh", "sh", "bash", "/bin/bash"):
+                offenders.append(f"{path}: {node.value!r}")
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in ("system", "popen")
+                and getattr(node.value, "id", "") == "os"
+            ):
+                offenders.append(f"{path}: os.{node.attr}")
+    assert offenders == []

@@ -300,6 +300,13 @@ class FakeBackend(Recorder):
             raise FailedPrecondition(f"volume {volume_id} is not staged on this node")
         return vol.size
 
+    #: What proven_blank answers; False makes node code probe, as for real devices.
+    blank_proof = False
+
+    async def proven_blank(self, volume_id: str) -> bool:
+        self._record("proven_blank", volume_id)
+        return self.blank_proof
+
     async def mark_formatted(self, volume_id: str, fs_type: str, *, complete: bool = True) -> None:
         self._record("mark_formatted", volume_id, fs_type, complete)
         vol = self._known(volume_id)

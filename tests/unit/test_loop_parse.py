@@ -102,7 +102,7 @@ def test_size_bytes(tmp_path: Path) -> None:
 async def test_attach_reuses_an_existing_device(tmp_path: Path) -> None:
     sysfs = make_sysfs(tmp_path / "block", {"loop5": "/p/a.img"})
     runner = FakeRunner()
-    dev = await LoopTool(runner, sys_block=str(sysfs)).attach("/p/a.img")  # type: ignore[arg-type]
+    dev = await LoopTool(runner, sys_block=str(sysfs), use_ioctl=False).attach("/p/a.img")  # type: ignore[arg-type]
     assert dev.name == "loop5"
     assert runner.calls == []
 
@@ -117,7 +117,7 @@ async def test_attach_runs_losetup_with_safe_arguments(tmp_path: Path) -> None:
             return await super().run(argv, **kw)
 
     runner = AttachingRunner({"losetup": (0, b"/dev/loop9\n", b"")})
-    dev = await LoopTool(runner, sys_block=str(sysfs)).attach("-rf.img")  # type: ignore[arg-type]
+    dev = await LoopTool(runner, sys_block=str(sysfs), use_ioctl=False).attach("-rf.img")  # type: ignore[arg-type]
     assert dev.name == "loop9"
     (argv,) = runner.argvs()
     assert argv == ("losetup", "--find", "--show", "--nooverlap", "--direct-io=on", "--", "-rf.img")
@@ -125,7 +125,7 @@ async def test_attach_runs_losetup_with_safe_arguments(tmp_path: Path) -> None:
 
 async def test_attach_refuses_an_unexpected_device_name(tmp_path: Path) -> None:
     runner = FakeRunner({"losetup": (0, b"/dev/sda\n", b"")})
-    tool = LoopTool(runner, direct_io=False, sys_block=str(tmp_path))  # type: ignore[arg-type]
+    tool = LoopTool(runner, direct_io=False, sys_block=str(tmp_path), use_ioctl=False)  # type: ignore[arg-type]
     with pytest.raises(Internal, match="unexpected device name"):
         await tool.attach("/p/a.img")
     assert "--direct-io=on" not in runner.argvs()[0]
@@ -133,7 +133,7 @@ async def test_attach_refuses_an_unexpected_device_name(tmp_path: Path) -> None:
 
 async def test_detach_validates_the_name_and_tolerates_already_gone(tmp_path: Path) -> None:
     runner = FakeRunner({"losetup": (1, b"", b"losetup: /dev/loop3: detach failed: No such device or address")})
-    tool = LoopTool(runner, sys_block=str(tmp_path))  # type: ignore[arg-type]
+    tool = LoopTool(runner, sys_block=str(tmp_path), use_ioctl=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not a loop device"):
         await tool.detach("../sda")
     assert runner.calls == []

@@ -223,7 +223,6 @@ def test_paths_come_from_parsed_ids(tmp_path: Path) -> None:
     oid = ids.make("v", "loop", "x")
     assert s.volume_image(oid) == os.path.join(s.volumes_dir, f"{oid}.img")
     assert s.volume_meta(oid).endswith(f"volumes/{oid}.json")
-    assert s.scratch(oid) == os.path.join(s.tmp_dir, f"{oid}.partial")
     sid = ids.make("s", "loop", "x")
     assert s.snapshot_meta(sid).endswith(f"snapshots/{sid}.json")
 
@@ -282,3 +281,41 @@ async def test_put_and_drop_snapshots_and_groups(tmp_path: Path) -> None:
     fresh.open()
     assert fresh.snapshots == {}
     assert fresh.groups == {}
+
+
+async def test_format_markers_are_durable_metadata(tmp_path: Path) -> None:
+    root = tmp_path / "pool"
+    s = Store(str(root))
+    s.open()
+    v = vol("fmt")
+    oid = ids.parse(v.id, "v")
+    assert oid is not None
+    await s.put_volume(v)
+    await s.mark_format(oid, "xfs", complete=False)
+    assert s.volumes[v.id].formatting == "xfs"
+    # A restart (crash) between intent and completion sees the intent.
+    again = Store(str(root))
+    again.open()
+    assert (again.volumes[v.id].formatting, again.volumes[v.id].formatted) == ("xfs", None)
+    await s.mark_format(oid, "xfs", complete=True)
+    assert listing(root / "volumes") == sorted([f"{v.id}.formatted.xfs", f"{v.id}.json"])
+    again = Store(str(root))
+    again.open()
+    assert (again.volumes[v.id].formatting, again.volumes[v.id].formatted) == (None, "xfs")
+    # Deleting the volume removes its markers; a marker without metadata is garbage.
+    await s.drop_volume(oid)
+    assert listing(root / "volumes") == []
+    (root / "volumes" / f"{v.id}.formatted.ext4").touch()
+    removed = Store(str(root)).open()
+    assert removed == [f"volumes/{v.id}.formatted.ext4"]
+
+
+async def test_format_markers_only_name_known_filesystems(tmp_path: Path) -> None:
+    s = Store(str(tmp_path / "pool"))
+    s.open()
+    v = vol("fmt2")
+    await s.put_volume(v)
+    oid = ids.parse(v.id, "v")
+    assert oid is not None
+    with pytest.raises(ValueError, match="bad format marker"):
+        await s.mark_format(oid, "../../etc", complete=True)

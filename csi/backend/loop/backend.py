@@ -229,15 +229,16 @@ class LoopBackend:
             self._compatible(existing, spec)
             return existing
         src = await self._source(spec.source, spec) if spec.source else None
-        scratch, final = self.store.scratch(oid), self.store.volume_image(oid)
+        # The image is built under its final name: until the metadata commits it,
+        # it is garbage that startup removes, never a volume (see store.py).
+        final = self.store.volume_image(oid)
         async with self._reserve(spec.size, f"volume {spec.name!r}"):
             try:
                 if src is None:
-                    await asyncio.to_thread(files.make_image, scratch, spec.size, spec.thick)
+                    await asyncio.to_thread(files.make_image, final, spec.size, spec.thick)
                 else:
-                    await self._copy(src[0], scratch, src[1])
-                    await asyncio.to_thread(files.resize_image, scratch, spec.size, spec.thick)
-                await asyncio.to_thread(files.commit, scratch, final)
+                    await self._copy(src[0], final, src[1])
+                    await asyncio.to_thread(files.resize_image, final, spec.size, spec.thick)
                 vol = Volume(
                     id=str(oid),
                     name=spec.name,
@@ -252,7 +253,7 @@ class LoopBackend:
                 )
                 await self.store.put_volume(vol)
             except BaseException:
-                await asyncio.to_thread(files.discard, scratch, final)
+                await asyncio.to_thread(files.discard, final)
                 raise
         log.info("created volume %s (%d bytes)", vol.id, vol.size)
         return vol
@@ -397,13 +398,22 @@ class LoopBackend:
             raise FailedPrecondition(f"volume {volume_id} is not staged on this node")
         return await self._loop.refresh_capacity(dev.name)
 
+    async def proven_blank(self, volume_id: str) -> bool:
+        oid = self._vid(volume_id)
+        if oid is None or volume_id not in self.store.volumes:
+            return False
+        return await asyncio.to_thread(files.proven_blank, self.store.volume_image(oid))
+
     async def mark_formatted(self, volume_id: str, fs_type: str, *, complete: bool = True) -> None:
-        vol = self.store.volumes.get(volume_id)
-        if vol is None:
+        oid = self._vid(volume_id)
+        vol = self.store.volumes.get(volume_id) if oid else None
+        if oid is None or vol is None:
             raise NotFound(f"volume {volume_id} does not exist")
-        new = replace(vol, formatted=fs_type, formatting=None) if complete else replace(vol, formatting=fs_type)
-        if new != vol:
-            await self.store.put_volume(new)
+        if complete and vol.formatted == fs_type and vol.formatting is None:
+            return
+        if not complete and vol.formatting == fs_type:
+            return
+        await self.store.mark_format(oid, fs_type, complete=complete)
 
     async def pool_stats(self) -> list[PoolStats]:
         st = await asyncio.to_thread(os.statvfs, self.store.root)

@@ -6,7 +6,6 @@ import contextlib
 import errno
 import os
 
-from csi.backend.loop.store import fsync_dir
 from csi.errors import ResourceExhausted
 
 
@@ -59,16 +58,27 @@ def resize_image(path: str, size: int, thick: bool) -> None:
         os.close(fd)
 
 
-def commit(scratch: str, final: str) -> None:
-    """fsync the scratch file, move it to its final name, fsync both directories."""
-    fd = os.open(scratch, os.O_RDONLY | os.O_CLOEXEC)
+def sync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(scratch, final)
-    fsync_dir(os.path.dirname(final))
-    fsync_dir(os.path.dirname(scratch))
+
+
+def proven_blank(path: str) -> bool:
+    """True if the file has no data at all (only holes or unwritten extents),
+    so every byte of it reads as zero: a device on it is blank without a probe."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            return True  # no data from offset 0 to the end
+        raise
+    finally:
+        os.close(fd)
+    return False
 
 
 def discard(*paths: str) -> None:

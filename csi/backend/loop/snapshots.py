@@ -87,7 +87,8 @@ class LoopSnapshots:
             async with self._reserve(need, "snapshots"):
                 async with self._frozen([v for _, _, v in todo]):
                     for sid, _, vol in todo:
-                        await self._copy(self._image(vol), self.store.scratch(sid), vol.size)
+                        # Straight to the final name: without metadata it is garbage, not a snapshot.
+                        await self._copy(self._image(vol), self.store.snapshot_image(sid), vol.size)
                 for sid, name, vol in todo:
                     done[name] = await self._commit(sid, name, vol, group_id)
         return [done[name] for name, _ in pairs]
@@ -99,7 +100,7 @@ class LoopSnapshots:
 
     async def _commit(self, sid: ids.ObjectId, name: str, vol: Volume, group_id: str | None) -> Snapshot:
         try:
-            await asyncio.to_thread(files.commit, self.store.scratch(sid), self.store.snapshot_image(sid))
+            await asyncio.to_thread(files.sync_file, self.store.snapshot_image(sid))
             snap = Snapshot(
                 id=str(sid),
                 name=name,
@@ -112,7 +113,7 @@ class LoopSnapshots:
             )
             await self.store.put_snapshot(snap)
         except BaseException:
-            await asyncio.to_thread(files.discard, self.store.scratch(sid), self.store.snapshot_image(sid))
+            await asyncio.to_thread(files.discard, self.store.snapshot_image(sid))
             raise
         log.info("created snapshot %s of %s", snap.id, vol.id)
         return snap

@@ -1,0 +1,1 @@
+"""elv bench: performance measurements (see csi.bench.main)."""

@@ -1,0 +1,166 @@
+"""Processes and clients for the benchmark: a driver under test (ELV or a peer
+CSI driver) started in a scratch directory, and an async CSI client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from csi.host import loop as loopdev
+from csi.host.mountinfo import MountTable
+from csi.v1 import csi_pb2, csi_pb2_grpc
+
+MiB = 1024 * 1024
+SNW = csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+
+
+def mount_cap(fs: str = "ext4") -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=SNW),
+    )
+
+
+def block_cap() -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=csi_pb2.VolumeCapability.AccessMode(mode=SNW)
+    )
+
+
+class Target:
+    """A CSI driver process under test, with its own scratch directory."""
+
+    def __init__(self, name: str, base: str, argv: list[str], socket_path: str, kubelet: str, pool: str) -> None:
+        self.name = name
+        self.base = base
+        self.argv = argv
+        self.socket = socket_path
+        self.kubelet = kubelet
+        self.pool = pool
+        self.proc: asyncio.subprocess.Process | None = None
+        self.channel: grpc.aio.Channel | None = None
+        self.log_path = os.path.join(base, f"{name}.log")
+
+    @classmethod
+    def elv(cls, base: str, *extra: str) -> Target:
+        sock, kubelet, pool = os.path.join(base, "elv.sock"), os.path.join(base, "kubelet"), os.path.join(base, "pool")
+        argv = [
+            sys.executable, "-m", "csi", "serve", "--loop-dir", pool, "--kubelet-dir", kubelet, "--node-id", "bench",
+            "--endpoint", "unix://" + sock, "--state-dir", os.path.join(base, "run"), "--log-level", "warning",
+            "--max-concurrent-rpcs", "1024", *extra,
+        ]  # fmt: skip
+        return cls("elv", base, argv, sock, kubelet, pool)
+
+    @classmethod
+    def hostpath(cls, base: str, binary: str) -> Target:
+        sock, kubelet, state = (
+            os.path.join(base, "hp.sock"),
+            os.path.join(base, "kubelet"),
+            os.path.join(base, "hpstate"),
+        )
+        argv = [binary, "--endpoint", "unix://" + sock, "--nodeid", "bench", "--drivername", "hostpath.csi.k8s.io",
+                "--statedir", state, "--v", "0"]  # fmt: skip
+        return cls("hostpath", base, argv, sock, kubelet, state)
+
+    async def start(self) -> float:
+        """Start the process; return seconds until the first Probe answered."""
+        os.makedirs(self.kubelet, exist_ok=True)
+        t0 = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(*self.argv, stdout=log, stderr=log)
+        while True:
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
+            if os.path.exists(self.socket):
+                try:
+                    await self.identity.Probe(csi_pb2.ProbeRequest(), timeout=2)
+                    return time.monotonic() - t0
+                except grpc.aio.AioRpcError:
+                    await self.close_channel()
+            await asyncio.sleep(0.005)
+
+    async def close_channel(self) -> None:
+        if self.channel is not None:
+            await self.channel.close(None)
+            self.channel = None
+
+    async def stop(self, sig: int = signal.SIGTERM) -> None:
+        await self.close_channel()
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(sig)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout=60)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        self.proc = None
+
+    def rss_bytes(self) -> int:
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _chan(self) -> grpc.aio.Channel:
+        if self.channel is None:
+            self.channel = grpc.aio.insecure_channel(
+                "unix://" + self.socket, options=[("grpc.max_receive_message_length", 256 * MiB)]
+            )
+        return self.channel
+
+    @property
+    def identity(self) -> csi_pb2_grpc.IdentityAsyncStub:
+        return csi_pb2_grpc.IdentityStub(self._chan())
+
+    @property
+    def controller(self) -> csi_pb2_grpc.ControllerAsyncStub:
+        return csi_pb2_grpc.ControllerStub(self._chan())
+
+    @property
+    def node(self) -> csi_pb2_grpc.NodeAsyncStub:
+        return csi_pb2_grpc.NodeStub(self._chan())
+
+
+@contextlib.contextmanager
+def scratch(prefix: str = "elv-bench-") -> Iterator[str]:
+    base = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    try:
+        yield base
+    finally:
+        cleanup(base)
+        if not MountTable.load().under(os.path.realpath(base)):
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def cleanup(base: str) -> None:
+    """Remove every mount and loop device under ``base`` (after a failure)."""
+    real = os.path.realpath(base)
+    for d in loopdev.scan():
+        if d.backing_file.startswith(real + "/"):
+            subprocess.run(["losetup", "-d", d.path], check=False, capture_output=True)
+    for m in sorted(MountTable.load().under(real), key=lambda m: -len(m.mount_point)):
+        subprocess.run(["umount", "-l", m.mount_point], check=False, capture_output=True)
+    for d in loopdev.scan():
+        if d.backing_file.startswith(real + "/"):
+            subprocess.run(["losetup", "-d", d.path], check=False, capture_output=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank)."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, round(q / 100 * len(s) + 0.5) - 1))
+    return s[k]

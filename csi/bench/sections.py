@@ -1,0 +1,349 @@
+"""The benchmark's measurements. Each returns plain dicts of figures (seconds,
+ratios, bytes), so the caller can print, save and plot them."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from typing import Any
+
+from csi.bench.harness import MiB, Target, block_cap, mount_cap, pct
+from csi.v1 import csi_pb2
+
+_names = itertools.count()
+
+
+def uniq(prefix: str) -> str:
+    return f"{prefix}-{next(_names)}"
+
+
+class Volume:
+    """One volume's life through a driver, timing each RPC."""
+
+    def __init__(self, t: Target, fs: str | None, size: int, times: dict[str, list[float]] | None = None) -> None:
+        self.t = t
+        self.cap = block_cap() if fs is None else mount_cap(fs)
+        self.size = size
+        self.name = uniq("bench")
+        self.vid = ""
+        self.staging = os.path.join(t.kubelet, "st", self.name)
+        self.target = os.path.join(t.kubelet, "pods", self.name, "vol")
+        self.times = times if times is not None else {}
+
+    async def _timed(self, op: str, coro: Any) -> Any:
+        t0 = time.perf_counter()
+        r = await coro
+        self.times.setdefault(op, []).append(time.perf_counter() - t0)
+        return r
+
+    async def create(self, source: csi_pb2.VolumeContentSource | None = None, op: str = "CreateVolume") -> None:
+        req = csi_pb2.CreateVolumeRequest(
+            name=self.name,
+            volume_capabilities=[self.cap],
+            capacity_range=csi_pb2.CapacityRange(required_bytes=self.size),
+        )
+        if source is not None:
+            req.volume_content_source.CopyFrom(source)
+        self.vid = (await self._timed(op, self.t.controller.CreateVolume(req))).volume.volume_id
+
+    async def stage(self, op: str = "NodeStageVolume") -> None:
+        os.makedirs(self.staging, exist_ok=True)
+        await self._timed(op, self.t.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=self.vid, staging_target_path=self.staging, volume_capability=self.cap)))  # fmt: skip
+
+    async def publish(self) -> None:
+        os.makedirs(os.path.dirname(self.target), exist_ok=True)
+        await self._timed("NodePublishVolume", self.t.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id=self.vid, staging_target_path=self.staging, target_path=self.target,
+            volume_capability=self.cap)))  # fmt: skip
+
+    async def unpublish(self) -> None:
+        await self._timed("NodeUnpublishVolume", self.t.node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=self.vid, target_path=self.target)))  # fmt: skip
+
+    async def unstage(self) -> None:
+        await self._timed("NodeUnstageVolume", self.t.node.NodeUnstageVolume(
+            csi_pb2.NodeUnstageVolumeRequest(volume_id=self.vid, staging_target_path=self.staging)))  # fmt: skip
+
+    async def delete(self) -> None:
+        await self._timed(
+            "DeleteVolume", self.t.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=self.vid))
+        )
+
+    async def life(self) -> None:
+        await self.create()
+        await self.stage()
+        await self.publish()
+        await self.unpublish()
+        await self.unstage()
+        await self.delete()
+
+
+def summary(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    return {op: {"p50": pct(v, 50), "p99": pct(v, 99), "n": len(v)} for op, v in times.items()}
+
+
+async def latency(t: Target, n: int) -> dict[str, Any]:
+    """p50/p99 of every RPC in a volume's life, for ext4 and xfs, plus
+    expansion, snapshot and clone (xfs: it grows online without CAP_SYS_RESOURCE)."""
+    out: dict[str, Any] = {}
+    for fs, size in (("ext4", 64 * MiB), ("xfs", 320 * MiB)):
+        times: dict[str, list[float]] = {}
+        for _ in range(n):
+            await Volume(t, fs, size, times).life()
+        out[fs] = summary(times)
+    times = {}
+    for _ in range(n):
+        v = Volume(t, "xfs", 320 * MiB, times)
+        await v.create()
+        await v.stage()
+        await v.publish()
+        with open(os.path.join(v.target, "data"), "wb") as f:
+            f.write(os.urandom(4 * MiB))
+        rng = csi_pb2.CapacityRange(required_bytes=448 * MiB)
+        await v._timed("ControllerExpandVolume", t.controller.ControllerExpandVolume(
+            csi_pb2.ControllerExpandVolumeRequest(volume_id=v.vid, capacity_range=rng)))  # fmt: skip
+        await v._timed("NodeExpandVolume", t.node.NodeExpandVolume(
+            csi_pb2.NodeExpandVolumeRequest(volume_id=v.vid, volume_path=v.target, capacity_range=rng)))  # fmt: skip
+        snap = await v._timed("CreateSnapshot", t.controller.CreateSnapshot(
+            csi_pb2.CreateSnapshotRequest(name=uniq("snap"), source_volume_id=v.vid)))  # fmt: skip
+        clone = Volume(t, "xfs", 448 * MiB, times)
+        src = csi_pb2.VolumeContentSource(snapshot=csi_pb2.VolumeContentSource.SnapshotSource(
+            snapshot_id=snap.snapshot.snapshot_id))  # fmt: skip
+        await clone.create(src, op="CreateVolume (clone)")
+        await clone.delete()
+        await v._timed("DeleteSnapshot", t.controller.DeleteSnapshot(
+            csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot.snapshot_id)))  # fmt: skip
+        await v.unpublish()
+        await v.unstage()
+        await v.delete()
+    out["xfs-extra"] = {k: val for k, val in summary(times).items()
+                        if k in ("ControllerExpandVolume", "NodeExpandVolume", "CreateSnapshot",
+                                 "CreateVolume (clone)", "DeleteSnapshot")}  # fmt: skip
+    return out
+
+
+RAW_LIFE = r"""
+set -e
+f=$1/raw.img st=$1/raw-st tg=$1/raw-tg
+mkdir -p $st $tg
+for i in $(seq $2); do
+  truncate -s 64M $f
+  dev=$(losetup --find --show --direct-io=on $f)
+  mkfs.ext4 -q -m 0 -E nodiscard,lazy_itable_init=1,lazy_journal_init=1 $dev
+  mount $dev $st
+  mount --bind $st $tg
+  umount $tg
+  umount $st
+  losetup -d $dev
+  rm $f
+done
+"""
+
+
+async def overhead(t: Target, n: int) -> dict[str, Any]:
+    """ELV's whole volume life against the raw tools doing the same work from a
+    shell script, interleaved in rounds so both see the same noise."""
+    elv_total = raw_total = 0.0
+    rounds = 5
+    per = max(1, n // rounds)
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(per):
+            await Volume(t, "ext4", 64 * MiB).life()
+        elv_total += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec("bash", "-c", RAW_LIFE, "raw", t.base, str(per))
+        if await proc.wait() != 0:
+            raise RuntimeError("the raw-tools script failed")
+        raw_total += time.perf_counter() - t0
+    lives = per * rounds
+    return {"lives": lives, "elv_s": elv_total / lives, "raw_s": raw_total / lives, "ratio": elv_total / raw_total}
+
+
+async def _create_stage_publish(vols: list[Volume], clients: int) -> tuple[float, list[float]]:
+    todo = iter(vols)
+    lat: list[float] = []
+
+    async def worker() -> None:
+        for v in todo:
+            t0 = time.perf_counter()
+            await v.create()
+            await v.stage()
+            await v.publish()
+            lat.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return time.perf_counter() - t0, lat
+
+
+async def _teardown(vols: list[Volume], parallel: int = 16) -> None:
+    sem = asyncio.Semaphore(parallel)
+
+    async def one(v: Volume) -> None:
+        async with sem:
+            await v.unpublish()
+            await v.unstage()
+            await v.delete()
+
+    await asyncio.gather(*(one(v) for v in vols))
+
+
+async def throughput(t: Target, clients: list[int], per_client: int) -> dict[str, Any]:
+    """Volumes per second through create, stage and publish, with c concurrent clients."""
+    out: dict[str, Any] = {}
+    for c in clients:
+        total = max(per_client * c, 2 * c, 32)
+        vols = [Volume(t, "ext4", 32 * MiB) for _ in range(total)]
+        wall, lat = await _create_stage_publish(vols, c)
+        out[str(c)] = {"volumes": total, "per_second": total / wall, "p50": pct(lat, 50), "p99": pct(lat, 99)}
+        await _teardown(vols)
+    return out
+
+
+async def _fill(t: Target, count: int) -> list[str]:
+    sem = asyncio.Semaphore(32)
+    ids: list[str] = []
+
+    async def one() -> None:
+        async with sem:
+            v = Volume(t, None, MiB)
+            await v.create()
+            ids.append(v.vid)
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    return ids
+
+
+async def scale(t: Target, levels: list[int], sample: int) -> dict[str, Any]:
+    """At each pool size: CreateVolume p99, a full ListVolumes, GetCapacity,
+    restart-to-ready and RSS."""
+    out: dict[str, Any] = {"idle_rss_bytes": t.rss_bytes()}
+    have: list[str] = []
+    for level in levels:
+        have += await _fill(t, level - len(have))
+        lat: list[float] = []
+        extra = [Volume(t, None, MiB) for _ in range(sample)]
+        for v in extra:
+            t0 = time.perf_counter()
+            await v.create()
+            lat.append(time.perf_counter() - t0)
+        for v in extra:
+            await v.delete()
+        t0 = time.perf_counter()
+        listed = await t.controller.ListVolumes(csi_pb2.ListVolumesRequest())
+        list_s = time.perf_counter() - t0
+        assert len(listed.entries) == level, (len(listed.entries), level)
+        t0 = time.perf_counter()
+        await t.controller.GetCapacity(csi_pb2.GetCapacityRequest())
+        cap_s = time.perf_counter() - t0
+        rss = t.rss_bytes()
+        await t.stop(signal.SIGKILL)
+        ready = await t.start()
+        out[str(level)] = {
+            "create_p50": pct(lat, 50), "create_p99": pct(lat, 99), "list_s": list_s, "capacity_s": cap_s,
+            "restart_to_ready_s": ready, "rss_bytes": rss, "rss_after_restart_bytes": t.rss_bytes(),
+        }  # fmt: skip
+    sem = asyncio.Semaphore(32)
+
+    async def drop(vid: str) -> None:
+        async with sem:
+            await t.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid))
+
+    await asyncio.gather(*(drop(v) for v in have))
+    return out
+
+
+FIO_JOBS = {
+    "randread-4k": ["--rw=randread", "--bs=4k", "--iodepth=32"],
+    "randwrite-4k": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+    "read-1m": ["--rw=read", "--bs=1m", "--iodepth=8"],
+    "write-1m": ["--rw=write", "--bs=1m", "--iodepth=8"],
+}
+
+
+def _fio(directory: str, job: list[str], runtime: int) -> dict[str, float]:
+    argv = ["fio", "--name=bench", f"--directory={directory}", "--size=256m", "--direct=1", "--ioengine=libaio",
+            "--time_based", f"--runtime={runtime}", "--ramp_time=1", "--output-format=json", *job]  # fmt: skip
+    r = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=runtime + 120)
+    j = json.loads(r.stdout)["jobs"][0]
+    side = j["read"] if j["read"]["io_bytes"] else j["write"]
+    return {"iops": side["iops"], "bw_bytes": side["bw_bytes"]}
+
+
+async def datapath(t: Target, runtime: int, thick: bool = True) -> dict[str, Any]:
+    """fio on a loop-backed ELV volume against the same job on the pool's own
+    filesystem, alternated per job."""
+    if shutil.which("fio") is None:
+        return {"error": "fio is not installed (apt-get install fio)"}
+    v = Volume(t, "ext4", 1024 * MiB)
+    req_params = {"elv.csi.dev/provisioning": "thick"} if thick else {}
+    req = csi_pb2.CreateVolumeRequest(name=v.name, volume_capabilities=[v.cap], parameters=req_params,
+                                      capacity_range=csi_pb2.CapacityRange(required_bytes=v.size))  # fmt: skip
+    v.vid = (await t.controller.CreateVolume(req)).volume.volume_id
+    await v.stage()
+    await v.publish()
+    raw_dir = os.path.join(t.pool, "fio-raw")
+    os.makedirs(raw_dir, exist_ok=True)
+    out: dict[str, Any] = {"thick": thick}
+    try:
+        for name, job in FIO_JOBS.items():
+            vol = await asyncio.to_thread(_fio, v.target, job, runtime)
+            raw = await asyncio.to_thread(_fio, raw_dir, job, runtime)
+            out[name] = {"volume": vol, "pool_fs": raw, "iops_ratio": vol["iops"] / raw["iops"]}
+    finally:
+        shutil.rmtree(raw_dir, ignore_errors=True)
+        await v.unpublish()
+        await v.unstage()
+        await v.delete()
+    return out
+
+
+async def peer_sequences(t: Target, n: int, clients: int, fs: str | None) -> dict[str, Any]:
+    """The RPC sequences both drivers share, for mount (``fs``) or raw block
+    (None) volumes. The peer does not stage; ELV does, so its NodeStageVolume
+    is timed separately and counted in the throughput sequence."""
+    times: dict[str, list[float]] = {}
+    size = 64 * MiB
+    for _ in range(n):
+        v = Volume(t, fs, size, times)
+        await v.create()
+        if t.name == "elv":
+            await v.stage()
+        await v.publish()
+        snap = await v._timed("CreateSnapshot", t.controller.CreateSnapshot(
+            csi_pb2.CreateSnapshotRequest(name=uniq("ps"), source_volume_id=v.vid)))  # fmt: skip
+        await v._timed("DeleteSnapshot", t.controller.DeleteSnapshot(
+            csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot.snapshot_id)))  # fmt: skip
+        await v.unpublish()
+        if t.name == "elv":
+            await v.unstage()
+        await v.delete()
+    res: dict[str, Any] = {"latency": summary(times)}
+    total = max(32, clients * 2)
+    vols = [Volume(t, fs, size) for _ in range(total)]
+    todo = iter(vols)
+
+    async def worker() -> None:
+        for v in todo:
+            await v.create()
+            if t.name == "elv":
+                await v.stage()
+            await v.publish()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    res["per_second"] = total / (time.perf_counter() - t0)
+    for v in vols:
+        await v.unpublish()
+        if t.name == "elv":
+            await v.unstage()
+        await v.delete()
+    return res

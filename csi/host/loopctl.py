@@ -1,0 +1,110 @@
+"""Loop devices through their ioctls, without a losetup process per call.
+
+Attaching is LOOP_CTL_GET_FREE then LOOP_CONFIGURE (Linux >= 5.8) in one
+step; if another process takes the free device between the two calls the
+kernel answers EBUSY and we ask for the next free one, which is the same
+race losetup handles. Blocking calls: run them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import struct
+import time
+
+LOOP_CLR_FD = 0x4C01
+LOOP_SET_CAPACITY = 0x4C07
+LOOP_CONFIGURE = 0x4C0A
+LOOP_CTL_GET_FREE = 0x4C82
+LO_FLAGS_DIRECT_IO = 16
+#: struct loop_config { u32 fd; u32 block_size; struct loop_info64 info; u64 reserved[8]; }
+_CONFIG = struct.Struct("<II" + "QQQQQ" + "IIII" + "64s64s32s" + "QQ" + "8Q")
+_NODE_WAIT = 5.0
+
+
+def pack_config(fd: int, path: str, direct_io: bool) -> bytes:
+    name = os.fsencode(path)[:63]
+    flags = LO_FLAGS_DIRECT_IO if direct_io else 0
+    return _CONFIG.pack(fd, 0, 0, 0, 0, 0, 0, 0, 0, 0, flags, name, b"", b"", 0, 0, *([0] * 8))
+
+
+def _open_node(path: str) -> int:
+    """Open a device node that devtmpfs is creating; bounded wait, no fixed sleep."""
+    deadline = time.monotonic() + _NODE_WAIT
+    delay = 0.001
+    while True:
+        try:
+            return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
+def attach(backing_file: str, direct_io: bool = True) -> str:
+    """Attach ``backing_file`` to a free loop device; return its name ("loop3")."""
+    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        ffd = os.open(backing_file, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for _ in range(64):
+                n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+                lfd = _open_node(f"/dev/loop{n}")
+                try:
+                    try:
+                        fcntl.ioctl(lfd, LOOP_CONFIGURE, pack_config(ffd, backing_file, direct_io))
+                    except OSError as e:
+                        if e.errno == errno.EBUSY:
+                            continue  # taken by someone else meanwhile: ask again
+                        if e.errno == errno.EINVAL and direct_io:
+                            # The pool filesystem cannot do direct I/O: buffered then.
+                            fcntl.ioctl(lfd, LOOP_CONFIGURE, pack_config(ffd, backing_file, False))
+                        else:
+                            raise
+                    return f"loop{n}"
+                finally:
+                    os.close(lfd)
+            raise OSError(errno.EBUSY, "no free loop device after 64 attempts")
+        finally:
+            os.close(ffd)
+    finally:
+        os.close(ctl)
+
+
+def detach(name: str) -> None:
+    """Detach a loop device; already detached is fine."""
+    try:
+        fd = os.open(f"/dev/{name}", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno in (errno.ENXIO, errno.ENODEV):
+            return  # being torn down: the caller waits for sysfs to agree
+        raise
+    try:
+        fcntl.ioctl(fd, LOOP_CLR_FD, 0)
+    except OSError as e:
+        if e.errno != errno.ENXIO:  # ENXIO: nothing attached
+            raise
+    finally:
+        os.close(fd)
+
+
+def set_capacity(name: str) -> None:
+    fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, LOOP_SET_CAPACITY, 0)
+    finally:
+        os.close(fd)
+
+
+def supported() -> bool:
+    """LOOP_CONFIGURE exists from Linux 5.8."""
+    with contextlib.suppress(ValueError, IndexError):
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+        return (major, minor) >= (5, 8)
+    return False
