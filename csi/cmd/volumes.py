@@ -106,7 +106,12 @@ async def _dispatch(client: Client, args: argparse.Namespace) -> int:
             emit_json(info)
         else:
             for k, val in info.items():
-                print(f"{k + ':':<11} {val if k != 'size' else human(int(val))}")  # type: ignore[call-overload]
+                if isinstance(val, list):
+                    print(f"{k + ':':<11} {len(val) or 'none'}")
+                    for item in val:
+                        print("  - " + ", ".join(f"{ik}={iv}" for ik, iv in item.items()))
+                else:
+                    print(f"{k + ':':<11} {human(int(str(val))) if k == 'size' else val or '-'}")
         return 0
     if args.verb == "delete":
         await call(ep, lambda: client.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid), timeout=300))
