@@ -1,0 +1,212 @@
+"""``kubectl elv``: ELV volumes across the cluster, and the orphans.
+
+Volumes are node-local, so no single API knows them all. This plugin joins
+three views:
+
+* the PersistentVolumes whose CSI driver is ELV (the cluster's view);
+* each node's own inventory, from its driver (``elv volume list --json``),
+  reached by exec into the node's ELV pod, or, for drivers that run as host
+  processes, through a local socket given with ``--endpoint NODE=unix:///...``;
+* each node's usage figures, from the kubelet's stats summary (which the
+  kubelet fills from NodeGetVolumeStats) through the API server's node proxy.
+
+Orphans are volumes no PV points to (leaked: safe to delete once confirmed)
+and PVs whose volume is gone from its node (lost: their pods will not start).
+Uses the kubernetes client (the ``[k8s]`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from csi import DRIVER_NAME
+from csi.cmd.common import human, table
+
+TOPOLOGY_SUFFIX = "/node"
+
+
+@dataclass
+class Row:
+    node: str
+    volume_id: str
+    name: str
+    size: int
+    pv: str = ""
+    pvc: str = ""
+    used: int | None = None
+    condition: str = ""
+    problem: str = ""
+
+
+def pv_node(pv: Mapping[str, Any], driver: str) -> str:
+    """The node a PV's node affinity pins it to (our topology key), if any."""
+    key = f"topology.{driver}{TOPOLOGY_SUFFIX}"
+    terms = (((pv.get("spec") or {}).get("nodeAffinity") or {}).get("required") or {}).get("nodeSelectorTerms") or []
+    for term in terms:
+        for expr in term.get("matchExpressions") or []:
+            if expr.get("key") == key and expr.get("operator") == "In" and expr.get("values"):
+                return str(expr["values"][0])
+    return ""
+
+
+def join(
+    pvs: Iterable[Mapping[str, Any]],
+    inventories: Mapping[str, list[Mapping[str, Any]]],
+    usage: Mapping[str, Mapping[str, int]],
+    driver: str = DRIVER_NAME,
+) -> list[Row]:
+    """Join PVs, per-node inventories and per-PVC usage into rows (pure)."""
+    rows: list[Row] = []
+    by_handle: dict[str, Mapping[str, Any]] = {}
+    for pv in pvs:
+        csi = (pv.get("spec") or {}).get("csi") or {}
+        if csi.get("driver") == driver and csi.get("volumeHandle"):
+            by_handle[str(csi["volumeHandle"])] = pv
+    seen: set[str] = set()
+    for node, vols in sorted(inventories.items()):
+        for v in vols:
+            vid = str(v.get("id", ""))
+            seen.add(vid)
+            row = Row(node, vid, str(v.get("name", "")), int(v.get("size", 0)), condition=str(v.get("condition", "")))
+            found = by_handle.get(vid)
+            if found is None:
+                row.problem = "orphan: no PersistentVolume"
+            else:
+                row.pv = str(found["metadata"]["name"])
+                claim = (found.get("spec") or {}).get("claimRef") or {}
+                if claim:
+                    row.pvc = f"{claim.get('namespace')}/{claim.get('name')}"
+                    row.used = usage.get(node, {}).get(row.pvc)
+                want = pv_node(found, driver)
+                if want and want != node:
+                    row.problem = f"PV says node {want}"
+            rows.append(row)
+    for vid, pv in sorted(by_handle.items()):
+        if vid in seen:
+            continue
+        node = pv_node(pv, driver)
+        claim = (pv.get("spec") or {}).get("claimRef") or {}
+        pvc = f"{claim.get('namespace')}/{claim.get('name')}" if claim else ""
+        size = _quantity(((pv.get("spec") or {}).get("capacity") or {}).get("storage", "0"))
+        known = node in inventories
+        rows.append(Row(node or "?", vid, "", size, str(pv["metadata"]["name"]), pvc,
+                        problem="lost: volume missing on its node" if known else "node not inspected"))  # fmt: skip
+    return rows
+
+
+def usage_from_summary(summary: Mapping[str, Any]) -> dict[str, int]:
+    """PVC ("ns/name") -> used bytes, from a kubelet /stats/summary document."""
+    out: dict[str, int] = {}
+    for pod in summary.get("pods") or []:
+        for vol in pod.get("volume") or []:
+            ref = vol.get("pvcRef")
+            if ref and "usedBytes" in vol:
+                out[f"{ref.get('namespace')}/{ref.get('name')}"] = int(vol["usedBytes"])
+    return out
+
+
+_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def _quantity(q: str) -> int:
+    for suffix, mult in _UNITS.items():
+        if q.endswith(suffix):
+            return int(float(q[: -len(suffix)]) * mult)
+    try:
+        return int(q)
+    except ValueError:
+        return 0
+
+
+# -- talking to the cluster ------------------------------------------------------
+
+
+def _client(kubeconfig: str | None) -> Any:
+    try:
+        from kubernetes import client, config
+    except ImportError:
+        raise SystemExit("kubectl-elv needs the kubernetes client: pip install 'elv[k8s]'") from None
+    config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+    return client
+
+
+def _inventory_via_exec(client: Any, node: str, namespace: str, selector: str, container: str) -> list[Any] | None:
+    from kubernetes.stream import stream
+
+    core = client.CoreV1Api()
+    pods = core.list_namespaced_pod(namespace, label_selector=selector, field_selector=f"spec.nodeName={node}").items
+    if not pods:
+        return None
+    out = stream(core.connect_get_namespaced_pod_exec, pods[0].metadata.name, namespace, container=container,
+                 command=["elv", "volume", "list", "--json", "--endpoint", "unix:///csi/csi.sock"],
+                 stderr=False, stdin=False, stdout=True, tty=False)  # fmt: skip
+    return list(json.loads(out))
+
+
+async def _inventory_via_socket(endpoint: str) -> list[Any]:
+    from csi.client import Client
+    from csi.cmd.common import all_volumes
+    from csi.cmd.volumes import _row
+
+    async with Client(endpoint) as c:
+        return [_row(e) for e in await all_volumes(c)]
+
+
+def collect(args: argparse.Namespace) -> list[Row]:
+    client = _client(args.kubeconfig)
+    core = client.CoreV1Api()
+    api = client.ApiClient()
+    pvs = [api.sanitize_for_serialization(pv) for pv in core.list_persistent_volume().items]
+    endpoints = dict(e.split("=", 1) for e in args.endpoint)
+    nodes = [n.metadata.name for n in core.list_node().items]
+    inventories: dict[str, list[Any]] = {}
+    usage: dict[str, dict[str, int]] = {}
+    for node in nodes:
+        inv: list[Any] | None
+        if node in endpoints:
+            inv = asyncio.run(_inventory_via_socket(endpoints[node]))
+        else:
+            inv = _inventory_via_exec(client, node, args.namespace, args.selector, args.container)
+        if inv is not None:
+            inventories[node] = inv
+        try:
+            raw = core.connect_get_node_proxy_with_path(node, "stats/summary", _preload_content=False).data
+            usage[node] = usage_from_summary(json.loads(raw))
+        except Exception as e:  # a node without a reachable kubelet: usage unknown
+            print(f"kubectl-elv: no usage from node {node}: {e}", file=sys.stderr)
+    return join(pvs, inventories, usage, args.driver)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kubectl elv", description="ELV volumes across the cluster")
+    p.add_argument("what", nargs="?", choices=["volumes", "orphans"], default="volumes")
+    p.add_argument("--kubeconfig", default=None)
+    p.add_argument("--driver", default=DRIVER_NAME)
+    p.add_argument("--namespace", default="kube-system", help="namespace of the ELV DaemonSet")
+    p.add_argument("--selector", default="app.kubernetes.io/name=elv", help="label selector of its pods")
+    p.add_argument("--container", default="elv")
+    p.add_argument("--endpoint", action="append", default=[], metavar="NODE=unix:///path",
+                   help="a node whose driver runs as a host process: ask its socket directly")  # fmt: skip
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    args = p.parse_args(argv)
+    rows = collect(args)
+    if args.what == "orphans":
+        rows = [r for r in rows if r.problem]
+    if args.output == "json":
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        return 0
+    print(table([[r.node, r.pvc or "-", r.pv or "-", r.name or "-", human(r.size),
+                  human(r.used) if r.used is not None else "-", r.condition or "-", r.problem or "", r.volume_id]
+                 for r in rows],
+                ["NODE", "PVC", "PV", "NAME", "SIZE", "USED", "CONDITION", "PROBLEM", "VOLUME"]))  # fmt: skip
+    return 1 if args.what == "orphans" and rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
