@@ -204,7 +204,9 @@ class Backend(Protocol):
         """Record durably that the volume carries this filesystem; with
         ``complete=False``, record that mkfs is about to start (the intent)."""
 
-    async def health(self, volume_id: str) -> Health: ...
+    async def health(self, volume_id: str, *, node: bool = True) -> Health:
+        """The volume's condition. ``node=False`` is the controller's view (is the
+        data there?); ``node=True`` also checks the node side (is the device up?)."""
 
     async def pool_stats(self) -> list[PoolStats]:
         """Size, use and promisable space of each pool (cheap; called every few seconds)."""

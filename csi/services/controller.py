@@ -167,11 +167,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
 
     async def _status(self, volume_id: str) -> csi_pb2.ListVolumesResponse.VolumeStatus:
-        h = await self._backend.health(volume_id)
-        # Controller view: a volume that is simply not staged is healthy.
-        abnormal = h.abnormal and "not attached" not in h.message
+        # The controller's view: is the data there? (Not staged is healthy.)
+        h = await self._backend.health(volume_id, node=False)
         return csi_pb2.ListVolumesResponse.VolumeStatus(
-            volume_condition=csi_pb2.VolumeCondition(abnormal=abnormal, message=h.message if abnormal else "ok")
+            volume_condition=csi_pb2.VolumeCondition(abnormal=h.abnormal, message=h.message if h.abnormal else "ok")
         )
 
     async def ListVolumes(self, request: csi_pb2.ListVolumesRequest, context: Context) -> csi_pb2.ListVolumesResponse:

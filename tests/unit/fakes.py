@@ -317,8 +317,8 @@ class FakeBackend(Recorder):
         else:
             self.volumes[volume_id] = replace(vol, formatting=fs_type)
 
-    async def health(self, volume_id: str) -> Health:
-        self._record("health", volume_id)
+    async def health(self, volume_id: str, *, node: bool = True) -> Health:
+        self._record("health", volume_id, node)
         return self.health_of.get(volume_id, Health(False, "ok"))
 
     async def pool_stats(self) -> list[Any]:

@@ -29,6 +29,7 @@ from csi.backend.base import (
     VolumeSpec,
 )
 from csi.backend.loop import files
+from csi.backend.loop.alloc import Allocation
 from csi.backend.loop.snapshots import LoopSnapshots
 from csi.backend.loop.store import Store
 from csi.errors import (
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 POOL = "loop"
 PROVISIONING = "elv.csi.dev/provisioning"
-_CAPACITY_TTL = 1.0
 
 
 class LoopBackend:
@@ -78,9 +78,9 @@ class LoopBackend:
         self._sys_block = sys_block
         self._ratio = overprovision_ratio
         self._reserved = 0  # bytes promised to creates still in progress
-        self._alloc_cache: tuple[float, int, int] | None = None
+        self.alloc = Allocation(self.store.volumes_dir, self.store.snapshots_dir)
         self._ready = False
-        self.snaps = LoopSnapshots(self.store, POOL, self._fs, self._copy, self._reserve, sys_block)
+        self.snaps = LoopSnapshots(self.store, POOL, self._fs, self._copy, self._reserve, sys_block, self.alloc)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -89,6 +89,7 @@ class LoopBackend:
         removed = await asyncio.to_thread(self.store.open)
         for r in removed:
             log.warning("recovery: removed unfinished %s", r)
+        await asyncio.to_thread(self.alloc.scan)
         self._ready = True
         log.info(
             "loop pool %s: %d volumes, %d snapshots",
@@ -124,14 +125,7 @@ class LoopBackend:
     # -- capacity -----------------------------------------------------------------
 
     async def _allocated(self) -> tuple[int, int]:
-        now = time.monotonic()
-        c = self._alloc_cache
-        if c is None or now - c[0] > _CAPACITY_TTL:
-            vol, snap = await asyncio.to_thread(
-                lambda: (files.allocated_bytes(self.store.volumes_dir), files.allocated_bytes(self.store.snapshots_dir))
-            )
-            self._alloc_cache = c = (now, vol, snap)
-        return c[1], c[2]
+        return await self.alloc.totals()
 
     async def _promisable(self) -> int:
         """Bytes that can still be promised to new (sparse) volumes.
@@ -168,7 +162,6 @@ class LoopBackend:
             yield
         finally:
             self._reserved -= size
-            self._alloc_cache = None
 
     # -- volumes ------------------------------------------------------------------
 
@@ -255,6 +248,7 @@ class LoopBackend:
             except BaseException:
                 await asyncio.to_thread(files.discard, final)
                 raise
+        await self.alloc.track(final)
         log.info("created volume %s (%d bytes)", vol.id, vol.size)
         return vol
 
@@ -284,7 +278,7 @@ class LoopBackend:
         if volume_id not in self.store.volumes and not os.path.exists(image):
             return
         await self.store.drop_volume(oid)
-        self._alloc_cache = None
+        self.alloc.forget(image)
         log.info("deleted volume %s", volume_id)
 
     async def expand_volume(self, volume_id: str, size: int) -> Volume:
@@ -296,6 +290,7 @@ class LoopBackend:
             return vol
         async with self._reserve(size - vol.size, f"growing volume {volume_id}"):
             await asyncio.to_thread(files.resize_image, self.store.volume_image(oid), size, vol.thick)
+            await self.alloc.track(self.store.volume_image(oid))
             grown = replace(vol, size=size)
             await self.store.put_volume(grown)
         log.info("expanded volume %s to %d bytes", volume_id, size)
@@ -332,6 +327,7 @@ class LoopBackend:
                 if vol.size - allocated > st.f_bavail * st.f_frsize:
                     raise ResourceExhausted(f"the loop pool has no room to make volume {volume_id} thick")
                 await asyncio.to_thread(files.resize_image, self.store.volume_image(oid), vol.size, True)
+            await self.alloc.track(self.store.volume_image(oid))
         # thick -> thin keeps the blocks; it only stops promising them.
         vol = replace(vol, thick=want == "thick")
         await self.store.put_volume(vol)
@@ -351,14 +347,12 @@ class LoopBackend:
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         await self.snaps.delete(snapshot_id)
-        self._alloc_cache = None
 
     async def create_group_snapshot(self, name: str, volume_ids: list[str]) -> GroupSnapshot:
         return await self.snaps.create_group(name, volume_ids)
 
     async def delete_group_snapshot(self, group_id: str) -> None:
         await self.snaps.delete_group(group_id)
-        self._alloc_cache = None
 
     async def get_group_snapshot(self, group_id: str) -> GroupSnapshot | None:
         return await self.snaps.get_group(group_id)
@@ -429,14 +423,14 @@ class LoopBackend:
             )
         ]
 
-    async def health(self, volume_id: str) -> Health:
+    async def health(self, volume_id: str, *, node: bool = True) -> Health:
         oid = self._vid(volume_id)
         if oid is None or volume_id not in self.store.volumes:
             return Health(True, "the volume's metadata is missing")
         image = self.store.volume_image(oid)
         if not os.path.exists(image):
             return Health(True, "the volume's backing file is missing")
-        if not loopdev.find(image, self._sys_block):
+        if node and not loopdev.find(image, self._sys_block):
             return Health(True, "the volume's loop device is not attached")
         return Health(False, "ok")
 

@@ -21,6 +21,7 @@ from typing import Any
 from csi import ids
 from csi.backend.base import AccessType, GroupSnapshot, Snapshot, Volume
 from csi.backend.loop import files
+from csi.backend.loop.alloc import Allocation
 from csi.backend.loop.store import Store, atomic_write_json
 from csi.errors import AlreadyExists, CommandError, NotFound
 from csi.host import loop as loopdev
@@ -40,7 +41,10 @@ def member_name(group_name: str, volume_id: str) -> str:
 
 
 class LoopSnapshots:
-    def __init__(self, store: Store, pool: str, fs: FsTool, copy: Copier, reserve: Reserver, sys_block: str) -> None:
+    def __init__(
+        self, store: Store, pool: str, fs: FsTool, copy: Copier, reserve: Reserver, sys_block: str, alloc: Allocation
+    ) -> None:
+        self._alloc = alloc
         self.store = store
         self.pool = pool
         self._fs = fs
@@ -112,6 +116,7 @@ class LoopSnapshots:
                 fs_type=vol.formatted,  # what is really on the copied data
             )
             await self.store.put_snapshot(snap)
+            await self._alloc.track(self.store.snapshot_image(sid))
         except BaseException:
             await asyncio.to_thread(files.discard, self.store.snapshot_image(sid))
             raise
@@ -166,6 +171,7 @@ class LoopSnapshots:
         sid = self._sid(snapshot_id)
         if sid is not None:
             await self.store.drop_snapshot(sid)
+            self._alloc.forget(self.store.snapshot_image(sid))
 
     # -- groups -------------------------------------------------------------------
 
