@@ -308,42 +308,27 @@ async def datapath(t: Target, runtime: int, thick: bool = True) -> dict[str, Any
 
 async def peer_sequences(t: Target, n: int, clients: int, fs: str | None) -> dict[str, Any]:
     """The RPC sequences both drivers share, for mount (``fs``) or raw block
-    (None) volumes. The peer does not stage; ELV does, so its NodeStageVolume
-    is timed separately and counted in the throughput sequence."""
+    (None) volumes: create, stage, publish, snapshot, unpublish, unstage,
+    delete, and create+stage+publish throughput. (The peer's mount volumes
+    are plain directories, so its stage has no mkfs to do.)"""
     times: dict[str, list[float]] = {}
     size = 64 * MiB
     for _ in range(n):
         v = Volume(t, fs, size, times)
         await v.create()
-        if t.name == "elv":
-            await v.stage()
+        await v.stage()
         await v.publish()
         snap = await v._timed("CreateSnapshot", t.controller.CreateSnapshot(
             csi_pb2.CreateSnapshotRequest(name=uniq("ps"), source_volume_id=v.vid)))  # fmt: skip
         await v._timed("DeleteSnapshot", t.controller.DeleteSnapshot(
             csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot.snapshot_id)))  # fmt: skip
         await v.unpublish()
-        if t.name == "elv":
-            await v.unstage()
+        await v.unstage()
         await v.delete()
     res: dict[str, Any] = {"latency": summary(times)}
     total = max(32, clients * 2)
     vols = [Volume(t, fs, size) for _ in range(total)]
-    todo = iter(vols)
-
-    async def worker() -> None:
-        for v in todo:
-            await v.create()
-            if t.name == "elv":
-                await v.stage()
-            await v.publish()
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    res["per_second"] = total / (time.perf_counter() - t0)
-    for v in vols:
-        await v.unpublish()
-        if t.name == "elv":
-            await v.unstage()
-        await v.delete()
+    wall, _ = await _create_stage_publish(vols, clients)
+    res["per_second"] = total / wall
+    await _teardown(vols)
     return res
