@@ -46,6 +46,7 @@ SNAPSHOT_KEYS = frozenset(
 VALUES: dict[str, frozenset[str]] = {
     FSTYPE_KEY: frozenset(SUPPORTED_FS),
     "elv.csi.dev/provisioning": frozenset({"thin", "thick"}),
+    "elv.csi.dev/block-size": frozenset({"512", "4096"}),
     # The lvm backend's layout keys (csi.backend.lvm.params); the device class
     # is checked there, against the configured names.
     "elv.csi.dev/lvm-type": frozenset({"linear", "striped", "raid1"}),

@@ -57,6 +57,8 @@ class Volume:
     formatting: str | None = None
     #: ControllerPublishVolume records: node ID -> readonly.
     attachments: Mapping[str, bool] = field(default_factory=dict)
+    #: The device's logical block size, where the backend chooses it (loop).
+    block_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Snapshot:
     group_id: str | None = None
     access: AccessType = AccessType.MOUNT
     fs_type: str | None = None
+    block_size: int | None = None
 
 
 @dataclass(frozen=True)

@@ -120,23 +120,26 @@ class LoopTool:
         # same device and all but one then retry on EBUSY.
         self._attaching = asyncio.Lock()
 
-    async def attach(self, backing_file: str) -> LoopDevice:
-        """Attach the file, or return the device it is already attached to."""
+    async def attach(self, backing_file: str, block_size: int = 0) -> LoopDevice:
+        """Attach the file, or return the device it is already attached to.
+        ``block_size`` is the device's logical block size (0: the kernel's 512)."""
         existing = find(backing_file, self._sys_block)
         if existing:
             return existing[0]
         async with self._attaching:
             if self._ioctl:
-                name = await asyncio.to_thread(loopctl.attach, backing_file, self._direct_io)
+                name = await asyncio.to_thread(loopctl.attach, backing_file, self._direct_io, block_size)
             else:
-                name = await self._losetup_attach(backing_file)
+                name = await self._losetup_attach(backing_file, block_size)
         found = [d for d in find(backing_file, self._sys_block) if d.name == name]
         if not found:
             raise Internal(f"/dev/{name} is not attached to the volume's backing file after attaching")
         return found[0]
 
-    async def _losetup_attach(self, backing_file: str) -> str:
+    async def _losetup_attach(self, backing_file: str, block_size: int = 0) -> str:
         argv = ["losetup", "--find", "--show", "--nooverlap"]
+        if block_size:
+            argv.append(f"--sector-size={block_size}")
         if self._direct_io:
             # Direct I/O skips the double page cache (pool fs + volume fs).
             argv.append("--direct-io=on")

@@ -25,10 +25,11 @@ _CONFIG = struct.Struct("<II" + "QQQQQ" + "IIII" + "64s64s32s" + "QQ" + "8Q")
 _NODE_WAIT = 5.0
 
 
-def pack_config(fd: int, path: str, direct_io: bool) -> bytes:
+def pack_config(fd: int, path: str, direct_io: bool, block_size: int = 0) -> bytes:
+    """``block_size`` 0 keeps the kernel's default (512)."""
     name = os.fsencode(path)[:63]
     flags = LO_FLAGS_DIRECT_IO if direct_io else 0
-    return _CONFIG.pack(fd, 0, 0, 0, 0, 0, 0, 0, 0, 0, flags, name, b"", b"", 0, 0, *([0] * 8))
+    return _CONFIG.pack(fd, block_size, 0, 0, 0, 0, 0, 0, 0, 0, flags, name, b"", b"", 0, 0, *([0] * 8))
 
 
 def _open_node(path: str) -> int:
@@ -45,7 +46,7 @@ def _open_node(path: str) -> int:
             delay = min(delay * 2, 0.05)
 
 
-def attach(backing_file: str, direct_io: bool = True) -> str:
+def attach(backing_file: str, direct_io: bool = True, block_size: int = 0) -> str:
     """Attach ``backing_file`` to a free loop device; return its name ("loop3")."""
     ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
     try:
@@ -56,13 +57,13 @@ def attach(backing_file: str, direct_io: bool = True) -> str:
                 lfd = _open_node(f"/dev/loop{n}")
                 try:
                     try:
-                        fcntl.ioctl(lfd, LOOP_CONFIGURE, pack_config(ffd, backing_file, direct_io))
+                        fcntl.ioctl(lfd, LOOP_CONFIGURE, pack_config(ffd, backing_file, direct_io, block_size))
                     except OSError as e:
                         if e.errno == errno.EBUSY:
                             continue  # taken by someone else meanwhile: ask again
                         if e.errno == errno.EINVAL and direct_io:
                             # The pool filesystem cannot do direct I/O: buffered then.
-                            fcntl.ioctl(lfd, LOOP_CONFIGURE, pack_config(ffd, backing_file, False))
+                            fcntl.ioctl(lfd, LOOP_CONFIGURE, pack_config(ffd, backing_file, False, block_size))
                         else:
                             raise
                     return f"loop{n}"

@@ -245,3 +245,38 @@ def test_thick_volume_is_allocated(driver: Driver) -> None:
     # mkfs ran with nodiscard: the reservation is still there.
     assert os.stat(image(driver, vid)).st_blocks * 512 >= 32 * MiB
     driver.delete(vid)
+
+
+def test_block_size_parameter(driver: Driver) -> None:
+    def logical(vid: str) -> int:
+        name = loops_of(driver, vid)[0].rsplit("/", 1)[1]
+        with open(f"/sys/block/{name}/queue/logical_block_size") as f:
+            return int(f.read())
+
+    sizes = {}
+    for name, params in (("bs-default", {}), ("bs-512", {"elv.csi.dev/block-size": "512"})):
+        vid = driver.create(name, 320 * MiB, mount_cap("xfs"), parameters=params)
+        staging = driver.path("st", name)
+        driver.stage(vid, staging, mount_cap("xfs"))
+        sizes[name] = logical(vid)
+        with open(os.path.join(staging, "f"), "w") as f:
+            f.write(name)
+        driver.unstage(vid, staging)
+        # A clone keeps its source's block size (xfs would not mount otherwise) ...
+        src = csi_pb2.VolumeContentSource(volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=vid))
+        clone = driver.create(name + "-clone", 320 * MiB, mount_cap("xfs"), volume_content_source=src)
+        cst = driver.path("st", name + "-clone")
+        driver.stage(clone, cst, mount_cap("xfs"))
+        assert logical(clone) == sizes[name]
+        with open(os.path.join(cst, "f")) as f:
+            assert f.read() == name
+        driver.unstage(clone, cst)
+        driver.delete(clone)
+        # ... and asking for another one is refused.
+        other = "512" if sizes[name] == 4096 else "4096"
+        req = csi_pb2.CreateVolumeRequest(name=name + "-x", volume_capabilities=[mount_cap("xfs")], volume_content_source=src,
+                                          parameters={"elv.csi.dev/block-size": other},
+                                          capacity_range=csi_pb2.CapacityRange(required_bytes=320 * MiB))  # fmt: skip
+        assert code_of(driver.controller.CreateVolume, req) == grpc.StatusCode.FAILED_PRECONDITION
+        driver.delete(vid)
+    assert sizes == {"bs-default": 4096, "bs-512": 512}

@@ -51,11 +51,18 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 POOL = "loop"
 PROVISIONING = "elv.csi.dev/provisioning"
+BLOCK_SIZE = "elv.csi.dev/block-size"
+#: New volumes' logical block size. 4 KiB matches the filesystems' block size and
+#: measured faster through the loop driver (fio 4k randwrite 0.64 -> 0.73 of the
+#: pool's own IOPS). A volume keeps its block size for life: xfs records its
+#: sector size and will not mount on a device with a larger one.
+DEFAULT_BLOCK_SIZE = 4096
+LEGACY_BLOCK_SIZE = 512
 
 
 class LoopBackend:
     kind = "loop"
-    parameter_keys = frozenset({PROVISIONING})
+    parameter_keys = frozenset({PROVISIONING, BLOCK_SIZE})
     mutable_keys = frozenset({PROVISIONING})
     granularity = MiB
     min_size = MiB
@@ -188,22 +195,26 @@ class LoopBackend:
         if diffs:
             raise AlreadyExists(f"volume {spec.name!r} already exists with a different " + ", ".join(diffs))
 
-    async def _source(self, src: Source, spec: VolumeSpec) -> tuple[str, int, str | None]:
-        """(image path, size, filesystem actually on it) of a content source."""
+    async def _source(self, src: Source, spec: VolumeSpec) -> tuple[str, int, str | None, int]:
+        """(image path, size, filesystem actually on it, block size) of a content source."""
         if src.kind == "snapshot":
             sid = self._sid(src.id)
             snap = self.store.snapshots.get(src.id) if sid else None
             if sid is None or snap is None:
                 raise NotFound(f"source snapshot {src.id} does not exist")
             access, formatted, path, size = snap.access, snap.fs_type, self.store.snapshot_image(sid), snap.size
-            intended = snap.fs_type
+            intended, block = snap.fs_type, snap.block_size
         else:
             vid = self._vid(src.id)
             vol = self.store.volumes.get(src.id) if vid else None
             if vid is None or vol is None:
                 raise NotFound(f"source volume {src.id} does not exist")
             access, formatted, path, size = vol.access, vol.formatted, self.store.volume_image(vid), vol.size
-            intended = vol.fs_type
+            intended, block = vol.fs_type, vol.block_size
+        block = block or LEGACY_BLOCK_SIZE
+        asked = spec.parameters.get(BLOCK_SIZE)
+        if asked and int(asked) != block:
+            raise FailedPrecondition(f"the source has {block}-byte blocks; a copy of it cannot have {asked}")
         if access != spec.access:
             raise FailedPrecondition(
                 f"the source is a {access.value} volume; the new volume must be {access.value} too"
@@ -213,7 +224,7 @@ class LoopBackend:
             raise FailedPrecondition(f"the source holds {fs}; a clone of it cannot be {spec.fs_type}")
         if spec.size < size:
             raise OutOfRange(f"the new volume ({spec.size} bytes) is smaller than its source ({size} bytes)")
-        return path, size, formatted
+        return path, size, formatted, block
 
     async def create_volume(self, spec: VolumeSpec) -> Volume:
         oid = ids.make("v", POOL, spec.name)
@@ -243,6 +254,7 @@ class LoopBackend:
                     parameters=dict(spec.parameters),
                     created_ns=time.time_ns(),
                     formatted=src[2] if src else None,
+                    block_size=src[3] if src else int(spec.parameters.get(BLOCK_SIZE, DEFAULT_BLOCK_SIZE)),
                 )
                 await self.store.put_volume(vol)
             except BaseException:
@@ -369,7 +381,8 @@ class LoopBackend:
         image = self._image(volume_id)
         if not os.path.exists(image):
             raise FailedPrecondition(f"the backing file of volume {volume_id} is missing")
-        dev = await self._loop.attach(image)
+        vol = self.store.volumes[volume_id]
+        dev = await self._loop.attach(image, vol.block_size or LEGACY_BLOCK_SIZE)
         return _device(dev.name)
 
     async def detach(self, volume_id: str) -> None:

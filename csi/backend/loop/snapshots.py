@@ -114,6 +114,7 @@ class LoopSnapshots:
                 group_id=group_id,
                 access=vol.access,
                 fs_type=vol.formatted,  # what is really on the copied data
+                block_size=vol.block_size,
             )
             await self.store.put_snapshot(snap)
             await self._alloc.track(self.store.snapshot_image(sid))

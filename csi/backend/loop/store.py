@@ -119,6 +119,7 @@ def volume_to_json(v: Volume) -> dict[str, Any]:
         "formatted": v.formatted,
         "formatting": v.formatting,
         "attachments": dict(v.attachments),
+        "block_size": v.block_size,
     }
 
 
@@ -137,6 +138,7 @@ def volume_from_json(d: Mapping[str, Any]) -> Volume:
         formatted=d.get("formatted"),
         formatting=d.get("formatting"),
         attachments={str(k): bool(x) for k, x in (d.get("attachments") or {}).items()},
+        block_size=d.get("block_size"),
     )
 
 
@@ -151,6 +153,7 @@ def snapshot_to_json(s: Snapshot) -> dict[str, Any]:
         "group_id": s.group_id,
         "access": s.access.value,
         "fs_type": s.fs_type,
+        "block_size": s.block_size,
     }
 
 
@@ -165,6 +168,7 @@ def snapshot_from_json(d: Mapping[str, Any]) -> Snapshot:
         group_id=d.get("group_id"),
         access=AccessType(d.get("access", "mount")),
         fs_type=d.get("fs_type"),
+        block_size=d.get("block_size"),
     )
 
 
