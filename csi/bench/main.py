@@ -75,7 +75,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if "throughput" in want:
                 res["throughput"] = await sections.throughput(elv, [1, 4, 16, 64], 2 if q else 4)
             if "datapath" in want:
-                res["datapath"] = await sections.datapath(elv, 2 if q else 8)
+                res["datapath"] = await sections.datapath(elv, 2 if q else 5, rounds=1 if q else 3)
             if "scale" in want:
                 res["scale"] = await sections.scale(elv, levels, 20 if q else 100)
             if "peer" in want:

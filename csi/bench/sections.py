@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import time
 from typing import Any
@@ -278,9 +279,10 @@ def _fio(directory: str, job: list[str], runtime: int) -> dict[str, float]:
     return {"iops": side["iops"], "bw_bytes": side["bw_bytes"]}
 
 
-async def datapath(t: Target, runtime: int, thick: bool = True) -> dict[str, Any]:
+async def datapath(t: Target, runtime: int, rounds: int = 3, thick: bool = True) -> dict[str, Any]:
     """fio on a loop-backed ELV volume against the same job on the pool's own
-    filesystem, alternated per job."""
+    filesystem, alternated job by job for ``rounds`` rounds (medians), so
+    both sides see the same noise."""
     if shutil.which("fio") is None:
         return {"error": "fio is not installed (apt-get install fio)"}
     v = Volume(t, "ext4", 1024 * MiB)
@@ -292,11 +294,17 @@ async def datapath(t: Target, runtime: int, thick: bool = True) -> dict[str, Any
     await v.publish()
     raw_dir = os.path.join(t.pool, "fio-raw")
     os.makedirs(raw_dir, exist_ok=True)
-    out: dict[str, Any] = {"thick": thick}
+    out: dict[str, Any] = {"thick": thick, "rounds": rounds}
     try:
-        for name, job in FIO_JOBS.items():
-            vol = await asyncio.to_thread(_fio, v.target, job, runtime)
-            raw = await asyncio.to_thread(_fio, raw_dir, job, runtime)
+        samples: dict[str, dict[str, list[dict[str, float]]]] = {}
+        for _ in range(rounds):
+            for name, job in FIO_JOBS.items():
+                s = samples.setdefault(name, {"volume": [], "pool_fs": []})
+                s["volume"].append(await asyncio.to_thread(_fio, v.target, job, runtime))
+                s["pool_fs"].append(await asyncio.to_thread(_fio, raw_dir, job, runtime))
+        for name, s in samples.items():
+            vol = {k: statistics.median(x[k] for x in s["volume"]) for k in ("iops", "bw_bytes")}
+            raw = {k: statistics.median(x[k] for x in s["pool_fs"]) for k in ("iops", "bw_bytes")}
             out[name] = {"volume": vol, "pool_fs": raw, "iops_ratio": vol["iops"] / raw["iops"]}
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
