@@ -136,7 +136,7 @@ f=$1/raw.img st=$1/raw-st tg=$1/raw-tg
 mkdir -p $st $tg
 for i in $(seq $2); do
   truncate -s 64M $f
-  dev=$(losetup --find --show --direct-io=on $f)
+  dev=$(losetup --find --show --direct-io=on --sector-size 4096 $f)
   mkfs.ext4 -q -m 0 -E nodiscard,lazy_itable_init=1,lazy_journal_init=1 $dev
   mount $dev $st
   mount --bind $st $tg
