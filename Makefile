@@ -1,10 +1,10 @@
 # ELV: the two commands a fresh machine needs are `make run` and `make test`.
-.PHONY: run test setup tools proto lint sanity demo clean
+.PHONY: run test setup tools k8s-tools proto lint sanity k8s-test e2e bench clean
 
 run: setup
 	.venv/bin/python -m csi demo
 
-test: setup tools
+test: setup tools k8s-tools
 	scripts/test
 
 setup:
@@ -12,6 +12,10 @@ setup:
 
 tools:
 	scripts/tools
+
+k8s-tools:
+	scripts/setup-k8s
+	scripts/k8s-tools
 
 proto: setup
 	scripts/gen-proto
@@ -24,5 +28,15 @@ lint: setup
 sanity: setup tools
 	.venv/bin/python -m pytest -q -s tests/conformance/test_sanity.py
 
+k8s-test: setup k8s-tools
+	.venv/bin/python -m pytest -q -s tests/deploy tests/k8s
+
+e2e: setup k8s-tools
+	scripts/k8s-tools e2e
+	ELV_E2E=1 .venv/bin/python -m pytest -q -s tests/k8s
+
+bench: setup
+	.venv/bin/python -m csi bench
+
 clean:
-	rm -rf ci-out .mypy_cache .ruff_cache
+	rm -rf ci-out bench-out .mypy_cache .ruff_cache

@@ -37,6 +37,8 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                      help="device selector to build or extend the VG from empty disks")  # fmt: skip
     p.add_argument("--overprovision-ratio", type=float, default=1.0,
                    help="sparse volumes may promise this many times the pool's space (default 1.0: never)")  # fmt: skip
+    p.add_argument("--node-expansion-only", action="store_true",
+                   help="grow volumes in NodeExpandVolume only (the per-node DaemonSet sets this)")  # fmt: skip
     p.add_argument("--max-volumes-per-node", type=int, default=0, help="reported to the scheduler; 0 = no limit")
     p.add_argument("--socket-group", default=None, help="group allowed to use the socket (mode 0660)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
@@ -95,6 +97,7 @@ def config_from(args: argparse.Namespace) -> Config:
         kubelet_dir=os.path.abspath(args.kubelet_dir),
         overprovision_ratio=args.overprovision_ratio,
         max_volumes_per_node=args.max_volumes_per_node,
+        node_expansion_only=args.node_expansion_only,
         socket_group=args.socket_group,
         log_level=args.log_level,
         log_format=args.log_format,

@@ -37,6 +37,10 @@ class Config:
     kubelet_dir: str = "/var/lib/kubelet"
     #: Sparse volumes may promise this many times the pool's space (1.0 = never overcommit).
     overprovision_ratio: float = 1.0
+    #: Leave expansion to NodeExpandVolume (no controller EXPAND_VOLUME), for the
+    #: per-node DaemonSet: a resizer on every node would otherwise call
+    #: ControllerExpandVolume on drivers that do not hold the volume.
+    node_expansion_only: bool = False
     #: Reported by NodeGetInfo; 0 means no limit.
     max_volumes_per_node: int = 0
     #: Group allowed on the socket (mode 0660); None keeps it 0600.

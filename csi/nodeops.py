@@ -32,7 +32,7 @@ from csi.host import syscalls
 from csi.host.fs import DEFAULT_FS, FsTool, device_size, read_fs_size
 from csi.host.mountinfo import Mount, MountTable
 from csi.host.paths import PathGuard
-from csi.validate import Capability, Mode
+from csi.validate import Capability, Mode, round_up
 
 log = logging.getLogger(__name__)
 
@@ -397,10 +397,17 @@ class NodeOps:
         return Stats(False, total, avail, used, st.f_files, st.f_ffree, st.f_files - st.f_ffree, health)
 
     async def expand(self, volume_id: str, path: str, required: int) -> int:
+        """Grow the volume (if asked for more than it has), its device, then its
+        filesystem. Growing the volume here serves node-only expansion (see
+        ``elv serve --node-expansion-only``): the volume lives on this node, so
+        the node is where it can grow."""
         vol, dev, top = await self._where(volume_id, path)
+        if required > vol.size:
+            want = round_up(required, self.backend.granularity)
+            vol = await self.backend.expand_volume(volume_id, want)
         size = await self.backend.refresh_device(volume_id)
         if required and size < required:
-            raise OutOfRange(f"the volume is {size} bytes; expand it with ControllerExpandVolume first")
+            raise OutOfRange(f"the device shows {size} bytes after growing to {vol.size}; retry")
         if vol.access == AccessType.MOUNT and top.fstype != "devtmpfs":
             fs_type = vol.formatted or vol.fs_type or DEFAULT_FS
             await self._grow_if_smaller(fs_type, dev, top.mount_point)

@@ -213,8 +213,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     async def ControllerGetCapabilities(
         self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: Context
     ) -> csi_pb2.ControllerGetCapabilitiesResponse:
+        caps = [t for t in CAPABILITIES if not (t == RPC.EXPAND_VOLUME and self._config.node_expansion_only)]
         return csi_pb2.ControllerGetCapabilitiesResponse(
-            capabilities=[csi_pb2.ControllerServiceCapability(rpc=RPC(type=t)) for t in CAPABILITIES]
+            capabilities=[csi_pb2.ControllerServiceCapability(rpc=RPC(type=t)) for t in caps]
         )
 
     async def ControllerExpandVolume(

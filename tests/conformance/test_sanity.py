@@ -23,10 +23,29 @@ OUT = os.path.join(REPO, "ci-out")
 MiB = 1024 * 1024
 
 RUNS = {
-    # name: (access type, test volume parameters, volume size, expand size)
-    "mount-ext4": ("mount", {}, 64 * MiB, 128 * MiB),
-    "mount-xfs": ("mount", {"csi.storage.k8s.io/fstype": "xfs"}, 300 * MiB, 400 * MiB),
-    "block": ("block", {}, 64 * MiB, 128 * MiB),
+    # name: (access type, test volume parameters, volume size, expand size, extra driver flags)
+    "mount-ext4": ("mount", {}, 64 * MiB, 128 * MiB, ()),
+    "mount-xfs": ("mount", {"csi.storage.k8s.io/fstype": "xfs"}, 300 * MiB, 400 * MiB, ()),
+    "block": ("block", {}, 64 * MiB, 128 * MiB, ()),
+    # As the Kubernetes DaemonSet runs it: volumes grow in NodeExpandVolume.
+    "mount-xfs-node-expansion": (
+        "mount",
+        {"csi.storage.k8s.io/fstype": "xfs"},
+        300 * MiB,
+        400 * MiB,
+        ("--node-expansion-only",),
+    ),
+}
+
+
+#: Specs a run may skip, with the reason. The ControllerExpandVolume specs test a
+#: capability that node-only expansion deliberately does not offer.
+ALLOWED_SKIPS = {
+    "mount-xfs-node-expansion": (
+        "should fail if no volume id is given",
+        "should fail if no capacity range is given",
+        "should work",
+    ),
 }
 
 
@@ -45,11 +64,11 @@ def test_csi_sanity(run: str) -> None:
         pytest.fail("csi-sanity needs root (it stages and mounts volumes)", pytrace=False)
     if not os.access(SANITY, os.X_OK):
         pytest.fail(f"{SANITY} is missing: build it with scripts/tools", pytrace=False)
-    access, params, size, expand = RUNS[run]
+    access, params, size, expand, flags = RUNS[run]
     os.makedirs(OUT, exist_ok=True)
     report = os.path.join(OUT, f"sanity-{run}.json")
     with scratch() as base:
-        driver = Driver(base, "--max-volumes-per-node", "4").start()
+        driver = Driver(base, "--max-volumes-per-node", "4", *flags).start()
         try:
             argv = [
                 SANITY,
@@ -88,8 +107,9 @@ def test_csi_sanity(run: str) -> None:
         json.dump(summary, f)
     print(f"csi-sanity {run}: {summary}")
     assert proc.returncode == 0 and states.get("failed", 0) == 0, "\n".join(lines) + "\n" + proc.stdout[-4000:]
-    assert not lines, "every spec must pass; skipped or failed:\n" + "\n".join(lines)
-    assert states["passed"] >= 95
+    allowed = {f"skipped:  :: {t}" for t in ALLOWED_SKIPS.get(run, ())}
+    assert [x for x in lines if x not in allowed] == [], "every spec must pass; skipped or failed:\n" + "\n".join(lines)
+    assert states["passed"] >= 95 - len(allowed)
     assert rc == 0
     assert left == [], f"csi-sanity run left {left}"
     assert pool_files == [], f"csi-sanity run left pool files {pool_files}"

@@ -211,3 +211,31 @@ def test_expand_block(driver: Driver) -> None:
     driver.unpublish(vid, target)
     driver.unstage(vid, staging)
     driver.delete(vid)
+
+
+def test_node_only_expansion_grows_the_volume(base: str) -> None:
+    """With --node-expansion-only (the DaemonSet's mode) NodeExpandVolume grows the
+    backing file itself, and ControllerGetCapabilities no longer offers EXPAND_VOLUME."""
+    d = Driver(base, "--node-expansion-only").start()
+    try:
+        caps = d.controller.ControllerGetCapabilities(csi_pb2.ControllerGetCapabilitiesRequest()).capabilities
+        assert csi_pb2.ControllerServiceCapability.RPC.EXPAND_VOLUME not in {c.rpc.type for c in caps}
+        cap = mount_cap("xfs")
+        vid = d.create("node-grow", 320 * MiB, cap)
+        staging, target = d.path("st", "ng"), d.path("t", "ng")
+        os.makedirs(os.path.dirname(target))
+        d.stage(vid, staging, cap)
+        d.publish(vid, staging, target, cap)
+        r = d.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
+            volume_id=vid, volume_path=target, capacity_range=csi_pb2.CapacityRange(required_bytes=640 * MiB)))  # fmt: skip
+        assert r.capacity_bytes == 640 * MiB
+        assert os.stat(os.path.join(d.pool, "volumes", vid + ".img")).st_size == 640 * MiB
+        st = os.statvfs(target)
+        assert st.f_blocks * st.f_frsize > 560 * MiB
+        got = d.controller.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=vid)).volume
+        assert got.capacity_bytes == 640 * MiB, "the volume's recorded size follows"
+        d.unpublish(vid, target)
+        d.unstage(vid, staging)
+        d.delete(vid)
+    finally:
+        assert d.stop() == 0
