@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
+import os
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -74,6 +76,8 @@ def join(
             vid = str(v.get("id", ""))
             seen.add(vid)
             row = Row(node, vid, str(v.get("name", "")), int(v.get("size", 0)), condition=str(v.get("condition", "")))
+            if v.get("used") is not None:
+                row.used = int(v["used"])
             found = by_handle.get(vid)
             if found is None:
                 row.problem = "orphan: no PersistentVolume"
@@ -82,7 +86,7 @@ def join(
                 claim = (found.get("spec") or {}).get("claimRef") or {}
                 if claim:
                     row.pvc = f"{claim.get('namespace')}/{claim.get('name')}"
-                    row.used = usage.get(node, {}).get(row.pvc)
+                    row.used = usage.get(node, {}).get(row.pvc, row.used)
                 want = pv_node(found, driver)
                 if want and want != node:
                     row.problem = f"PV says node {want}"
@@ -149,13 +153,38 @@ def _inventory_via_exec(client: Any, node: str, namespace: str, selector: str, c
     return list(json.loads(out))
 
 
-async def _inventory_via_socket(endpoint: str) -> list[Any]:
+def staging_path(kubelet_dir: str, driver: str, volume_id: str) -> str:
+    """Where kubelet stages a CSI volume (its layout since Kubernetes 1.24)."""
+    digest = hashlib.sha256(volume_id.encode()).hexdigest()
+    return os.path.join(kubelet_dir, "plugins", "kubernetes.io", "csi", driver, digest, "globalmount")
+
+
+async def _inventory_via_socket(endpoint: str, driver: str) -> list[Any]:
+    """The node's volumes, with their use from NodeGetVolumeStats on kubelet's
+    staging path (the kubelet's own stats are not always reachable, e.g.
+    through the API server's node proxy for a loopback node address)."""
+    import grpc
+
     from csi.client import Client
-    from csi.cmd.common import all_volumes
+    from csi.cmd.common import all_volumes, plugin
     from csi.cmd.volumes import _row
+    from csi.v1 import csi_pb2
 
     async with Client(endpoint) as c:
-        return [_row(e) for e in await all_volumes(c)]
+        kubelet = (await plugin(c)).manifest.get("kubelet-dir", "/var/lib/kubelet")
+        rows = [_row(e) for e in await all_volumes(c)]
+        for r in rows:
+            req = csi_pb2.NodeGetVolumeStatsRequest(
+                volume_id=str(r["id"]), volume_path=staging_path(kubelet, driver, str(r["id"]))
+            )
+            try:
+                stats = await c.node.NodeGetVolumeStats(req, timeout=10)
+            except grpc.aio.AioRpcError:
+                continue  # not staged by kubelet
+            used = [u.used for u in stats.usage if u.unit == csi_pb2.VolumeUsage.BYTES]
+            if used:
+                r["used"] = used[0]
+        return rows
 
 
 def collect(args: argparse.Namespace) -> list[Row]:
@@ -170,7 +199,7 @@ def collect(args: argparse.Namespace) -> list[Row]:
     for node in nodes:
         inv: list[Any] | None
         if node in endpoints:
-            inv = asyncio.run(_inventory_via_socket(endpoints[node]))
+            inv = asyncio.run(_inventory_via_socket(endpoints[node], args.driver))
         else:
             inv = _inventory_via_exec(client, node, args.namespace, args.selector, args.container)
         if inv is not None:
@@ -178,8 +207,8 @@ def collect(args: argparse.Namespace) -> list[Row]:
         try:
             raw = core.connect_get_node_proxy_with_path(node, "stats/summary", _preload_content=False).data
             usage[node] = usage_from_summary(json.loads(raw))
-        except Exception as e:  # a node without a reachable kubelet: usage unknown
-            print(f"kubectl-elv: no usage from node {node}: {e}", file=sys.stderr)
+        except Exception as e:  # a kubelet the API server cannot reach: use what the driver said
+            print(f"kubectl-elv: no kubelet stats from node {node}: {str(e).splitlines()[0][:120]}", file=sys.stderr)
     return join(pvs, inventories, usage, args.driver)
 
 
@@ -198,14 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = collect(args)
     if args.what == "orphans":
         rows = [r for r in rows if r.problem]
+    status = 1 if args.what == "orphans" and rows else 0  # scripts can act on "orphans found"
     if args.output == "json":
         print(json.dumps([r.__dict__ for r in rows], indent=2))
-        return 0
+        return status
     print(table([[r.node, r.pvc or "-", r.pv or "-", r.name or "-", human(r.size),
                   human(r.used) if r.used is not None else "-", r.condition or "-", r.problem or "", r.volume_id]
                  for r in rows],
                 ["NODE", "PVC", "PV", "NAME", "SIZE", "USED", "CONDITION", "PROBLEM", "VOLUME"]))  # fmt: skip
-    return 1 if args.what == "orphans" and rows else 0
+    return status
 
 
 if __name__ == "__main__":

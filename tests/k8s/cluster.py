@@ -921,6 +921,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%",
                              "nodefs.inodesFree": "1%"},
             "syncFrequency": "3s",
+            # NodeGetVolumeStats every 5 s (default 1 min), so kubectl-elv sees use quickly.
+            "volumeStatsAggPeriod": "5s",
             "fileCheckFrequency": "10s",
             "nodeStatusUpdateFrequency": "5s",
             "maxPods": 40,
