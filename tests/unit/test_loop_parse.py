@@ -141,3 +141,17 @@ async def test_detach_validates_the_name_and_tolerates_already_gone(tmp_path: Pa
     make_sysfs(tmp_path, {"loop4": "/p/a.img"})
     with pytest.raises(CommandError):
         await tool.detach("loop4")  # still attached: the failure is real
+
+
+def test_partitions_name_only_attached_loop_devices() -> None:
+    from csi.host.loop import parse_partitions
+
+    text = """major minor  #blocks  name
+
+ 254        0  268435456 vda
+   7        0      65536 loop0
+   7        3     327680 loop3
+   7        4      65536 loop3p1
+ 252        0   12582912 zram0
+"""
+    assert parse_partitions(text) == ["loop0", "loop3"]
