@@ -145,22 +145,58 @@ class LoopTool:
         # One attach at a time: concurrent LOOP_CTL_GET_FREE calls all return the
         # same device and all but one then retry on EBUSY.
         self._attaching = asyncio.Lock()
+        # backing file -> loop device name, for the files this process manages.
+        # A scan reads one sysfs file per attached device: O(attached) on every
+        # lookup is what made stage slower as a node filled. Entries are seeded
+        # by one scan at startup, kept by attach/detach, and re-checked against
+        # sysfs (one read) whenever they are used.
+        self._index: dict[str, str] = {}
+
+    def seed(self) -> None:
+        """Index every attached device (startup: a previous instance may have
+        attached volumes). Blocking."""
+        self._index = {d.backing_file: d.name for d in scan(self._sys_block) if not d.deleted}
+
+    def lookup(self, backing_file: str) -> LoopDevice | None:
+        """The device this process attached the file to, checked against sysfs."""
+        name = self._index.get(backing_file)
+        if name is None:
+            return None
+        try:
+            with open(os.path.join(self._sys_block, name, "loop", "backing_file"), encoding="utf-8",
+                      errors="surrogateescape") as f:  # fmt: skip
+                path, deleted = parse_backing_file(f.read())
+        except OSError:
+            path, deleted = "", True
+        if path != backing_file or deleted:
+            self._index.pop(backing_file, None)  # detached behind our back
+            return None
+        return LoopDevice(name, path, False)
+
+    def find_all(self, backing_file: str) -> list[LoopDevice]:
+        """Every device attached to the file, by a full scan (for decisions that
+        must not trust the index, such as refusing to delete a volume in use)."""
+        found = [d for d in scan(self._sys_block) if d.backing_file == backing_file and not d.deleted]
+        if found:
+            self._index[backing_file] = found[0].name
+        return found
 
     async def attach(self, backing_file: str, block_size: int = 0) -> LoopDevice:
         """Attach the file, or return the device it is already attached to.
         ``block_size`` is the device's logical block size (0: the kernel's 512)."""
-        existing = find(backing_file, self._sys_block)
-        if existing:
-            return existing[0]
+        existing = self.lookup(backing_file)
+        if existing is not None:
+            return existing
         async with self._attaching:
             if self._ioctl:
                 name = await asyncio.to_thread(loopctl.attach, backing_file, self._direct_io, block_size)
             else:
                 name = await self._losetup_attach(backing_file, block_size)
-        found = [d for d in find(backing_file, self._sys_block) if d.name == name]
-        if not found:
+        self._index[backing_file] = name
+        found = self.lookup(backing_file)
+        if found is None:
             raise Internal(f"/dev/{name} is not attached to the volume's backing file after attaching")
-        return found[0]
+        return found
 
     async def _losetup_attach(self, backing_file: str, block_size: int = 0) -> str:
         argv = ["losetup", "--find", "--show", "--nooverlap"]
@@ -180,6 +216,9 @@ class LoopTool:
     async def detach(self, name: str) -> None:
         if not _LOOP_NAME.match(name):
             raise ValueError(f"not a loop device name: {name!r}")
+        for path, n in list(self._index.items()):
+            if n == name:
+                del self._index[path]
         if self._ioctl:
             await asyncio.to_thread(loopctl.detach, name)
             await self._wait_detached(name)

@@ -167,5 +167,7 @@ async def test_health(backend: LoopBackend, sysfs: Path) -> None:
     assert h.abnormal
     assert "not attached" in h.message
     attach_in_sysfs(sysfs, "loop3", backend.store.volume_image(ids.parse(vol.id, "v")))  # type: ignore[arg-type]
+    # Made outside this process: seen once indexed, as at a restart (seed).
+    backend._loop.seed()
     assert not (await backend.health(vol.id)).abnormal
     assert (await backend.health("v-loop-" + "2" * 32)).abnormal

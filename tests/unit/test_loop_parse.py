@@ -102,9 +102,21 @@ def test_size_bytes(tmp_path: Path) -> None:
 async def test_attach_reuses_an_existing_device(tmp_path: Path) -> None:
     sysfs = make_sysfs(tmp_path / "block", {"loop5": "/p/a.img"})
     runner = FakeRunner()
-    dev = await LoopTool(runner, sys_block=str(sysfs), use_ioctl=False).attach("/p/a.img")  # type: ignore[arg-type]
+    tool = LoopTool(runner, sys_block=str(sysfs), use_ioctl=False)  # type: ignore[arg-type]
+    tool.seed()  # the driver indexes attached devices at startup
+    dev = await tool.attach("/p/a.img")
     assert dev.name == "loop5"
     assert runner.calls == []
+
+
+async def test_the_index_is_checked_against_sysfs(tmp_path: Path) -> None:
+    sysfs = make_sysfs(tmp_path / "block", {"loop5": "/p/a.img"})
+    tool = LoopTool(FakeRunner(), sys_block=str(sysfs), use_ioctl=False)  # type: ignore[arg-type]
+    tool.seed()
+    assert tool.lookup("/p/a.img") is not None
+    (sysfs / "loop5" / "loop" / "backing_file").write_text("/p/other.img\n")  # detached and reused behind our back
+    assert tool.lookup("/p/a.img") is None
+    assert tool.find_all("/p/other.img")[0].name == "loop5"
 
 
 async def test_attach_runs_losetup_with_safe_arguments(tmp_path: Path) -> None:

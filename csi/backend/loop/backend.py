@@ -97,6 +97,7 @@ class LoopBackend:
         for r in removed:
             log.warning("recovery: removed unfinished %s", r)
         await asyncio.to_thread(self.alloc.scan)
+        await asyncio.to_thread(self._loop.seed)
         self._ready = True
         log.info(
             "loop pool %s: %d volumes, %d snapshots",
@@ -281,7 +282,7 @@ class LoopBackend:
         if oid is None:
             return
         image = self.store.volume_image(oid)
-        attached = loopdev.find(image, self._sys_block)
+        attached = await asyncio.to_thread(self._loop.find_all, image)  # never trust a cache to delete
         if attached:
             raise InUse(f"volume {volume_id} is staged on this node ({attached[0].path}); unstage it before deleting")
         vol = self.store.volumes.get(volume_id)
@@ -389,15 +390,15 @@ class LoopBackend:
         oid = self._vid(volume_id)
         if oid is None:
             return
-        for dev in loopdev.find(self.store.volume_image(oid), self._sys_block):
+        for dev in await asyncio.to_thread(self._loop.find_all, self.store.volume_image(oid)):
             await self._loop.detach(dev.name)
 
     async def find_device(self, volume_id: str) -> Device | None:
         oid = self._vid(volume_id)
         if oid is None:
             return None
-        found = loopdev.find(self.store.volume_image(oid), self._sys_block)
-        return _device(found[0].name) if found else None
+        found = self._loop.lookup(self.store.volume_image(oid))
+        return _device(found.name) if found else None
 
     async def refresh_device(self, volume_id: str) -> int:
         dev = await self.find_device(volume_id)
@@ -443,7 +444,7 @@ class LoopBackend:
         image = self.store.volume_image(oid)
         if not os.path.exists(image):
             return Health(True, "the volume's backing file is missing")
-        if node and not loopdev.find(image, self._sys_block):
+        if node and self._loop.lookup(image) is None:
             return Health(True, "the volume's loop device is not attached")
         return Health(False, "ok")
 

@@ -136,7 +136,7 @@ class LoopSnapshots:
         for vol in volumes:
             if vol.access != AccessType.MOUNT:
                 continue  # raw block has no filesystem to freeze
-            for dev in loopdev.find(self._image(vol), self._sys_block):
+            for dev in loopdev.find(self._image(vol), self._sys_block):  # a full scan: rare, and must not miss
                 maj, mnr = loopdev.device_numbers(dev.name)
                 mounts = table.of_device(maj, mnr)
                 if mounts:
