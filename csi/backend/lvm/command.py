@@ -1,0 +1,92 @@
+"""The only place ELV runs ``lvm``: through the shared runner, as argv lists.
+
+Every call carries a ``--config`` string built once from the settings:
+
+* without udev (a container), ``activation{udev_sync=0 udev_rules=0
+  verify_udev_operations=1}`` makes LVM create the /dev nodes itself instead
+  of waiting for a udev cookie forever (lvm-vm notes: lvcreate hung for good
+  on a stale /run/udev/control), and ``devices{obtain_device_list_from_udev=0}``
+  makes it scan /dev instead of asking udev's database;
+* ``activation{monitoring=0}`` where no dmeventd should be started.
+
+Reports are JSON in bytes. Queries are read-only, so the runner may kill them
+when their RPC is cancelled (TopoLVM #1163); changes are never killed half-way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from csi.backend.lvm import report
+from csi.backend.lvm.report import LvInfo, VgInfo
+from csi.errors import CommandError
+from csi.runner import Result, Runner
+
+log = logging.getLogger(__name__)
+
+QUERY_TIMEOUT = 60.0
+
+
+def config_string(*, udev: bool, monitoring: bool | None) -> str:
+    activation = []
+    if not udev:
+        activation += ["udev_sync=0", "udev_rules=0", "verify_udev_operations=1"]
+    if monitoring is not None:
+        activation.append(f"monitoring={int(monitoring)}")
+    parts = []
+    if activation:
+        parts.append("activation{" + " ".join(activation) + "}")
+    if not udev:
+        parts.append("devices{obtain_device_list_from_udev=0}")
+    return " ".join(parts)
+
+
+class Lvm:
+    def __init__(self, runner: Runner, *, udev: bool, monitoring: bool | None = None, timeout: float = 120.0) -> None:
+        self._run = runner
+        self.udev = udev
+        self.config = config_string(udev=udev, monitoring=monitoring)
+        self.timeout = timeout
+
+    def argv(self, command: str, args: Sequence[str]) -> list[str]:
+        argv = ["lvm", command]
+        if self.config:
+            argv += ["--config", self.config]
+        return argv + list(args)
+
+    async def change(self, command: str, *args: str, timeout: float | None = None) -> Result:
+        """Run a command that changes LVM state (never killed on cancel)."""
+        return await self._run.run(self.argv(command, args), timeout=timeout or self.timeout, mutating=True)
+
+    async def query(self, command: str, *args: str, ok_codes: Sequence[int] = (0,)) -> Result:
+        return await self._run.run(
+            self.argv(command, args), timeout=min(self.timeout, QUERY_TIMEOUT), mutating=False, ok_codes=ok_codes
+        )
+
+    async def lvs(self, vgs: Sequence[str]) -> tuple[list[LvInfo], set[str]]:
+        """Every LV of these VGs, and the set of VGs that do not exist.
+
+        LVM reports on the VGs it finds and exits 5 for a missing one; the
+        report still holds the rest, so one missing VG never hides the others.
+        """
+        res = await self.query("lvs", *report.REPORT_ARGS, "-o", report.LV_FIELDS, "--", *vgs, ok_codes=(0, 5))
+        lvs = report.parse_lvs(res.text) if res.stdout.strip() else []
+        missing: set[str] = set()
+        if res.returncode == 5:
+            err = CommandError(res.argv, res.returncode, res.stdout, res.stderr)
+            if not report.not_found(err):
+                raise err
+            found = {lv.vg for lv in lvs}
+            missing = {
+                vg for vg in vgs if vg not in found and f'"{vg}" not found' in err.stderr.decode("utf-8", "replace")
+            }
+        return lvs, missing
+
+    async def vgs(self, vgs: Sequence[str]) -> list[VgInfo]:
+        res = await self.query("vgs", *report.REPORT_ARGS, "-o", report.VG_FIELDS, "--", *vgs, ok_codes=(0, 5))
+        if res.returncode == 5:
+            err = CommandError(res.argv, res.returncode, res.stdout, res.stderr)
+            if not report.not_found(err):
+                raise err
+        return report.parse_vgs(res.text) if res.stdout.strip() else []

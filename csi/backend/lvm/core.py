@@ -1,0 +1,197 @@
+"""What the LVM backend's parts share: settings, the lvm wrapper, the view,
+ID parsing, activation, and the per-class capacity bookkeeping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from csi import ids
+from csi.backend.base import Device
+from csi.backend.lvm import capacity as cap
+from csi.backend.lvm import devnode, model
+from csi.backend.lvm.classes import DeviceClass, LvmSettings
+from csi.backend.lvm.command import Lvm
+from csi.backend.lvm.inventory import Inventory, View
+from csi.backend.lvm.report import LvInfo
+from csi.errors import AlreadyExists, CommandError, FailedPrecondition, InUse, NotFound, ResourceExhausted, Unavailable
+from csi.host.fs import FsTool
+from csi.host.mountinfo import Mount, MountTable
+from csi.runner import Runner
+
+log = logging.getLogger(__name__)
+
+
+class Core:
+    def __init__(
+        self, settings: LvmSettings, lvm: Lvm, runner: Runner, fs: FsTool, owner: str, *, make_nodes: bool
+    ) -> None:
+        self.settings = settings
+        self.runner = runner
+        self.lvm = lvm
+        self.fs = fs
+        self.owner = owner
+        self.make_nodes = make_nodes
+        self.inv = Inventory(lvm, settings.vgs)
+        self._reserved: dict[str, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def lvm_tool(self, argv: list[str], timeout: float) -> None:
+        """Run a non-lvm tool that changes a device (never killed on cancel)."""
+        await self.runner.run(argv, timeout=timeout, mutating=True)
+
+    # -- IDs ------------------------------------------------------------------------
+
+    def oid(self, object_id: str, kind: ids.Kind) -> tuple[DeviceClass, ids.ObjectId] | None:
+        """The class and parsed ID, or None for anything this driver did not issue."""
+        oid = ids.parse(object_id, kind)
+        if oid is None:
+            return None
+        cls = self.settings.classes.get(oid.pool)
+        return (cls, oid) if cls is not None else None
+
+    def class_of(self, lv: LvInfo) -> DeviceClass | None:
+        oid = model.parse_lv_name(lv.name)
+        cls = self.settings.classes.get(oid.pool) if oid else None
+        return cls if cls is not None and cls.vg == lv.vg else None
+
+    async def view(self, fresh: bool = False, reload: bool = False) -> View:
+        return await self.inv.view(fresh, reload)
+
+    async def find(
+        self, object_id: str, kind: model.Kind, fresh: bool = False, reload: bool = False
+    ) -> tuple[DeviceClass, LvInfo, View] | None:
+        """The live LV behind a volume or snapshot ID (ELV's, finished, not being wiped)."""
+        parsed = self.oid(object_id, "v" if kind == "v" else "s")
+        if parsed is None:
+            return None
+        cls, oid = parsed
+        view = await self.view(fresh, reload)
+        lv = view.lv(cls.vg, model.lv_name(oid))
+        if lv is None or not model.live(lv, self.owner, kind):
+            return None
+        return cls, lv, view
+
+    async def must_find(self, volume_id: str, fresh: bool = False) -> tuple[DeviceClass, LvInfo, View]:
+        found = await self.find(volume_id, "v", fresh)
+        if found is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        return found
+
+    # -- the node's view of an LV ---------------------------------------------------
+
+    async def activate(self, lv: LvInfo) -> Device:
+        """Activate the LV (if needed) and wait, bounded, for its device node."""
+        if lv.active and lv.major is not None and lv.minor is not None:
+            return await devnode.wait_for_device(lv.major, lv.minor, make_nodes=self.make_nodes)
+        try:
+            # -K: snapshots carry the activation-skip flag so boot-time
+            # autoactivation leaves them alone; ELV activates them on purpose.
+            await self.lvm.change("lvchange", "-ay", "-K", f"{lv.vg}/{lv.name}")
+        finally:
+            self.inv.invalidate()
+        # The kernel knows the new device by its device-mapper name at once:
+        # read major:minor from sysfs rather than asking lvs again.
+        found = await asyncio.to_thread(devnode.find_dm_by_name, devnode.dm_name(lv.vg, lv.name))
+        if found is None:
+            view = await self.view(fresh=True)
+            again = view.lv(lv.vg, lv.name)
+            if again is None or not again.active or again.major is None or again.minor is None:
+                raise FailedPrecondition(f"LV {lv.vg}/{lv.name} did not become active")
+            return await devnode.wait_for_device(again.major, again.minor, make_nodes=self.make_nodes)
+        return await devnode.wait_for_device(found[1], found[2], make_nodes=self.make_nodes)
+
+    async def deactivate(self, lv: LvInfo) -> None:
+        """Deactivate the LV; InUse if it is open (LVM itself refuses then)."""
+        if lv.active:
+            try:
+                await self.lvm.change("lvchange", "-an", f"{lv.vg}/{lv.name}")
+            except CommandError as e:
+                if b"in use" in e.stderr or b"open" in e.stderr:
+                    raise InUse(f"LV {lv.vg}/{lv.name} is still open on this node; unmount it first") from e
+                raise
+            finally:
+                self.inv.invalidate()
+
+    @staticmethod
+    async def mounts_of(lv: LvInfo) -> list[Mount]:
+        if not lv.active or lv.major is None or lv.minor is None:
+            return []
+        table = await asyncio.to_thread(MountTable.load)
+        name = devnode.kernel_name(lv.major, lv.minor)
+        found = table.of_device(lv.major, lv.minor)
+        return found + (table.of_device_node(name) if name else [])
+
+    # -- capacity -------------------------------------------------------------------
+
+    def wipe_needed(self, view: View, lv: LvInfo) -> bool:
+        """Thin LVs in a pool that zeroes new blocks leave nothing behind; the rest
+        (thick, COW snapshots, thin in a non-zeroing pool) are wiped before removal."""
+        if not lv.thin:
+            return True
+        pool = view.lv(lv.vg, lv.pool)
+        return pool is None or pool.zero is not True
+
+    def available(self, view: View, cls: DeviceClass, copies: int = 1) -> int:
+        space = view.vgs.get(cls.vg)
+        if space is None:
+            return 0
+        reserved = self._reserved.get(cls.name, 0)
+        if cls.thin_pool is not None:
+            avail = cap.thin_class_available(
+                view, cls.vg, cls.thin_pool, cls.overprovision_ratio, cls.full_threshold, reserved
+            )
+            return cap.round_down(avail, space.extent_size)
+        return cap.thick_available(space.free, space.extent_size, reserved, copies)
+
+    def extent(self, view: View, cls: DeviceClass) -> int:
+        space = view.vgs.get(cls.vg)
+        if space is None:
+            raise Unavailable(f"volume group {cls.vg} of device class {cls.name} is missing")
+        return space.extent_size
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, cls: DeviceClass, size: int, what: str, copies: int = 1) -> AsyncIterator[None]:
+        """Check that the class can promise ``size`` more bytes and hold them while
+        the LVM change runs. Thin classes are checked here (LVM itself happily
+        overcommits a pool); thick ones are also checked by lvcreate. The view
+        is this RPC's, reloaded if anything changed since it was read."""
+        lock = self._locks.setdefault(cls.name, asyncio.Lock())
+        async with lock:
+            view = await self.view(fresh=True)
+            if cls.thin_pool is not None:
+                pool = view.lv(cls.vg, cls.thin_pool)
+                if pool is None or not pool.thin_pool:
+                    raise Unavailable(f"thin pool {cls.vg}/{cls.thin_pool} of device class {cls.name} is missing")
+            avail = self.available(view, cls, copies)
+            if size > avail:
+                raise ResourceExhausted(
+                    f"device class {cls.name} can promise {avail} more bytes, not {size} for {what}"
+                )
+            self._reserved[cls.name] = self._reserved.get(cls.name, 0) + size * copies
+        try:
+            yield
+        finally:
+            self._reserved[cls.name] -= size * copies
+            self.inv.invalidate()
+
+
+def classify(err: CommandError, what: str) -> Exception:
+    """LVM failures a caller can act on, as the driver's errors; others stay Internal."""
+    from csi.backend.lvm import report
+
+    if report.already_exists(err):
+        # The report just said the name was free: someone else made it since.
+        return AlreadyExists(f"{what}: an LV of that name appeared meanwhile; refusing to touch it")
+    if report.no_space(err):
+        return ResourceExhausted(f"not enough space for {what}: {err.message}")
+    if b"must not exceed the number of physical volumes" in err.stderr or b"Insufficient suitable" in err.stderr:
+        return ResourceExhausted(f"this node's volume group cannot hold {what}: {err.message}")
+    if report.origin_must_be_inactive(err):
+        return FailedPrecondition(
+            f"{what}: the volume has thick snapshots, and LVM grows a snapshot origin only while it is "
+            "not staged; unstage it or delete its snapshots"
+        )
+    return err

@@ -1,0 +1,95 @@
+"""The node side: an LV is attached exactly when it is active.
+
+NodeStage activates the LV and waits for its device node; NodeUnstage
+deactivates it. The device handed to nodeops is always ``/dev/dm-N`` (made
+by devtmpfs, or by ELV where /dev is not devtmpfs), never a udev symlink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from csi.backend.base import Device, Health
+from csi.backend.lvm import capacity as cap
+from csi.backend.lvm import devnode, model
+from csi.backend.lvm.core import Core
+from csi.errors import FailedPrecondition, NotFound
+from csi.host.fs import device_size
+
+
+class LvmNode:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    async def attach(self, volume_id: str) -> Device:
+        found = await self.core.find(volume_id, "v", fresh=True)
+        if found is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        _, lv, _ = found
+        return await self.core.activate(lv)
+
+    def _active_disk(self, volume_id: str) -> tuple[str, int, int] | None:
+        """The volume's device-mapper disk if the kernel has it, read from sysfs.
+
+        The kernel's table of active disks is the truth about activation, and
+        reading it costs no ``lvs`` (about 0.1-0.4 s on metal, 0.9 s under
+        emulation): kubelet and csi-sanity unstage volumes that were never
+        staged, and those answers then need no LVM call at all."""
+        parsed = self.core.oid(volume_id, "v")
+        if parsed is None:
+            return None
+        cls, oid = parsed
+        return devnode.find_dm_by_name(devnode.dm_name(cls.vg, model.lv_name(oid)))
+
+    async def detach(self, volume_id: str) -> None:
+        if await asyncio.to_thread(self._active_disk, volume_id) is None:
+            return  # not active: nothing to do, and nothing to ask LVM
+        # "Open" is not read from the report (the unmount that just happened in
+        # this RPC is no LVM change): lvchange -an refuses an open LV by itself.
+        found = await self.core.find(volume_id, "v", fresh=True)
+        if found is None or not found[1].active:
+            return
+        await self.core.deactivate(found[1])
+
+    async def find_device(self, volume_id: str) -> Device | None:
+        disk = await asyncio.to_thread(self._active_disk, volume_id)
+        if disk is None:
+            return None
+        # The report (possibly a second old) only confirms the LV is ELV's and
+        # live; the device itself comes from the kernel, never from that report.
+        if await self.core.find(volume_id, "v") is None:
+            return None
+        name, major, minor = disk
+        return Device(name=name, path="/dev/" + name, major=major, minor=minor)
+
+    async def refresh_device(self, volume_id: str) -> int:
+        # device-mapper reloads the table in lvextend itself: the device already
+        # has the new size; read it from the device, not from the report.
+        dev = await self.find_device(volume_id)
+        if dev is None:
+            raise FailedPrecondition(f"volume {volume_id} is not staged on this node")
+        return await asyncio.to_thread(device_size, dev.path)
+
+    async def health(self, volume_id: str, *, node: bool = True) -> Health:
+        """Abnormal when the LV is missing, degraded or (on the node) inactive,
+        or when its thin pool's data or metadata is nearly full."""
+        parsed = self.core.oid(volume_id, "v")
+        found = await self.core.find(volume_id, "v") if parsed else None
+        if found is None:
+            return Health(True, "the volume's LV is missing")
+        cls, lv, view = found
+        if lv.health:
+            return Health(True, f"LVM reports the LV as {lv.health}")
+        if len(lv.attr) > 8 and lv.attr[8] in ("p", "X", "r", "m"):
+            return Health(True, f"the LV is degraded (lv_attr {lv.attr})")
+        if lv.thin:
+            pool = view.lv(lv.vg, lv.pool)
+            if pool is None:
+                return Health(True, f"the thin pool {lv.vg}/{lv.pool} is missing")
+            why = cap.pool_nearly_full(pool, cls.full_threshold)
+            if why:
+                return Health(True, why)
+        if node and not lv.active:
+            # Only the node asks this: an unstaged volume is inactive, and that is normal.
+            return Health(True, "the LV is inactive (not attached on this node)")
+        return Health(False, "ok")

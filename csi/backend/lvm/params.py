@@ -1,0 +1,67 @@
+"""StorageClass parameters of the LVM backend: an allow-list with closed value sets.
+
+The value sets live in csi.validate.VALUES, so the controller service refuses
+anything else before the backend sees it; only the device class (whose names
+come from the configuration) is checked here. Nothing from a parameter is
+ever passed to LVM as text: each value maps to fixed argv pieces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from csi.backend.lvm.classes import CLASS_KEY, DeviceClass
+from csi.errors import InvalidArgument
+
+TYPE = "elv.csi.dev/lvm-type"
+STRIPES = "elv.csi.dev/lvm-stripes"
+STRIPE_SIZE = "elv.csi.dev/lvm-stripe-size"
+MIRRORS = "elv.csi.dev/lvm-mirrors"
+SNAPSHOT_RESERVE = "elv.csi.dev/lvm-snapshot-reserve"
+
+KEYS = frozenset({CLASS_KEY, TYPE, STRIPES, STRIPE_SIZE, MIRRORS, SNAPSHOT_RESERVE})
+
+#: Closed value sets (also registered in csi.validate.VALUES).
+VALUES: dict[str, frozenset[str]] = {
+    TYPE: frozenset({"linear", "striped", "raid1"}),
+    STRIPES: frozenset({"2", "3", "4", "5", "6", "7", "8"}),
+    STRIPE_SIZE: frozenset({"64Ki", "128Ki", "256Ki", "512Ki", "1Mi"}),
+    MIRRORS: frozenset({"1", "2", "3"}),
+    SNAPSHOT_RESERVE: frozenset({"10%", "25%", "50%", "100%"}),
+}
+_STRIPE_SIZE_ARG = {"64Ki": "64k", "128Ki": "128k", "256Ki": "256k", "512Ki": "512k", "1Mi": "1m"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    #: Extra lvcreate arguments (fixed strings chosen from the value sets).
+    args: tuple[str, ...] = ()
+    #: How many times the data is stored (raid1: 1 + mirrors).
+    copies: int = 1
+    #: Percent of the origin a thick snapshot's copy-on-write store gets.
+    snapshot_reserve: int = 100
+
+
+def layout(parameters: Mapping[str, str], cls: DeviceClass) -> Layout:
+    for k, allowed in VALUES.items():
+        v = parameters.get(k)
+        if v is not None and v not in allowed:
+            raise InvalidArgument(f"parameter {k}={v!r} is not one of: {', '.join(sorted(allowed))}")
+    kind = parameters.get(TYPE, "linear")
+    reserve = int(parameters.get(SNAPSHOT_RESERVE, "100%").rstrip("%"))
+    if cls.thin and (kind != "linear" or SNAPSHOT_RESERVE in parameters):
+        raise InvalidArgument(
+            f"device class {cls.name} is thin: {TYPE} and {SNAPSHOT_RESERVE} apply to thick classes only"
+        )
+    if kind != "striped" and (STRIPES in parameters or STRIPE_SIZE in parameters):
+        raise InvalidArgument(f"{STRIPES} and {STRIPE_SIZE} need {TYPE}=striped")
+    if kind != "raid1" and MIRRORS in parameters:
+        raise InvalidArgument(f"{MIRRORS} needs {TYPE}=raid1")
+    if kind == "striped":
+        args = ("-i", parameters.get(STRIPES, "2"), "-I", _STRIPE_SIZE_ARG[parameters.get(STRIPE_SIZE, "64Ki")])
+        return Layout(args, 1, reserve)
+    if kind == "raid1":
+        mirrors = parameters.get(MIRRORS, "1")
+        return Layout(("--type", "raid1", "-m", mirrors), 1 + int(mirrors), reserve)
+    return Layout((), 1, reserve)

@@ -1,0 +1,74 @@
+"""Startup: check the device classes, then finish or remove what a crash left.
+
+* filesystems a dead snapshot left frozen are thawed (freeze markers);
+* an LV still tagged ``elv.pending`` is a clone whose copy did not finish,
+  and an ``elv-t-*`` LV is a temporary copy source: both are quarantined
+  (they hold tenant data, so they are wiped, not just removed);
+* an LV tagged ``elv.wipe`` is a delete that did not finish: the wiper
+  takes it from there.
+
+LVs without ELV's owner tag are never looked at twice.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from csi.backend import freeze
+from csi.backend.lvm import model
+from csi.backend.lvm.core import Core
+from csi.backend.lvm.wipe import Wiper
+from csi.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+
+async def check_classes(core: Core) -> None:
+    view = await core.view(fresh=True)
+    for cls in core.settings.classes.values():
+        if cls.vg in view.missing or cls.vg not in view.vgs:
+            raise Unavailable(f"volume group {cls.vg} of device class {cls.name} does not exist")
+        if cls.thin_pool is None:
+            continue
+        pool = view.lv(cls.vg, cls.thin_pool)
+        if pool is None or not pool.thin_pool:
+            raise Unavailable(f"thin pool {cls.vg}/{cls.thin_pool} of device class {cls.name} does not exist")
+        if pool.zero is not True:
+            log.warning(
+                "thin pool %s/%s does not zero new blocks; ELV wipes the thin volumes of class %s before "
+                "removing them (lvchange --zero y %s/%s avoids that cost)",
+                cls.vg, cls.thin_pool, cls.name, cls.vg, cls.thin_pool,
+            )  # fmt: skip
+
+
+async def build_from_disks(core: Core) -> None:
+    """Classes with a device selector make or grow their VG (and pool) first."""
+    for cls in sorted(core.settings.classes.values(), key=lambda c: c.name):
+        if cls.devices is None:
+            continue
+        from csi.backend.lvm.disks import build_vg
+
+        view = await core.view(fresh=True)
+        pool = view.lv(cls.vg, cls.thin_pool) if cls.thin_pool else None
+        await build_vg(core, cls, cls.vg in view.vgs, pool is not None)
+
+
+async def recover(core: Core, wiper: Wiper) -> None:
+    for mp in await freeze.thaw_leftovers(core.fs, core.settings.freeze_dir):
+        log.warning("recovery: thawed %s", mp)
+    await build_from_disks(core)
+    await check_classes(core)
+    view = await core.view(fresh=True)
+    quarantined = 0
+    for lv in view.all():
+        if not model.owned(lv, core.owner) or lv.has(model.WIPE):
+            quarantined += lv.has(model.WIPE) and model.owned(lv, core.owner)
+            continue
+        if lv.has(model.PENDING) or lv.tag(model.KIND) == "t":
+            log.warning("recovery: quarantining %s/%s, left half-made by an interrupted operation", lv.vg, lv.name)
+            await wiper.quarantine(lv)
+            quarantined += 1
+    log.info(
+        "lvm backend: %d device classes (%s), %d LVs to wipe",
+        len(core.settings.classes), ", ".join(sorted(core.settings.classes)), quarantined,
+    )  # fmt: skip

@@ -1,0 +1,235 @@
+"""Snapshots and group snapshots of LVM volumes.
+
+* A thin volume's snapshot is a thin snapshot: instant, sharing blocks with
+  its origin. It carries LVM's activation-skip flag so nothing activates it
+  by accident.
+* A thick volume's snapshot is a classic copy-on-write snapshot whose store
+  gets ``elv.csi.dev/lvm-snapshot-reserve`` percent of the origin (a
+  parameter of the source's StorageClass: CSI gives snapshot classes no
+  sizing key). The default, 100 %, can never overflow; a smaller store that
+  fills up invalidates the snapshot (it is then reported not ready).
+
+LVM suspends the origin with its filesystem frozen while it takes a
+snapshot, so a single snapshot is consistent by itself. A group snapshot
+freezes every member's filesystem first (fsfreeze, with crash markers), then
+takes one ``lvcreate -s`` per member, then thaws them all. LVM's own freeze
+fails on a filesystem that fsfreeze holds (EBUSY on the 6.1 kernel), so each
+member is let go for just the moment of its own snapshot, while LVM holds it
+frozen instead: members are captured one after another, each while every
+other member is frozen, which is close to, but not exactly, one instant.
+Snapshot metadata (name, source, size, time, group) lives in the snapshot
+LV's tags.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from csi import ids
+from csi.backend import freeze
+from csi.backend.base import GroupSnapshot, Snapshot, Volume
+from csi.backend.lvm import capacity as cap
+from csi.backend.lvm import model, params
+from csi.backend.lvm.core import Core, classify
+from csi.backend.lvm.inventory import View
+from csi.backend.lvm.report import LvInfo, hex_decode, not_found
+from csi.backend.lvm.wipe import Wiper
+from csi.errors import AlreadyExists, CommandError, NotFound
+
+log = logging.getLogger(__name__)
+
+
+def member_name(group_name: str, volume_id: str) -> str:
+    """The internal name of a group member's snapshot. U+0001 cannot occur in a
+    CSI name, so it never collides with a user's snapshot."""
+    return f"\x01group\x01{group_name}\x01{volume_id}"
+
+
+def cow_size(origin: int, percent: int, extent: int) -> int:
+    """A COW store for ``percent`` of the origin, plus room for the exception
+    table (16 bytes per 4 KiB chunk, about 1/256) and a spare extent. LVM trims
+    a store larger than the origin can ever need."""
+    data = math.ceil(origin * percent / 100)
+    return cap.round_up(data + origin // 128 + extent, extent)
+
+
+class LvmSnapshots:
+    def __init__(self, core: Core, wiper: Wiper) -> None:
+        self.core = core
+        self.wiper = wiper
+
+    def _snapshots(self, view: View) -> list[Snapshot]:
+        out = []
+        for lv in view.all():
+            oid = model.parse_lv_name(lv.name)
+            if oid and oid.kind == "s" and self.core.class_of(lv) and model.live(lv, self.core.owner, "s"):
+                out.append(model.to_snapshot(lv, str(oid)))
+        return sorted(out, key=lambda s: s.id)
+
+    async def get(self, snapshot_id: str) -> Snapshot | None:
+        found = await self.core.find(snapshot_id, "s")
+        return model.to_snapshot(found[1], snapshot_id) if found else None
+
+    async def all(self) -> list[Snapshot]:
+        return self._snapshots(await self.core.view())
+
+    async def create(self, name: str, source_volume_id: str) -> Snapshot:
+        return (await self._create([(name, source_volume_id)], None))[0]
+
+    async def _create(self, pairs: list[tuple[str, str]], group: tuple[str, str, int] | None) -> list[Snapshot]:
+        view = await self.core.view(fresh=True)
+        done: dict[str, Snapshot] = {}
+        todo: list[tuple[ids.ObjectId, str, LvInfo, Volume]] = []
+        for name, vid in pairs:
+            parsed = self.core.oid(vid, "v")
+            if parsed is None:
+                raise NotFound(f"source volume {vid} does not exist")
+            cls, void = parsed
+            sid = ids.make("s", cls.name, name)
+            lv = view.lv(cls.vg, model.lv_name(sid))
+            if lv is not None:
+                if not model.owned(lv, self.core.owner):
+                    raise AlreadyExists(f"LV {lv.vg}/{lv.name} exists but is not ELV's; refusing to touch it")
+                if lv.has(model.PENDING) or lv.has(model.WIPE):
+                    await self.wiper.quarantine(lv)
+                elif lv.tag(model.SOURCE) != vid:
+                    raise AlreadyExists(f"snapshot {name!r} already exists for another volume")
+                else:
+                    done[name] = model.to_snapshot(lv, str(sid))
+                    continue
+            src = view.lv(cls.vg, model.lv_name(void))
+            if src is None or not model.live(src, self.core.owner, "v"):
+                raise NotFound(f"source volume {vid} does not exist")
+            todo.append((sid, name, src, model.to_volume(src, vid)))
+        if todo:
+            points: list[str] = []  # per member: its mount point, or "" (not mounted)
+            if group is not None:
+                for _, _, src, _ in todo:
+                    mounts = await self.core.mounts_of(src)
+                    points.append(mounts[0].mount_point if mounts else "")
+            async with freeze.frozen(self.core.fs, [mp for mp in points if mp], self.core.settings.freeze_dir,
+                                     "lvm-group"):  # fmt: skip
+                for (sid, name, src, vol), mp in zip(todo, points or [""] * len(todo), strict=True):
+                    done[name] = await self._take_thawed(sid, name, src, vol, group, mp)
+        return [done[name] for name, _ in pairs]
+
+    async def _take_thawed(
+        self, sid: ids.ObjectId, name: str, src: LvInfo, vol: Volume, group: tuple[str, str, int] | None, mp: str
+    ) -> Snapshot:
+        """Snapshot one member of a frozen group. LVM freezes the origin's
+        filesystem itself while it snapshots, and the 6.1 kernel refuses that
+        freeze (EBUSY) on a filesystem fsfreeze already holds; so this member
+        alone is thawed for the moment of its own snapshot, during which LVM
+        holds it frozen, and frozen again at once. Every other member stays
+        frozen throughout."""
+        if not mp:
+            return await self._take(sid, name, src, vol, group)
+        await self.core.fs.thaw(mp)
+        try:
+            return await self._take(sid, name, src, vol, group)
+        finally:
+            await self.core.fs.freeze(mp)
+
+    async def _take(
+        self, sid: ids.ObjectId, name: str, src: LvInfo, vol: Volume, group: tuple[str, str, int] | None
+    ) -> Snapshot:
+        cls = self.core.settings.classes[sid.pool]
+        created = time.time_ns()
+        tags = model.snapshot_tags(self.core.owner, name, vol, created, group)
+        lvname = model.lv_name(sid)
+        what = f"snapshot {name!r} of {vol.id}"
+        try:
+            if src.thin:
+                # A thin snapshot promises its origin's size again (capacity.py explains why).
+                async with self.core.reserve(cls, src.size, what):
+                    await self.core.lvm.change("lvcreate", "-s", "-n", lvname, "--setactivationskip", "y", "-y",
+                                               *model.addtags(tags), f"{src.vg}/{src.name}")  # fmt: skip
+            else:
+                view = await self.core.view(fresh=True)
+                reserve = params.layout(vol.parameters, cls).snapshot_reserve
+                size = cow_size(src.size, reserve, self.core.extent(view, cls))
+                await self.core.lvm.change("lvcreate", "-s", "-n", lvname, "-L", f"{size}b", "-y",
+                                           *model.addtags(tags), f"{src.vg}/{src.name}")  # fmt: skip
+        except CommandError as e:
+            raise classify(e, what) from e
+        finally:
+            self.core.inv.invalidate()
+        log.info("created snapshot %s of %s (%s)", sid, vol.id, "thin" if src.thin else "copy-on-write")
+        # The tags are exactly what ListSnapshots will read back.
+        return Snapshot(str(sid), name, vol.id, vol.size, created, True, group[0] if group else None,
+                        vol.access, vol.formatted or vol.fs_type)  # fmt: skip
+
+    async def delete(self, snapshot_id: str) -> None:
+        parsed = self.core.oid(snapshot_id, "s")
+        if parsed is None:
+            return
+        cls, sid = parsed
+        view = await self.core.view(fresh=True)
+        lv = view.lv(cls.vg, model.lv_name(sid))
+        if lv is None or not model.owned(lv, self.core.owner):
+            return
+        await self._remove(view, lv)
+        log.info("deleted snapshot %s", snapshot_id)
+
+    async def _remove(self, view: View, lv: LvInfo) -> None:
+        if self.core.wipe_needed(view, lv):
+            await self.wiper.quarantine(lv, rename=False)
+            return
+        try:
+            await self.core.lvm.change("lvremove", "-y", f"{lv.vg}/{lv.name}")
+        except CommandError as e:
+            if not not_found(e):
+                raise
+        finally:
+            self.core.inv.invalidate()
+        self.wiper.kick()  # a deleted thick origin may have been waiting for this
+
+    # -- groups ---------------------------------------------------------------------------
+
+    def _members(self, view: View, group_id: str) -> list[tuple[LvInfo, Snapshot]]:
+        out = []
+        for lv in view.all():
+            oid = model.parse_lv_name(lv.name)
+            if oid and oid.kind == "s" and model.live(lv, self.core.owner, "s") and lv.tag(model.GROUP) == group_id:
+                out.append((lv, model.to_snapshot(lv, str(oid))))
+        return out
+
+    def _group(self, group_id: str, members: list[tuple[LvInfo, Snapshot]]) -> GroupSnapshot:
+        name = hex_decode(members[0][0].tag(model.GROUP_NAME) or "") or ""
+        snaps = tuple(sorted((s for _, s in members), key=lambda s: s.id))
+        return GroupSnapshot(group_id, name, snaps, min(s.created_ns for s in snaps))
+
+    async def create_group(self, name: str, volume_ids: list[str]) -> GroupSnapshot:
+        members = sorted(set(volume_ids))
+        # The group's ID names the default class: its members may live in several.
+        gid = str(ids.make("g", self.core.settings.default, name))
+        view = await self.core.view(fresh=True)
+        existing = self._members(view, gid)
+        if existing:
+            sources = sorted(s.source_volume_id for _, s in existing)
+            size = int(existing[0][0].tag(model.GROUP_SIZE) or 0)
+            if size != len(members) or not set(sources) <= set(members):
+                raise AlreadyExists(f"group snapshot {name!r} already exists with other volumes")
+            if sources == members:
+                return self._group(gid, existing)
+        for vid in members:
+            if await self.core.find(vid, "v") is None:
+                raise NotFound(f"source volume {vid} does not exist")
+        pairs = [(member_name(name, vid), vid) for vid in members]
+        await self._create(pairs, (gid, name, len(members)))
+        return self._group(gid, self._members(await self.core.view(fresh=True), gid))
+
+    async def get_group(self, group_id: str) -> GroupSnapshot | None:
+        if ids.parse(group_id, "g") is None:
+            return None
+        members = self._members(await self.core.view(), group_id)
+        return self._group(group_id, members) if members else None
+
+    async def delete_group(self, group_id: str) -> None:
+        if ids.parse(group_id, "g") is None:
+            return
+        view = await self.core.view(fresh=True)
+        for lv, _ in self._members(view, group_id):
+            await self._remove(view, lv)
