@@ -56,11 +56,14 @@ class Orchestrator:
     """Issues each RPC; on a kill, restarts the driver and retries the same
     request until it succeeds, the way csi-provisioner and kubelet do."""
 
-    def __init__(self, driver: Driver, rng: random.Random) -> None:
+    def __init__(self, driver: Driver, rng: random.Random, kill_window: float = 0.04) -> None:
         self.d = driver
         self.rng = rng
         self.kills = 0
         self.ops = 0
+        # How far into an RPC the kill may land: a loop RPC takes milliseconds,
+        # an LVM one (in the emulated guest) about a second.
+        self.kill_window = kill_window
 
     def call(self, method: str, stub_name: str, req: object, kill: bool) -> object:
         self.ops += 1
@@ -75,7 +78,7 @@ class Orchestrator:
 
             t = threading.Thread(target=first)
             t.start()
-            time.sleep(self.rng.uniform(0, 0.04))
+            time.sleep(self.rng.uniform(0, self.kill_window))
             self.d.kill()
             self.kills += 1
             t.join(60)
@@ -98,10 +101,12 @@ def sha(path: str) -> str:
 
 
 class World:
+    kill_window = 0.04
+
     def __init__(self, d: Driver, seed: int) -> None:
         self.d = d
         self.rng = random.Random(seed)
-        self.o = Orchestrator(d, self.rng)
+        self.o = Orchestrator(d, self.rng, self.kill_window)
         self.vols: list[Vol] = []
         self.snaps: list[Snap] = []
         self.n = 0
@@ -118,6 +123,13 @@ class World:
     def kill(self) -> bool:
         return self.rng.random() < 0.6
 
+    def parameters(self, source: Snap | None, fs: str | None) -> dict[str, str]:
+        """StorageClass parameters of a new volume (a backend's World may vary them)."""
+        return {}
+
+    def may_expand(self, v: Vol) -> bool:
+        return True
+
     # -- operations -----------------------------------------------------------
 
     def create(self, source: Snap | None = None) -> None:
@@ -129,7 +141,10 @@ class World:
             size = (300 if fs == "xfs" else self.rng.choice([32, 48, 64])) * MiB
         v = Vol(f"crash-{self.n}", "", fs, size)
         req = csi_pb2.CreateVolumeRequest(
-            name=v.name, volume_capabilities=[self.cap(v)], capacity_range=csi_pb2.CapacityRange(required_bytes=size)
+            name=v.name,
+            volume_capabilities=[self.cap(v)],
+            capacity_range=csi_pb2.CapacityRange(required_bytes=size),
+            parameters=self.parameters(source, fs),
         )
         if source is not None:
             req.volume_content_source.snapshot.snapshot_id = source.sid
@@ -238,12 +253,13 @@ class World:
         if self.snaps and len(self.vols) < 6:
             choices.append(("clone", self.rng.choice(self.snaps)))
         for v in self.vols:
+            grow = [("expand", v)] if self.may_expand(v) else []
             if not v.staged:
-                choices += [("stage", v), ("delete", v), ("expand", v)]
+                choices += [("stage", v), ("delete", v), *grow]
             elif not v.published:
                 choices += [("publish", v), ("unstage", v)]
             else:
-                choices += [("write", v), ("write", v), ("unpublish", v), ("snapshot", v), ("expand", v)]
+                choices += [("write", v), ("write", v), ("unpublish", v), ("snapshot", v), *grow]
         for s in self.snaps:
             choices.append(("delete_snapshot", s))
         op, arg = self.rng.choice(choices)

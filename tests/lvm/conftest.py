@@ -1,0 +1,74 @@
+"""In-guest LVM tests: root, device-mapper, a VG on loop files, a real driver.
+
+They fail (never skip) when device-mapper is missing: a skipped LVM layer
+must never pass as green. Run them through scripts/lvm-vm.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.harness import leftovers, scratch
+from tests.lvm.harness import GuestVg, LvmDriver, class_config, destroy_vg, lvs, make_vg, wait_for, write_config
+
+OWNER_TAG = "elv.owner=elv.csi.dev"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.root)
+
+
+@pytest.fixture(scope="session")
+def dm_ready() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the LVM tests need root; run them through scripts/lvm-vm", pytrace=False)
+    subprocess.run(["modprobe", "-a", "loop", "dm_mod", "dm_snapshot", "dm_thin_pool"], check=False)
+    subprocess.run(["modprobe", "-a", "dm_mirror", "dm_raid", "raid1"], check=False, capture_output=True)
+    if not os.path.exists("/dev/mapper/control") and not os.path.exists("/sys/module/dm_mod"):
+        pytest.fail("this kernel has no device-mapper: run the LVM tests inside the VM (scripts/lvm-vm)",
+                    pytrace=False)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def vg(dm_ready: None) -> Iterator[GuestVg]:
+    # scripts/lvm-vm runs two pytest processes at once, each on its own VG.
+    name = os.environ.get("ELV_TEST_VG", "elvtest")
+    work = f"/tmp/elv-lvm-pvs-{name}"
+    os.makedirs(work, exist_ok=True)
+    v = make_vg(name, work)
+    try:
+        yield v
+    finally:
+        problems = destroy_vg(v)
+        assert not problems, problems
+
+
+@pytest.fixture
+def base() -> Iterator[str]:
+    with scratch() as b:
+        yield b
+
+
+def ours(vg: GuestVg) -> list[str]:
+    return sorted(r["lv_name"] for r in lvs(vg.name) if OWNER_TAG in r["lv_tags"].split(","))
+
+
+@pytest.fixture
+def driver(base: str, vg: GuestVg) -> Iterator[LvmDriver]:
+    cfg = write_config(os.path.join(base, "lvm.toml"), class_config(vg))
+    d = LvmDriver(base, ["--lvm-config", cfg]).start()
+    try:
+        yield d
+        # Every test deletes what it made; the wiper then removes the quarantined LVs.
+        wait_for(lambda: not ours(vg), 120, "the wiper to finish")
+    finally:
+        rc = d.stop()
+        left = leftovers(base)
+        assert rc == 0, f"driver exited with {rc}:\n{d.log()[-3000:]}"
+        assert "Traceback" not in d.log(), d.log()[-5000:]
+        assert not left, f"test left behind: {left}"

@@ -1,0 +1,95 @@
+"""Whole lives of thick and thin volumes on real LVM: create, stage, write,
+publish, grow online, unstage, delete; and the codes the contract promises."""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+
+from csi.v1 import csi_pb2
+from tests.integration.harness import block_cap, code_of, mount_cap
+from tests.lvm.harness import GuestVg, LvmDriver, MiB, lv
+
+CLASS = "elv.csi.dev/device-class"
+
+
+def lv_name(vid: str) -> str:
+    return "elv-" + vid
+
+
+@pytest.mark.parametrize(("cls", "fs"), [("thick", "ext4"), ("thin", "xfs")])
+def test_mount_life(driver: LvmDriver, vg: GuestVg, cls: str, fs: str) -> None:
+    size = 320 * MiB if fs == "xfs" else 64 * MiB
+    vid = driver.create("life-" + cls, size, mount_cap(fs), parameters={CLASS: cls})
+    assert vid.startswith(f"v-{cls}-")
+    row = lv(vg.name, lv_name(vid))
+    assert row is not None and int(row["lv_size"]) >= size
+    assert ("V" if cls == "thin" else "-") == row["lv_attr"][0]
+    staging, target = driver.path("st", vid), driver.path("pub", vid)
+    driver.stage(vid, staging, mount_cap(fs))
+    driver.publish(vid, staging, target, mount_cap(fs))
+    with open(os.path.join(target, "hello.txt"), "w") as f:
+        f.write("hello lvm")
+    # Online growth: the controller grows the LV, the node the filesystem.
+    grown = driver.controller.ControllerExpandVolume(
+        csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=vid, capacity_range=csi_pb2.CapacityRange(required_bytes=size + 100 * MiB)
+        )
+    )
+    assert grown.capacity_bytes >= size + 100 * MiB
+    node = driver.node.NodeExpandVolume(
+        csi_pb2.NodeExpandVolumeRequest(
+            volume_id=vid, volume_path=target, capacity_range=csi_pb2.CapacityRange(required_bytes=size + 100 * MiB)
+        )
+    )
+    assert node.capacity_bytes >= size + 100 * MiB
+    st = os.statvfs(target)
+    assert st.f_blocks * st.f_frsize > size
+    # A staged volume cannot be deleted.
+    assert code_of(driver.delete, vid) == grpc.StatusCode.FAILED_PRECONDITION
+    stats = driver.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=target))
+    assert not stats.volume_condition.abnormal, stats.volume_condition.message
+    driver.unpublish(vid, target)
+    driver.unstage(vid, staging)
+    row = lv(vg.name, lv_name(vid))
+    assert row is not None and row["lv_attr"][4] == "-", "unstage deactivates the LV"
+    # Restage: the data is still there (never reformatted).
+    driver.stage(vid, staging, mount_cap(fs))
+    with open(os.path.join(staging, "hello.txt")) as f:
+        assert f.read() == "hello lvm"
+    driver.unstage(vid, staging)
+    driver.delete(vid)
+    driver.delete(vid)  # idempotent
+
+
+def test_block_life(driver: LvmDriver, vg: GuestVg) -> None:
+    vid = driver.create("blk", 32 * MiB, block_cap(), parameters={CLASS: "thin"})
+    staging, target = driver.path("st", vid), driver.path("pub", vid)
+    driver.stage(vid, staging, block_cap())
+    driver.publish(vid, staging, target, block_cap())
+    with open(target, "r+b") as f:
+        f.write(b"raw bytes")
+    driver.unpublish(vid, target)
+    driver.unstage(vid, staging)
+    driver.delete(vid)
+
+
+def test_bad_class_and_params(driver: LvmDriver) -> None:
+    def create(params: dict[str, str]) -> None:
+        driver.create("bad", 32 * MiB, parameters=params)
+
+    assert code_of(create, {CLASS: "nosuch"}) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(create, {"elv.csi.dev/lvm-type": "raid5"}) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(create, {CLASS: "thin", "elv.csi.dev/lvm-type": "raid1"}) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(create, {CLASS: "thick"}) == grpc.StatusCode.OK
+    vid = driver.controller.CreateVolume(
+        csi_pb2.CreateVolumeRequest(
+            name="bad",
+            volume_capabilities=[mount_cap()],
+            parameters={CLASS: "thick"},
+            capacity_range=csi_pb2.CapacityRange(required_bytes=32 * MiB),
+        )
+    ).volume.volume_id
+    driver.delete(vid)
