@@ -67,9 +67,15 @@ def test_lvm_kill_anywhere_and_converge(base: str, vg: GuestVg) -> None:
     w = LvmWorld(d, SEED)
     t0 = time.monotonic()
     try:
+        reported = 0
         while w.o.kills < KILLS:
             w.step()
             w.verify()
+            if w.o.kills >= reported + 10:
+                # A long run in the guest shows nothing until it ends: leave a trace in ci-out.
+                reported = w.o.kills
+                with open("ci-out/lvm-crash-progress.txt", "a") as f:
+                    f.write(f"{time.monotonic() - t0:.0f}s kills={w.o.kills} ops={w.o.ops}\n")
         for v in list(w.vols):
             if v.published:
                 w.unpublish(v)
