@@ -54,6 +54,7 @@ class FakeLvmRunner:
         self.vgs = {vg: (vg_size, extent)}
         self.lvs: dict[tuple[str, str], FakeLv] = {}
         self.calls: list[tuple[str, ...]] = []
+        self.sysfs_sure = True  # what the fake sysfs scan says of its own completeness
         self._minor = 0
         self.fail: dict[str, tuple[int, bytes]] = {}
 

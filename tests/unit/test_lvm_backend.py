@@ -52,6 +52,7 @@ def _no_device_nodes(monkeypatch: pytest.MonkeyPatch, lvm: FakeLvmRunner) -> Non
     monkeypatch.setattr(devnode, "wait_for_device", fake_wait)
     monkeypatch.setattr(devnode, "kernel_name", lambda major, minor, *a: f"dm-{minor}")
     monkeypatch.setattr(devnode, "find_dm_by_name", by_dm_name)
+    monkeypatch.setattr(devnode, "scan_dm_by_name", lambda name, *a: (by_dm_name(name), lvm.sysfs_sure))
     monkeypatch.setattr(wipe, "zero_out", lambda path: lvm.calls.append(("zero_out", path)))
 
 
@@ -237,6 +238,12 @@ async def test_node_lookups_of_an_inactive_volume_run_no_lvm(backend: LvmBackend
     assert await backend.find_device(vol.id) == dev
     await backend.detach(vol.id)
     assert not lvm.lvs[("vg0", "elv-" + vol.id)].active
+    # sysfs could not be read for sure (a device torn down meanwhile): ask LVM.
+    lvm.sysfs_sure = False
+    n = len(lvm.calls)
+    assert await backend.find_device(vol.id) is None
+    await backend.detach(vol.id)
+    assert [c[1] for c in lvm.calls[n:]] == ["lvs"]
     await backend.delete_volume(vol.id)
 
 

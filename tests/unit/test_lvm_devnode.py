@@ -74,3 +74,16 @@ def test_find_dm_by_name(tmp_path: Path) -> None:
     assert devnode.find_dm_by_name("vg-a-cow", str(tmp_path)) == ("dm-1", 254, 1)
     assert devnode.find_dm_by_name("vg-b", str(tmp_path)) is None
     assert devnode.find_dm_by_name("x", str(tmp_path / "missing")) is None
+
+
+def test_scan_dm_by_name_says_when_it_is_not_sure(tmp_path: Path) -> None:
+    """A dm device torn down while it is read makes sysfs fail (EINVAL in the
+    guest): that entry is skipped and "not found" is then not proof."""
+    good = tmp_path / "dm-0" / "dm"
+    good.mkdir(parents=True)
+    (good / "name").write_text("vg-a\n")
+    (tmp_path / "dm-0" / "dev").write_text("254:0\n")
+    assert devnode.scan_dm_by_name("vg-b", str(tmp_path)) == (None, True)
+    (tmp_path / "dm-1" / "dm" / "name").mkdir(parents=True)  # reading it fails with an OSError
+    assert devnode.scan_dm_by_name("vg-b", str(tmp_path)) == (None, False)
+    assert devnode.scan_dm_by_name("vg-a", str(tmp_path)) == (("dm-0", 254, 0), True)

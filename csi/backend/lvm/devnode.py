@@ -75,13 +75,19 @@ async def wait_for_device(
         delay = min(delay * 2, 0.2)
 
 
-def find_dm_by_name(dm_name: str, sys_block: str = "/sys/block") -> tuple[str, int, int] | None:
-    """(kernel name, major, minor) of the device-mapper device called ``dm_name``
-    (e.g. the ``-cow`` store of a snapshot, which LVM does not report)."""
+def scan_dm_by_name(dm_name: str, sys_block: str = "/sys/block") -> tuple[tuple[str, int, int] | None, bool]:
+    """(kernel name, major, minor) of the device-mapper device called ``dm_name``,
+    and whether the scan was complete.
+
+    A device being removed while it is read makes sysfs answer EINVAL or
+    ENXIO (seen in the guest while another VG's LVs were deactivated). Such
+    an entry is skipped, and the scan reports itself incomplete: "not found"
+    then is not proof, and a caller that acts on absence must ask LVM."""
     try:
         entries = os.listdir(sys_block)
     except FileNotFoundError:
-        return None
+        return None, True
+    complete = True
     for entry in entries:
         if not entry.startswith("dm-"):
             continue
@@ -91,10 +97,19 @@ def find_dm_by_name(dm_name: str, sys_block: str = "/sys/block") -> tuple[str, i
                     continue
             with open(os.path.join(sys_block, entry, "dev"), encoding="ascii") as f:
                 major, minor = f.read().strip().split(":")
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
+            continue  # gone between listdir and open: it was not active for us either
+        except (OSError, ValueError):
+            complete = False
             continue
-        return entry, int(major), int(minor)
-    return None
+        return (entry, int(major), int(minor)), True
+    return None, complete
+
+
+def find_dm_by_name(dm_name: str, sys_block: str = "/sys/block") -> tuple[str, int, int] | None:
+    """(kernel name, major, minor) of the device-mapper device called ``dm_name``
+    (e.g. the ``-cow`` store of a snapshot, which LVM does not report)."""
+    return scan_dm_by_name(dm_name, sys_block)[0]
 
 
 def dm_name(vg: str, lv: str, layer: str | None = None) -> str:
