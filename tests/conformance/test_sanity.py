@@ -49,6 +49,21 @@ ALLOWED_SKIPS = {
 }
 
 
+def read_report(report: str) -> tuple[Counter[str], list[str], float]:
+    """csi-sanity's ginkgo JSON report: the count of each spec state, a line
+    for every spec that neither passed nor is pending, and the run time (s)."""
+    with open(report) as f:
+        specs = json.load(f)[0]["SpecReports"]
+    its = [s for s in specs if s.get("LeafNodeType") == "It"]
+    states = Counter(s["State"] for s in its)
+    lines = [
+        f"{s['State']}: {' / '.join(s['ContainerHierarchyTexts'][1:])} :: {s['LeafNodeText']}"
+        for s in its
+        if s["State"] not in ("passed", "pending")
+    ]
+    return states, lines, sum(s.get("RunTime", 0) for s in specs) / 1e9
+
+
 def _yaml_map(path: str, m: dict[str, str]) -> str:
     with open(path, "w") as f:
         for k, v in m.items():
@@ -94,14 +109,7 @@ def test_csi_sanity(run: str) -> None:
         pool_files = sorted(os.listdir(os.path.join(driver.pool, "volumes"))) + sorted(
             os.listdir(os.path.join(driver.pool, "snapshots"))
         )
-    with open(report) as f:
-        specs = json.load(f)[0]["SpecReports"]
-    states = Counter(s["State"] for s in specs if s.get("LeafNodeType") == "It")
-    lines = [
-        f"{s['State']}: {' / '.join(s['ContainerHierarchyTexts'][1:])} :: {s['LeafNodeText']}"
-        for s in specs
-        if s.get("LeafNodeType") == "It" and s["State"] not in ("passed", "pending")
-    ]
+    states, lines, _ = read_report(report)
     summary = {"run": run, **{k: states.get(k, 0) for k in ("passed", "failed", "skipped", "pending")}}
     with open(os.path.join(OUT, f"sanity-{run}.summary.json"), "w") as f:
         json.dump(summary, f)

@@ -76,13 +76,7 @@ def test_lvm_kill_anywhere_and_converge(base: str, vg: GuestVg) -> None:
                 reported = w.o.kills
                 with open("ci-out/lvm-crash-progress.txt", "a") as f:
                     f.write(f"{time.monotonic() - t0:.0f}s kills={w.o.kills} ops={w.o.ops}\n")
-        for v in list(w.vols):
-            if v.published:
-                w.unpublish(v)
-            if v.staged:
-                w.unstage(v)
-            w.stage(v)
-            w.publish(v)
+        w.restage_all()
         w.verify()
         w.teardown()
         wait_for(lambda: not ours(vg), 300, "the wiper to remove every LV of ELV's")

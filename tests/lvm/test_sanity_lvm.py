@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections import Counter
 
 import pytest
 
+from tests.conformance.test_sanity import read_report
 from tests.integration.harness import REPO, leftovers, scratch
 from tests.lvm.conftest import ours
 from tests.lvm.harness import GuestVg, LvmDriver, MiB, wait_for, write_config
@@ -86,15 +86,7 @@ def test_csi_sanity_lvm(run: str, vg: GuestVg) -> None:
             log = driver.log()
             with open(os.path.join(OUT, f"sanity-lvm-{run}.driver.log"), "w") as f:
                 f.write(log)
-    with open(report) as f:
-        specs = json.load(f)[0]["SpecReports"]
-    states = Counter(s["State"] for s in specs if s.get("LeafNodeType") == "It")
-    lines = [
-        f"{s['State']}: {' / '.join(s['ContainerHierarchyTexts'][1:])} :: {s['LeafNodeText']}"
-        for s in specs
-        if s.get("LeafNodeType") == "It" and s["State"] not in ("passed", "pending")
-    ]
-    seconds = sum(s.get("RunTime", 0) for s in specs) / 1e9
+    states, lines, seconds = read_report(report)
     summary = {"run": f"lvm-{run}", **{k: states.get(k, 0) for k in ("passed", "failed", "skipped", "pending")},
                "seconds": round(seconds, 1), "not_passed": lines}  # fmt: skip
     with open(os.path.join(OUT, f"sanity-lvm-{run}.summary.json"), "w") as f:

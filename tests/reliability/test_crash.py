@@ -270,6 +270,17 @@ class World:
         else:
             getattr(self, op)(arg)
 
+    def restage_all(self) -> None:
+        """Unpublish, unstage, stage and publish every volume: clones and
+        restored data must survive a full restage."""
+        for v in list(self.vols):
+            if v.published:
+                self.unpublish(v)
+            if v.staged:
+                self.unstage(v)
+            self.stage(v)
+            self.publish(v)
+
     def teardown(self) -> None:
         for v in list(self.vols):
             if v.published:
@@ -290,14 +301,7 @@ def test_kill_anywhere_and_converge(base: str) -> None:
         while w.o.kills < KILLS:
             w.step()
             w.verify()
-        # Check the clones and restored data survive a full restage.
-        for v in list(w.vols):
-            if v.published:
-                w.unpublish(v)
-            if v.staged:
-                w.unstage(v)
-            w.stage(v)
-            w.publish(v)
+        w.restage_all()
         w.verify()
         w.teardown()
         assert leftovers(base) == []
