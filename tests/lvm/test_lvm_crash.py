@@ -6,8 +6,9 @@ restart it, and let an orchestrator's retries converge.
 At the end no LV of ELV's is left (the wiper included), no device-mapper
 device of ELV's is active, nothing is mounted or attached under the test's
 directory, no volume was lost, and every file written (and fsynced) before a
-kill reads back with its checksum. Each restart costs about ten seconds in
-the emulated guest, so this is not part of scripts/lvm-vm's default run:
+kill reads back with its checksum. A kill costs about nine seconds in the
+emulated guest (half an hour for 200), so this is not part of scripts/lvm-vm's
+default run:
 ``scripts/lvm-vm tests/lvm/test_lvm_crash.py`` runs it (ELV_CRASH_KILLS,
 default 200; ELV_CRASH_SEED replays a run).
 """
@@ -25,7 +26,7 @@ from tests.lvm.harness import GuestVg, LvmDriver, class_config, wait_for, write_
 from tests.reliability.test_crash import KILLS, SEED, Snap, Vol, World
 
 CLASS = "elv.csi.dev/device-class"
-# About 15 s a kill in the guest (the restart dominates): far beyond the usual per-test bound.
+# About 9 s a kill in the guest (the restart dominates): far beyond the usual per-test bound.
 pytestmark = pytest.mark.timeout(600 + 40 * KILLS)
 
 
