@@ -70,10 +70,17 @@ def test_snapshot_restore_keeps_data(driver: LvmDriver, vg: GuestVg, cls: str) -
     assert [e.snapshot.snapshot_id for e in listed] == [sid] and listed[0].snapshot.ready_to_use
     driver.unstage(restored, rst)
     driver.unstage(vid, st)
+    # Unstaging the origin deactivated it (and a thick one's COW snapshot with
+    # it): a restore must still work (the crash test found it did not, once).
+    again = clone(driver, f"again-{cls}", 64 * MiB, cls, snap=sid)
+    driver.stage(again, rst)
+    assert read(os.path.join(rst, "data.txt")) == "before the snapshot"
+    driver.unstage(again, rst)
     # Volumes and snapshots go in any order.
     driver.delete(vid)
     delete_snapshot(driver, sid)
     driver.delete(restored)
+    driver.delete(again)
 
 
 @pytest.mark.parametrize("cls", ["thick", "thin"])

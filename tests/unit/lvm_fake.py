@@ -228,10 +228,17 @@ class FakeLvmRunner:
             for t in opts.get("--addtag", []):
                 if t not in lv.tags:
                     lv.tags.append(t)
-            if "-ay" in opts:
-                lv.active = True
-            if "-an" in opts:
-                lv.active = False
+            if "-ay" in opts or "-an" in opts:
+                cow = lv.origin != "" and lv.segtype != "thin"
+                if cow and "-y" not in opts:
+                    # LVM asks "Change of snapshot ... will also change its
+                    # origin ... Proceed? [y/n]"; with no terminal the answer is no.
+                    return 5, b"", f"  Logical volume {path} not changed.\n".encode()
+                # A COW snapshot and its origin are (de)activated together.
+                head = self.lvs[(lv.vg, lv.origin)] if cow else lv
+                for x in [head, *(o for o in self.lvs.values() if o.vg == lv.vg and o.origin == head.name
+                                  and o.segtype != "thin")]:  # fmt: skip
+                    x.active = "-ay" in opts
         return 0, b"", b""
 
     def _lvextend(self, args: list[str]) -> tuple[int, bytes, bytes]:

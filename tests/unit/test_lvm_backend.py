@@ -367,3 +367,29 @@ async def test_create_races_the_wiper_for_a_reused_name(backend: LvmBackend, lvm
     lvm._lvrename = vanished  # type: ignore[method-assign]
     again = await backend.create_volume(spec("reuse"))
     assert again.id == vol.id
+
+
+async def test_clone_of_a_thick_snapshot_whose_origin_is_inactive(
+    backend: LvmBackend, lvm: FakeLvmRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The crash test found it on real LVM: the origin was unstaged (which
+    # deactivates it and its snapshots), then a clone of the snapshot asked
+    # lvchange to activate the snapshot itself, which LVM answers only on a
+    # terminal; without one, "not changed" and INTERNAL.
+    from csi.backend.lvm import clone as clone_mod
+
+    copied: list[tuple[str, str, int]] = []
+    monkeypatch.setattr(clone_mod, "copy_blocks", lambda src, dst, size, what: copied.append((src, dst, size)))
+    vol = await backend.create_volume(spec("origin", 64 * MiB))
+    snap = await backend.create_snapshot("s", vol.id)
+    origin = lvm.lvs[("vg0", "elv-" + vol.id)]
+    slv = lvm.lvs[("vg0", "elv-" + snap.id)]
+    origin.active = slv.active = False
+    backend.core.inv.invalidate()
+    n = len(lvm.calls)
+    made = await backend.create_volume(spec("restored", 64 * MiB, source=Source("snapshot", snap.id)))
+    activations = [c for c in lvm.calls[n:] if c[:2] == ("lvm", "lvchange") and "-ay" in c]
+    assert [c[-1] for c in activations][:1] == ["vg0/elv-" + vol.id], "the snapshot is activated through its origin"
+    assert len(copied) == 1 and copied[0][2] == 64 * MiB
+    assert made.source == Source("snapshot", snap.id)
+    assert "elv.pending" not in lvm.lvs[("vg0", "elv-" + made.id)].tags

@@ -86,10 +86,14 @@ class Core:
         """Activate the LV (if needed) and wait, bounded, for its device node."""
         if lv.active and lv.major is not None and lv.minor is not None:
             return await devnode.wait_for_device(lv.major, lv.minor, make_nodes=self.make_nodes)
+        # A COW snapshot is activated through its origin: LVM activates them
+        # together, and asked for the snapshot itself it wants a y/n answer
+        # on a terminal ("not changed", status 5, without one).
+        head = lv.origin if lv.cow_snapshot and lv.origin else lv.name
         try:
             # -K: snapshots carry the activation-skip flag so boot-time
             # autoactivation leaves them alone; ELV activates them on purpose.
-            await self.lvm.change("lvchange", "-ay", "-K", f"{lv.vg}/{lv.name}")
+            await self.lvm.change("lvchange", "-ay", "-K", f"{lv.vg}/{head}")
         finally:
             self.inv.invalidate()
         # The kernel knows the new device by its device-mapper name at once:
