@@ -61,6 +61,7 @@ class Orchestrator:
         self.rng = rng
         self.kills = 0
         self.ops = 0
+        self.restart_seconds = 0.0  # from the kill until the new driver answers Probe
         # How far into an RPC the kill may land: a loop RPC takes milliseconds,
         # an LVM one (in the emulated guest) about a second.
         self.kill_window = kill_window
@@ -79,10 +80,12 @@ class Orchestrator:
             t = threading.Thread(target=first)
             t.start()
             time.sleep(self.rng.uniform(0, self.kill_window))
+            t0 = time.monotonic()
             self.d.kill()
             self.kills += 1
             t.join(60)
             self.d.start()
+            self.restart_seconds += time.monotonic() - t0
         for _ in range(200):
             try:
                 return getattr(getattr(self.d, stub_name), method)(req, timeout=60)
@@ -310,7 +313,10 @@ def test_kill_anywhere_and_converge(base: str) -> None:
         assert not os.listdir(os.path.join(base, "run", "commands"))
     finally:
         d.stop()
-        summary = f"crash test: seed={SEED} kills={w.o.kills} operations={w.o.ops} seconds={time.monotonic() - t0:.0f}"
+        summary = (
+            f"crash test: seed={SEED} kills={w.o.kills} operations={w.o.ops} "
+            f"seconds={time.monotonic() - t0:.0f} restarts={w.o.restart_seconds:.0f}s"
+        )
         print(summary)
         os.makedirs("ci-out", exist_ok=True)
         with open("ci-out/crash-summary.txt", "w") as f:
