@@ -55,6 +55,13 @@ def test_mount_life(driver: LvmDriver, vg: GuestVg, cls: str, fs: str) -> None:
     driver.unstage(vid, staging)
     row = lv(vg.name, lv_name(vid))
     assert row is not None and row["lv_attr"][4] == "-", "unstage deactivates the LV"
+    # Another filesystem than the one on the LV: refused before anything is
+    # activated or mounted, and the data is kept.
+    other = "xfs" if fs == "ext4" else "ext4"
+    assert code_of(driver.stage, vid, staging, mount_cap(other)) == grpc.StatusCode.FAILED_PRECONDITION
+    row = lv(vg.name, lv_name(vid))
+    assert row is not None and row["lv_attr"][4] == "-", "a refused stage leaves the LV inactive"
+    assert not os.path.ismount(staging)
     # Restage: the data is still there (never reformatted).
     driver.stage(vid, staging, mount_cap(fs))
     with open(os.path.join(staging, "hello.txt")) as f:

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from csi.host import loop as loopdev
 from csi.host.mountinfo import MountTable
@@ -64,10 +64,21 @@ class DriverMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.base = tempfile.mkdtemp(prefix="elv-sm-", dir="/tmp")
-        self.d = Driver(self.base).start()
+        self.d = self.start_driver()
         self.model: dict[str, str] = {}
         self.ids: dict[str, str] = {}
-        # Something foreign that must never be touched.
+        self.make_foreign()
+
+    # -- what a backend's machine changes (tests/lvm/test_lvm_state_machine.py) --
+
+    def start_driver(self) -> Driver:
+        return Driver(self.base).start()
+
+    def parameters(self, name: str) -> dict[str, str]:
+        return {}
+
+    def make_foreign(self) -> None:
+        """Something foreign that must never be touched: a loop device and a file in the pool."""
         self.foreign_img = os.path.join(self.base, "foreign.img")
         with open(self.foreign_img, "wb") as f:
             f.truncate(8 * MiB)
@@ -76,6 +87,15 @@ class DriverMachine(RuleBasedStateMachine):
         ).stdout.strip()
         with open(os.path.join(self.d.pool, "volumes", "README.txt"), "w") as f:
             f.write("not ours")
+
+    def foreign_intact(self) -> None:
+        assert os.path.exists(self.foreign_loop) and any(
+            x.path == self.foreign_loop and x.backing_file == os.path.realpath(self.foreign_img) for x in loopdev.scan()
+        ), "a foreign loop device was touched"
+        assert os.path.exists(os.path.join(self.d.pool, "volumes", "README.txt")), "a foreign file was touched"
+
+    def remove_foreign(self) -> None:
+        subprocess.run(["losetup", "-d", self.foreign_loop], check=True)
 
     def staging(self, name: str) -> str:
         return self.d.path("st", name)
@@ -93,6 +113,7 @@ class DriverMachine(RuleBasedStateMachine):
             name=name,
             volume_capabilities=[mount_cap()],
             capacity_range=csi_pb2.CapacityRange(required_bytes=size * MiB),
+            parameters=self.parameters(name),
         )
         code, vid = code_and_id(self.d, req)
         if name in self.model:
@@ -168,10 +189,7 @@ class DriverMachine(RuleBasedStateMachine):
             published = table.top(os.path.realpath(self.target(name))) is not None
             assert staged == (state in ("staged", "published")), (name, state)
             assert published == (state == "published"), (name, state)
-        assert os.path.exists(self.foreign_loop) and any(
-            x.path == self.foreign_loop and x.backing_file == os.path.realpath(self.foreign_img) for x in loopdev.scan()
-        ), "a foreign loop device was touched"
-        assert os.path.exists(os.path.join(self.d.pool, "volumes", "README.txt")), "a foreign file was touched"
+        self.foreign_intact()
 
     def teardown(self) -> None:
         try:
@@ -181,7 +199,7 @@ class DriverMachine(RuleBasedStateMachine):
                 if state in ("staged", "published"):
                     self.ok(self.d.unstage, self.ids[name], self.staging(name))
                 self.ok(self.d.delete, self.ids[name])
-            subprocess.run(["losetup", "-d", self.foreign_loop], check=True)
+            self.remove_foreign()
             assert leftovers(self.base) == []
         finally:
             self.d.stop()
@@ -190,15 +208,17 @@ class DriverMachine(RuleBasedStateMachine):
                 shutil.rmtree(self.base, ignore_errors=True)
 
 
-@pytest.mark.timeout(1200)
-def test_state_machine() -> None:
+def run_machine(machine: type[DriverMachine], examples: int, steps: int) -> None:
     machine_settings = settings(
-        max_examples=int(os.environ.get("ELV_SM_EXAMPLES", "12")),
-        stateful_step_count=25,
+        max_examples=examples,
+        stateful_step_count=steps,
         deadline=None,
         database=None,
         suppress_health_check=list(HealthCheck),
     )
-    from hypothesis.stateful import run_state_machine_as_test
+    run_state_machine_as_test(machine, settings=machine_settings)
 
-    run_state_machine_as_test(DriverMachine, settings=machine_settings)
+
+@pytest.mark.timeout(1200)
+def test_state_machine() -> None:
+    run_machine(DriverMachine, int(os.environ.get("ELV_SM_EXAMPLES", "12")), 25)

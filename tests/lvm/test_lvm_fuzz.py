@@ -1,0 +1,72 @@
+"""The reliability suite's fuzz test (tests/reliability/test_fuzz.py) on real
+LVM: malformed values in every field of every RPC never give INTERNAL or
+UNKNOWN, and a rejected call changes no LV (name, size, attributes, tags) and
+no mount. Fewer examples per RPC than on loop (a state read is an ``lvs``, a
+second of emulated CPU): ELV_LVM_FUZZ_EXAMPLES changes them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from csi.host.mountinfo import MountTable
+from csi.v1 import csi_pb2
+from tests.integration.harness import force_cleanup
+from tests.lvm.conftest import ours
+from tests.lvm.harness import GuestVg, LvmDriver, class_config, lvs, wait_for, write_config
+from tests.reliability.test_fuzz import CALLS, Fuzzed, fuzz_rpc, mounts_and_loops, seed
+
+EXAMPLES = int(os.environ.get("ELV_LVM_FUZZ_EXAMPLES", "8"))
+CLASS = "elv.csi.dev/device-class"
+
+
+@pytest.fixture(scope="module")
+def lvm_fuzz_driver(vg: GuestVg) -> Iterator[Fuzzed]:
+    base = tempfile.mkdtemp(prefix="elv-lvmfuzz-", dir="/tmp")
+    cfg = write_config(os.path.join(base, "lvm.toml"), class_config(vg))
+    d = LvmDriver(base, ["--lvm-config", cfg], "--max-volumes-per-node", "3").start()
+
+    def state() -> object:
+        rows = sorted((r["lv_name"], r["lv_size"], r["lv_attr"], r["lv_tags"]) for r in lvs(vg.name))
+        return (rows, mounts_and_loops(d))
+
+    # The seed is thin: deleting a thin snapshot in a zeroing pool needs no wipe.
+    known = seed(d, **{CLASS: "thin"})
+    known += ["v-thick-" + "0" * 32, "v-thin-" + "f" * 32, "s-thin-" + "1" * 32, "v-thick-../x"]
+    fz = Fuzzed(d, known, state, EXAMPLES)
+    try:
+        yield fz
+    finally:
+        print(f"lvm fuzz: {fz.calls} calls")
+        try:
+            undo(d, vg, known[0])
+        finally:
+            rc = d.stop()
+            force_cleanup(base)
+        assert rc == 0, d.log()[-3000:]
+
+
+def undo(d: LvmDriver, vg: GuestVg, seeded: str) -> None:
+    """Remove what the fuzzer's accepted calls made, the way ELV removes it
+    (thick LVs are wiped), so later tests on this VG start from nothing."""
+    kubelet = os.path.realpath(d.kubelet)
+    for m in MountTable.load().under(kubelet):
+        if m.mount_point != os.path.realpath(d.path("st")):
+            d.unpublish(seeded, m.mount_point)  # a fuzzed publish of the seed
+    d.unstage(seeded, d.path("st"))
+    for e in d.controller.ListSnapshots(csi_pb2.ListSnapshotsRequest()).entries:
+        d.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=e.snapshot.snapshot_id))
+    for v in d.controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries:
+        d.delete(v.volume.volume_id)
+    wait_for(lambda: not ours(vg), 300, "the wiper to remove every LV of ELV's")
+    assert MountTable.load().under(kubelet) == []
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize(("service", "method"), CALLS, ids=[f"{s}.{m}" for s, m in CALLS])
+def test_lvm_fuzz_rpc(lvm_fuzz_driver: Fuzzed, service: str, method: str) -> None:
+    fuzz_rpc(lvm_fuzz_driver, service, method)
