@@ -74,7 +74,10 @@ class Orchestrator:
             def first() -> None:
                 try:
                     result.append(getattr(getattr(self.d, stub_name), method)(req, timeout=60))
-                except grpc.RpcError as e:
+                except (grpc.RpcError, ValueError) as e:
+                    # ValueError: the kill closed the channel before this
+                    # thread got to send (seen under emulation): the request
+                    # never left, which the retry below covers like any kill.
                     result.append(e)
 
             t = threading.Thread(target=first)
