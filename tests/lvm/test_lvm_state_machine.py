@@ -26,6 +26,10 @@ STEPS = int(os.environ.get("ELV_LVM_SM_STEPS", "20"))
 FOREIGN = ("admin-sm", "elv-v-thick-" + "e" * 32)
 
 
+def remove_foreign(vg: GuestVg, check: bool = True) -> None:
+    lvm("lvremove", "-q", "-y", *(f"{vg.name}/{n}" for n in FOREIGN), check=check)
+
+
 class LvmMachine(DriverMachine):
     vg: GuestVg  # set by the test: a machine is made by hypothesis, not by a fixture
 
@@ -39,8 +43,7 @@ class LvmMachine(DriverMachine):
         return {CLASS: "thin" if name in ("beta", "delta") else "thick"}
 
     def make_foreign(self) -> None:
-        # A failed example's teardown may not have got this far.
-        lvm("lvremove", "-q", "-y", *(f"{self.vg.name}/{n}" for n in FOREIGN), check=False)
+        remove_foreign(self.vg, check=False)  # a failed example's teardown may not have got this far
         for name in FOREIGN:
             lvm("lvcreate", "-q", "-y", "-n", name, "-L", "8m", self.vg.name)
 
@@ -52,7 +55,7 @@ class LvmMachine(DriverMachine):
             )
 
     def remove_foreign(self) -> None:
-        lvm("lvremove", "-q", "-y", *(f"{self.vg.name}/{n}" for n in FOREIGN))
+        remove_foreign(self.vg)
 
 
 @pytest.mark.timeout(600 + 60 * EXAMPLES * STEPS)
@@ -61,7 +64,7 @@ def test_lvm_state_machine(base: str, vg: GuestVg) -> None:
     try:
         run_machine(LvmMachine, EXAMPLES, STEPS)
     finally:
-        lvm("lvremove", "-q", "-y", *(f"{vg.name}/{n}" for n in FOREIGN), check=False)
+        remove_foreign(vg, check=False)
         # A deleted thick volume is wiped in the background: a driver stopped
         # before its wipe ended leaves it to the next one, so start one.
         d = LvmDriver(base, ["--lvm-config", write_config(os.path.join(base, "lvm.toml"), class_config(vg))])
