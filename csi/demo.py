@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+from csi import scratch
 from csi.client import Client, mount_capability
 from csi.host import loop as loopdev
 from csi.host.mountinfo import MountTable
@@ -193,7 +194,7 @@ async def spawned_server(base: str) -> AsyncIterator[str]:
 
 
 async def main(endpoint: str | None, kubelet_dir: str, pool: str | None) -> int:
-    base = tempfile.mkdtemp(prefix="elv-demo-")
+    base = scratch.make("demo")
     try:
         async with contextlib.AsyncExitStack() as stack:
             if endpoint is None:

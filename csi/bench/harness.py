@@ -6,18 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 
 import grpc
 
-from csi.host import loop as loopdev
-from csi.host.mountinfo import MountTable
+from csi import scratch as scratch_dirs
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
 MiB = 1024 * 1024
@@ -134,27 +130,17 @@ class Target:
 
 
 @contextlib.contextmanager
-def scratch(prefix: str = "elv-bench-") -> Iterator[str]:
-    base = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+def scratch(kind: str = "bench") -> Iterator[str]:
+    base = scratch_dirs.make(kind)
     try:
         yield base
     finally:
-        cleanup(base)
-        if not MountTable.load().under(os.path.realpath(base)):
-            shutil.rmtree(base, ignore_errors=True)
+        scratch_dirs.remove(base)
 
 
 def cleanup(base: str) -> None:
     """Remove every mount and loop device under ``base`` (after a failure)."""
-    real = os.path.realpath(base)
-    for d in loopdev.scan():
-        if d.backing_file.startswith(real + "/"):
-            subprocess.run(["losetup", "-d", d.path], check=False, capture_output=True)
-    for m in sorted(MountTable.load().under(real), key=lambda m: -len(m.mount_point)):
-        subprocess.run(["umount", "-l", m.mount_point], check=False, capture_output=True)
-    for d in loopdev.scan():
-        if d.backing_file.startswith(real + "/"):
-            subprocess.run(["losetup", "-d", d.path], check=False, capture_output=True)
+    scratch_dirs.cleanup(base)
 
 
 def pct(values: list[float], q: float) -> float:

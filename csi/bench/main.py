@@ -93,7 +93,7 @@ async def peer(elv: Target, binary: str, quick: bool) -> dict[str, Any]:
                          "built from a local checkout"}  # fmt: skip
     out: dict[str, Any] = {}
     n, clients = (5, 16) if quick else (20, 16)
-    with scratch("elv-bench-peer-") as base:
+    with scratch("bench-peer") as base:
         hp = Target.hostpath(base, binary)
         await hp.start()
         try:

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 
 import grpc
 
+from csi import scratch as scratch_dirs
 from csi.host import loop as loopdev
 from csi.host.mountinfo import MountTable
 from csi.v1 import csi_pb2, csi_pb2_grpc
@@ -51,29 +50,8 @@ def leftovers(base: str) -> list[str]:
 
 
 def force_cleanup(base: str) -> None:
-    """Best-effort removal of everything under ``base`` after a failed test.
-
-    Loop devices are detached first (a busy one is marked to detach on last
-    close), then mounts are lazily unmounted deepest first; a pool that is
-    itself a mounted filesystem goes last, once nothing holds it.
-    """
-    real = os.path.realpath(base)
-
-    def ours(d: loopdev.LoopDevice) -> bool:
-        return d.backing_file.startswith(real + "/")
-
-    for d in loopdev.scan():
-        if ours(d):
-            subprocess.run(["losetup", "-d", d.path], check=False, capture_output=True)
-    for _ in range(20):
-        mounts = MountTable.load().under(real)
-        if not mounts:
-            break
-        for m in sorted(mounts, key=lambda m: -len(m.mount_point)):
-            subprocess.run(["umount", "-l", m.mount_point], check=False, capture_output=True)
-    for d in loopdev.scan():
-        if ours(d):
-            subprocess.run(["losetup", "-d", d.path], check=False, capture_output=True)
+    """Best-effort removal of every mount and loop device under ``base`` after a failed test."""
+    scratch_dirs.cleanup(base)
 
 
 class Driver:
@@ -252,13 +230,11 @@ class Driver:
 @contextlib.contextmanager
 def scratch() -> Iterator[str]:
     """A short-path scratch dir (unix socket paths are limited to 107 bytes)."""
-    base = tempfile.mkdtemp(prefix="elv-it-", dir="/tmp")
+    base = scratch_dirs.make("it")
     try:
         yield base
     finally:
-        force_cleanup(base)
-        if not MountTable.load().under(os.path.realpath(base)):
-            shutil.rmtree(base, ignore_errors=True)
+        scratch_dirs.remove(base)
 
 
 def code_of(fn: object, *args: object, **kw: object) -> grpc.StatusCode:

@@ -8,14 +8,13 @@ second of emulated CPU): ELV_LVM_FUZZ_EXAMPLES changes them.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 
 import pytest
 
+from csi import scratch
 from csi.host.mountinfo import MountTable
 from csi.v1 import csi_pb2
-from tests.integration.harness import force_cleanup
 from tests.lvm.conftest import ours
 from tests.lvm.harness import GuestVg, LvmDriver, class_config, lvs, wait_for, write_config
 from tests.reliability.test_fuzz import CALLS, Fuzzed, fuzz_rpc, mounts_and_loops, seed
@@ -26,7 +25,7 @@ CLASS = "elv.csi.dev/device-class"
 
 @pytest.fixture(scope="module")
 def lvm_fuzz_driver(vg: GuestVg) -> Iterator[Fuzzed]:
-    base = tempfile.mkdtemp(prefix="elv-lvmfuzz-", dir="/tmp")
+    base = scratch.make("lvmfuzz")
     cfg = write_config(os.path.join(base, "lvm.toml"), class_config(vg))
     d = LvmDriver(base, ["--lvm-config", cfg], "--max-volumes-per-node", "3").start()
 
@@ -46,7 +45,7 @@ def lvm_fuzz_driver(vg: GuestVg) -> Iterator[Fuzzed]:
             undo(d, vg, known[0])
         finally:
             rc = d.stop()
-            force_cleanup(base)
+            scratch.remove(base)
         assert rc == 0, d.log()[-3000:]
 
 

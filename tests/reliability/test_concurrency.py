@@ -4,9 +4,7 @@ restarts and retries checked against a model (hypothesis.stateful)."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -15,10 +13,11 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
+from csi import scratch
 from csi.host import loop as loopdev
 from csi.host.mountinfo import MountTable
 from csi.v1 import csi_pb2
-from tests.integration.harness import Driver, MiB, code_of, force_cleanup, leftovers, mount_cap
+from tests.integration.harness import Driver, MiB, code_of, leftovers, mount_cap
 
 
 def test_identical_creates_make_one_volume(driver: Driver) -> None:
@@ -63,7 +62,7 @@ class DriverMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.base = tempfile.mkdtemp(prefix="elv-sm-", dir="/tmp")
+        self.base = scratch.make("sm")
         self.d = self.start_driver()
         self.model: dict[str, str] = {}
         self.ids: dict[str, str] = {}
@@ -203,9 +202,7 @@ class DriverMachine(RuleBasedStateMachine):
             assert leftovers(self.base) == []
         finally:
             self.d.stop()
-            force_cleanup(self.base)
-            if not MountTable.load().under(os.path.realpath(self.base)):
-                shutil.rmtree(self.base, ignore_errors=True)
+            scratch.remove(self.base)
 
 
 def run_machine(machine: type[DriverMachine], examples: int, steps: int) -> None:

@@ -12,8 +12,6 @@ without touching this test. Two properties hold for every call:
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +23,11 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from csi import scratch
 from csi.host import loop as loopdev
 from csi.host.mountinfo import MountTable
 from csi.v1 import csi_pb2
-from tests.integration.harness import Driver, MiB, force_cleanup
+from tests.integration.harness import Driver, MiB
 
 EXAMPLES = int(os.environ.get("ELV_FUZZ_EXAMPLES", "150"))
 
@@ -144,15 +143,13 @@ class Fuzzed:
 
 @pytest.fixture(scope="module")
 def fuzz_driver() -> Iterator[Fuzzed]:
-    base = tempfile.mkdtemp(prefix="elv-fuzz-", dir="/tmp")
+    base = scratch.make("fuzz")
     d = Driver(base, "--max-volumes-per-node", "3").start()
     fz = Fuzzed(d, seed(d), lambda: state(d), EXAMPLES)
     yield fz
     rc = d.stop()
     log = d.log()
-    force_cleanup(base)
-    if not MountTable.load().under(os.path.realpath(base)):
-        shutil.rmtree(base, ignore_errors=True)
+    scratch.remove(base)
     assert rc == 0, log[-3000:]
     print(f"fuzz: {fz.calls} calls")
 

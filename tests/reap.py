@@ -1,0 +1,63 @@
+"""Remove what an earlier, killed test run left on this machine.
+
+A test run that is SIGKILLed (a cancelled CI job, a session that ends) cannot
+clean up, and its leftovers break the next run: a test cluster's bridge, mounts
+and loop devices. scripts/test runs this first. It touches only what is stale:
+scratch directories whose owner process is gone (csi/scratch.py) and test
+clusters none of whose processes still run.
+
+    python -m tests.reap          reap, print what was removed; exit 1 if something could not be
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from csi import scratch
+
+K8S_PREFIX = "elv-k8s-"
+
+
+def _runs_in(pid: int, root: str) -> bool:
+    """Whether ``pid`` is a live process that a cluster at ``root`` started (they all get HOME=root)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return False
+    return f"HOME={root}".encode() in env
+
+
+def stale_clusters(root: str = scratch.ROOT) -> list[str]:
+    from tests.k8s.cluster import Cluster
+
+    out = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if not name.startswith(K8S_PREFIX) or not os.path.isfile(os.path.join(path, "state.json")):
+            continue
+        c = Cluster.load(path)
+        if not any(_runs_in(p.pid, c.root) for p in c.procs.values()):
+            out.append(path)
+    return out
+
+
+def main() -> int:
+    from tests.k8s.cluster import Cluster
+
+    problems: list[str] = []
+    for path in stale_clusters():
+        left = Cluster.load(path).down()
+        print(f"reap: test cluster {path} (its processes were gone)" + (f"; left: {left}" if left else ""))
+        problems += left
+    removed, failed = scratch.reap()
+    for path in removed:
+        print(f"reap: scratch directory {path} (its owner was gone)")
+    for path in failed:
+        print(f"reap: could not remove {path}: something is still mounted there", file=sys.stderr)
+    return 1 if problems or failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
