@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 
 from csi.host import loop as loopdev
+from csi.host import procs
 from csi.host.mountinfo import MountTable
 
 OWNER = ".elv-owner"
@@ -28,30 +29,11 @@ PREFIX = "elv-"
 _ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 
-def _start_time(pid: int) -> str | None:
-    """Field 22 of /proc/PID/stat: when the process started, in clock ticks."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses; it ends at the last ')'.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    if len(fields) < 20 or fields[0] == "Z":
-        return None
-    return fields[19]
-
-
-def owner_token(pid: int | None = None) -> str:
-    pid = os.getpid() if pid is None else pid
-    return f"{pid} {_start_time(pid)}"
-
-
 def make(kind: str, root: str = ROOT) -> str:
     """A new scratch directory owned by this process (short: unix socket paths are limited to 107 bytes)."""
     base = tempfile.mkdtemp(prefix=f"{PREFIX}{kind}-", dir=root)
     with open(os.path.join(base, OWNER), "w") as f:
-        f.write(owner_token() + "\n")
+        f.write(procs.token() + "\n")
     return base
 
 
@@ -59,11 +41,9 @@ def owner_alive(base: str) -> bool:
     """Whether the process that made ``base`` still runs (False without an owner file)."""
     try:
         with open(os.path.join(base, OWNER)) as f:
-            pid_s, _, start = f.read().strip().partition(" ")
-        pid = int(pid_s)
-    except (OSError, ValueError):
+            return procs.alive(f.read())
+    except OSError:
         return False
-    return _start_time(pid) == start
 
 
 def _run(argv: list[str]) -> None:

@@ -5,6 +5,12 @@ member's filesystem is frozen before the first snapshot is taken and thawed
 after the last. A marker file names each mount point before it is frozen; a
 driver that dies mid-snapshot would otherwise leave the filesystem frozen and
 every writer hung, so startup thaws whatever the markers name.
+
+A marker's name also names the process that froze (pid and start time). Startup
+thaws only what a dead process left: another driver sharing the marker
+directory may be in the middle of its own group snapshot, and thawing its
+members would break the one point in time the group promises (and make its
+own thaw fail).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 from collections.abc import AsyncIterator, Sequence
 
 from csi.errors import CommandError
+from csi.host import procs
 from csi.host.fs import FsTool
 
 log = logging.getLogger(__name__)
@@ -41,11 +48,12 @@ def _remove(path: str) -> None:
 async def frozen(fs: FsTool, mount_points: Sequence[str], marker_dir: str, tag: str) -> AsyncIterator[None]:
     """Freeze ``mount_points`` (in order) for the duration; thaw in reverse."""
     done: list[tuple[str, str]] = []
+    owner = procs.token().replace(" ", "_")
     if mount_points:
         await asyncio.to_thread(os.makedirs, marker_dir, 0o700, True)
     try:
         for i, mp in enumerate(mount_points):
-            marker = os.path.join(marker_dir, f"{tag}-{os.getpid()}-{i}{SUFFIX}")
+            marker = os.path.join(marker_dir, f"{tag}-{owner}-{i}{SUFFIX}")
             await asyncio.to_thread(_write_marker, marker, mp)
             try:
                 await fs.freeze(mp)
@@ -60,6 +68,13 @@ async def frozen(fs: FsTool, mount_points: Sequence[str], marker_dir: str, tag: 
             await asyncio.to_thread(_remove, marker)
 
 
+def _owner_alive(name: str) -> bool:
+    """Whether the process a marker's name names (``TAG-PID_START-I.frozen``) still runs."""
+    stem = name.removesuffix(".tmp").removesuffix(SUFFIX)
+    parts = stem.rsplit("-", 2)
+    return len(parts) == 3 and procs.alive(parts[1].replace("_", " "))
+
+
 async def thaw_leftovers(fs: FsTool, marker_dir: str) -> list[str]:
     """Thaw the mount points named by markers a dead process left; return them."""
     try:
@@ -67,16 +82,17 @@ async def thaw_leftovers(fs: FsTool, marker_dir: str) -> list[str]:
     except FileNotFoundError:
         return []
     thawed = []
-    for name in names:
+    for name in sorted(names):
+        if not name.endswith((SUFFIX, SUFFIX + ".tmp")) or _owner_alive(name):
+            continue  # not a marker, or a live process's snapshot: it thaws its own
         path = os.path.join(marker_dir, name)
-        if name.endswith(SUFFIX + ".tmp"):
+        if name.endswith(".tmp"):
             await asyncio.to_thread(_remove, path)
-            continue
-        if not name.endswith(SUFFIX):
             continue
         try:
             with open(path, encoding="utf-8") as f:
-                mount_point = str(json.load(f).get("mount_point", ""))
+                doc = json.load(f)
+            mount_point = str(doc.get("mount_point", "")) if isinstance(doc, dict) else ""
         except (OSError, ValueError):
             mount_point = ""
         if mount_point.startswith("/"):

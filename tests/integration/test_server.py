@@ -252,3 +252,32 @@ def test_the_driver_runs_no_shell() -> None:
             ):
                 offenders.append(f"{path}: os.{node.attr}")
     assert offenders == []
+
+
+def test_restart_thaws_what_a_dead_driver_left_frozen(base: str) -> None:
+    d = Driver(base).start()
+    vid = d.create("frozen")
+    staging = d.path("st", "frozen")
+    d.stage(vid, staging)
+    d.kill()
+    # What a driver SIGKILLed in the middle of a group snapshot leaves: the
+    # filesystem frozen (every writer would hang) and a marker naming it.
+    subprocess.run(["fsfreeze", "--freeze", staging], check=True)
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        marker = os.path.join(d.pool, "tmp", f"freeze-{dead.pid}_1-0.frozen")
+        with open(marker, "w") as f:
+            f.write(f'{{"mount_point": "{staging}"}}')
+        d.start()
+        assert "recovery: thawed " + staging in d.log()
+        # A write completes only on a thawed filesystem.
+        writer = subprocess.run(["sh", "-c", f'echo x > "{staging}/after"'], timeout=20, check=False)
+        assert writer.returncode == 0
+        assert not os.path.exists(marker)
+    finally:
+        subprocess.run(["fsfreeze", "--unfreeze", staging], check=False, capture_output=True)
+    d.unstage(vid, staging)
+    d.delete(vid)
+    assert d.stop() == 0
+    assert leftovers(base) == []

@@ -106,7 +106,7 @@ def class_config(vg: GuestVg, default: str = "thick", udev: str = "off", ratio: 
 default-class = "{default}"
 udev = "{udev}"
 monitoring = false
-freeze-dir = "/run/elv-test-freeze"
+freeze-dir = "/run/elv-test-freeze-{vg.name}"
 
 [[device-class]]
 name = "thick"

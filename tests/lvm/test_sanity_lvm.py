@@ -37,7 +37,7 @@ def _config(vg: GuestVg, cls: str) -> str:
 default-class = "{cls}"
 udev = "off"
 monitoring = false
-freeze-dir = "/run/elv-test-freeze"
+freeze-dir = "/run/elv-test-freeze-{vg.name}"
 
 [[device-class]]
 name = "{cls}"

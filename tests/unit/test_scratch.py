@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from csi import scratch
+from csi.host import procs
 from tests import reap
 
 
@@ -28,7 +29,7 @@ def test_a_new_scratch_dir_is_owned_by_this_process(tmp_path: Path) -> None:
 def test_reap_removes_only_what_a_dead_owner_left(tmp_path: Path) -> None:
     live = scratch.make("it", root=str(tmp_path))
     dead = scratch.make("fuzz", root=str(tmp_path))
-    (Path(dead) / scratch.OWNER).write_text(scratch.owner_token(_dead_pid()))
+    (Path(dead) / scratch.OWNER).write_text(procs.token(_dead_pid()))
     (Path(dead) / "pool").mkdir()
     # A live pid with another start time is a reused pid, not the owner.
     reused = scratch.make("sm", root=str(tmp_path))
@@ -40,7 +41,7 @@ def test_reap_removes_only_what_a_dead_owner_left(tmp_path: Path) -> None:
     unowned.mkdir()
     other = tmp_path / "other-dir"
     other.mkdir()
-    (other / scratch.OWNER).write_text(scratch.owner_token(_dead_pid()))
+    (other / scratch.OWNER).write_text(procs.token(_dead_pid()))
     (tmp_path / "elv-link").symlink_to(dead)
 
     assert scratch.stale(str(tmp_path)) == sorted([dead, reused, garbled])
@@ -57,7 +58,7 @@ def test_start_time_survives_a_command_name_with_spaces_and_parens(tmp_path: Pat
     exe.symlink_to(sys.executable)
     p = subprocess.Popen([str(exe), "-c", "import time; time.sleep(30)"])
     try:
-        token = scratch.owner_token(p.pid)
+        token = procs.token(p.pid)
         pid, start = token.split()
         assert pid == str(p.pid) and start.isdigit() and start != "None"
     finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -19,11 +18,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from csi import ids
+from csi.backend import freeze
 from csi.backend.base import AccessType, GroupSnapshot, Snapshot, Volume
 from csi.backend.loop import files
 from csi.backend.loop.alloc import Allocation
-from csi.backend.loop.store import Store, atomic_write_json
-from csi.errors import AlreadyExists, CommandError, NotFound
+from csi.backend.loop.store import Store
+from csi.errors import AlreadyExists, NotFound
 from csi.host import loop as loopdev
 from csi.host.fs import FsTool
 from csi.host.mountinfo import MountTable
@@ -141,32 +141,12 @@ class LoopSnapshots:
                 mounts = table.of_device(maj, mnr)
                 if mounts:
                     points.append(mounts[0].mount_point)
-        frozen: list[tuple[str, str]] = []
-        try:
-            for i, mp in enumerate(points):
-                marker = os.path.join(self.store.tmp_dir, f"freeze-{os.getpid()}-{i}.frozen")
-                await asyncio.to_thread(atomic_write_json, marker, {"mount_point": mp})
-                await self._fs.freeze(mp)
-                frozen.append((mp, marker))
+        async with freeze.frozen(self._fs, points, self.store.tmp_dir, "freeze"):
             yield
-        finally:
-            for mp, marker in reversed(frozen):
-                await self._fs.thaw(mp)
-                await asyncio.to_thread(files.discard, marker)
 
     async def thaw_leftovers(self) -> None:
         """Thaw what an interrupted snapshot left frozen (see _frozen)."""
-        if not os.path.isdir(self.store.tmp_dir):
-            return
-        for name in os.listdir(self.store.tmp_dir):
-            if not name.endswith(".frozen"):
-                continue
-            with open(os.path.join(self.store.tmp_dir, name), encoding="utf-8") as f:
-                mount_point = str(json.load(f).get("mount_point", ""))
-            if mount_point.startswith("/"):
-                with contextlib.suppress(CommandError):
-                    await self._fs.thaw(mount_point)
-                    log.warning("recovery: thawed %s, left frozen by an interrupted snapshot", mount_point)
+        await freeze.thaw_leftovers(self._fs, self.store.tmp_dir)
 
     async def delete(self, snapshot_id: str) -> None:
         sid = self._sid(snapshot_id)
