@@ -6,9 +6,10 @@ restart it, and let an orchestrator's retries converge.
 At the end no LV of ELV's is left (the wiper included), no device-mapper
 device of ELV's is active, nothing is mounted or attached under the test's
 directory, no volume was lost, and every file written (and fsynced) before a
-kill reads back with its checksum. It is opt-in for now:
-``scripts/lvm-vm tests/lvm/test_lvm_crash.py`` runs it (ELV_CRASH_KILLS,
-default 200; ELV_CRASH_SEED replays a run). A restart forks a pre-imported interpreter (tests/integration/forked.py), so a
+kill reads back with its checksum. ``scripts/lvm-vm`` runs it as a third
+stream beside the other two; ``scripts/lvm-vm tests/lvm/test_lvm_crash.py``
+runs it alone (ELV_CRASH_KILLS, default 200; ELV_CRASH_SEED replays a run). A
+restart forks a pre-imported interpreter (tests/integration/forked.py), so a
 kill costs about four seconds in the emulated guest instead of nine.
 """
 
