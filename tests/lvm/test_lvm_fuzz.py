@@ -40,7 +40,7 @@ def lvm_fuzz_driver(vg: GuestVg) -> Iterator[Fuzzed]:
     try:
         yield fz
     finally:
-        print(f"lvm fuzz: {fz.calls} calls")
+        print(fz.summary("lvm fuzz test", "lvm-fuzz-summary.txt"))
         try:
             undo(d, vg, known[0])
         finally:

@@ -12,8 +12,9 @@ without touching this test. Two properties hold for every call:
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -139,6 +140,16 @@ class Fuzzed:
     state: Callable[[], object]
     examples: int
     calls: int = 0
+    codes: Counter[str] = field(default_factory=Counter)
+
+    def summary(self, label: str, out: str) -> str:
+        """One line of figures, also written to ci-out/OUT for scripts/test to print."""
+        codes = " ".join(f"{k}={v}" for k, v in sorted(self.codes.items()))
+        line = f"{label}: examples={self.examples}/RPC calls={self.calls} {codes}"
+        os.makedirs("ci-out", exist_ok=True)
+        with open(os.path.join("ci-out", out), "w") as f:
+            f.write(line + "\n")
+        return line
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +162,7 @@ def fuzz_driver() -> Iterator[Fuzzed]:
     log = d.log()
     scratch.remove(base)
     assert rc == 0, log[-3000:]
-    print(f"fuzz: {fz.calls} calls")
+    print(fz.summary("fuzz test", "fuzz-summary.txt"))
 
 
 def seed(d: Driver, **params: str) -> list[str]:
@@ -194,10 +205,12 @@ def fuzz_rpc(fz: Fuzzed, service: str, method: str) -> None:
         fz.calls += 1
         try:
             call(req, timeout=30)
+            fz.codes["OK"] += 1
             last[0] = fz.state()  # an accepted call may change it
             return
         except grpc.RpcError as e:
             code, details = e.code(), e.details()
+        fz.codes[code.name] += 1
         assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (
             f"{method} -> {code.name}: {details}\n{req}"
         )
