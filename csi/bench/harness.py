@@ -138,11 +138,6 @@ def scratch(kind: str = "bench") -> Iterator[str]:
         scratch_dirs.remove(base)
 
 
-def cleanup(base: str) -> None:
-    """Remove every mount and loop device under ``base`` (after a failure)."""
-    scratch_dirs.cleanup(base)
-
-
 def pct(values: list[float], q: float) -> float:
     """The q-th percentile (nearest rank)."""
     if not values:

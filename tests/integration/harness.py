@@ -49,11 +49,6 @@ def leftovers(base: str) -> list[str]:
     return found
 
 
-def force_cleanup(base: str) -> None:
-    """Best-effort removal of every mount and loop device under ``base`` after a failed test."""
-    scratch_dirs.cleanup(base)
-
-
 class Driver:
     """One ``elv serve`` process plus a CSI client for it."""
 
