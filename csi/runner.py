@@ -71,6 +71,9 @@ class Runner:
         env.update(extra_env or {})
         self._env = env
         self._observer = observer
+        # Every command still running, so shutdown can wait for (or reap) each
+        # one before the event loop that owns its pipes goes away.
+        self._live: set[asyncio.Future[Result]] = set()
 
     async def run(
         self,
@@ -89,6 +92,8 @@ class Runner:
         args = _check_argv(argv)
         limit = self.default_timeout if timeout is None else timeout
         work = asyncio.ensure_future(self._slotted(args, limit, stdin, mutating))
+        self._live.add(work)
+        work.add_done_callback(self._live.discard)
         if mutating:
             # Let the command finish even if our caller goes away.
             result = await asyncio.shield(work)
@@ -127,8 +132,12 @@ class Runner:
             log.warning("command timed out after %.1fs: %s", limit, " ".join(args))
             raise CommandTimeout(args, limit) from None
         except asyncio.CancelledError:
-            # Only read-only commands get here (mutating ones are shielded).
+            # Read-only commands get here, and at shutdown whatever outlived
+            # close()'s grace. Reap the child now: a transport left to the
+            # garbage collector fires on a closed loop.
             _kill_group(proc.pid)
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(proc.wait(), timeout=2.0)
             raise
         finally:
             if entry is not None and proc.returncode is not None:
@@ -138,6 +147,24 @@ class Runner:
         rc = proc.returncode if proc.returncode is not None else -1
         self._observe(args[0], seconds, rc)
         return Result(args, rc, out, err, seconds)
+
+    @property
+    def running(self) -> int:
+        return len(self._live)
+
+    async def close(self, grace: float) -> int:
+        """At shutdown: let running commands finish for up to ``grace``
+        seconds (a half-done mkfs is worse than a finished one), then kill and
+        reap the rest. Returns how many had to be killed."""
+        if not self._live:
+            return 0
+        _, pending = await asyncio.wait(set(self._live), timeout=grace)
+        for task in pending:
+            log.warning("shutdown: killing a command still running after %.0fs", grace)
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5.0)
+        return len(pending)
 
     # -- commands left running by a previous incarnation ----------------------
 

@@ -179,6 +179,7 @@ class Driver:
     async def stop(self, grace: float = 10.0) -> None:
         for t in self._tasks:
             t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.server is not None:
             await self.server.stop(grace)
         # Let shielded operations (a copy, an mkfs) finish rather than cut them off.
@@ -186,6 +187,12 @@ class Driver:
             if self.gate.in_flight() == 0:
                 break
             await asyncio.sleep(0.1)
+        # Background work (the LVM wiper) stops next; then every command still
+        # running is waited for or reaped, so none outlives the event loop.
+        await self.backend.stop()
+        killed = await self.runner.close(grace)
+        if killed:
+            log.warning("killed %d command(s) still running at shutdown", killed)
         path = self.config.socket_path
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(path).st_mode):

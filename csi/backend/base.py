@@ -130,6 +130,9 @@ class Backend(Protocol):
     async def start(self) -> None:
         """Recover from a crash: finish or remove anything half-made."""
 
+    async def stop(self) -> None:
+        """Stop background work at shutdown (the driver then reaps any command left)."""
+
     async def probe(self) -> None:
         """Raise Unavailable unless the backend can serve requests."""
 

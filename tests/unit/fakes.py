@@ -99,6 +99,9 @@ class FakeBackend(Recorder):
     async def start(self) -> None:
         self._record("start")
 
+    async def stop(self) -> None:
+        self._record("stop")
+
     async def probe(self) -> None:
         self._record("probe")
         if not self.ready:

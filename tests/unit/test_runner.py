@@ -386,3 +386,60 @@ async def test_journal_entries_always_record_the_command_line(tmp_path: Path) ->
     assert runner_mod._cmdline(int(entries[0].stem)) == rec["cmdline"]
     await task
     assert list(tmp_path.glob("*.json")) == []
+
+
+async def test_close_lets_commands_finish_then_kills_and_reaps_the_rest(tmp_path: Path) -> None:
+    pidfile, release, donefile = tmp_path / "pid", tmp_path / "release", tmp_path / "done"
+    sleeper_pid = tmp_path / "sleeper"
+    r = Runner()
+    mkfs = asyncio.ensure_future(r.run(py(GATED, str(pidfile), str(release), str(donefile)), mutating=True))
+    lvs = asyncio.ensure_future(r.run(py(SLEEPER, str(sleeper_pid), "30", ""), mutating=False))
+    await read_pid(pidfile)
+    slow = await read_pid(sleeper_pid)
+    assert r.running == 2
+    asyncio.get_running_loop().call_later(0.3, release.touch)
+    killed = await r.close(grace=2.0)
+    assert killed == 1
+    assert (await mkfs).returncode == 0 and donefile.read_text() == "done"
+    with pytest.raises(asyncio.CancelledError):
+        await lvs
+    # Reaped, not merely killed: no zombie, no transport left for the GC.
+    assert not os.path.exists(f"/proc/{slow}")
+    assert r.running == 0
+    assert await r.close(grace=0.1) == 0
+
+
+# The driver's shutdown as asyncio.run sees it: a background task's command is
+# still running when the main coroutine returns and the loop closes.
+SHUTDOWN = """
+import asyncio, sys
+from csi.runner import Runner
+from csi.server import _fast_child_watcher
+
+async def main(mode, watcher):
+    if watcher == "pidfd":
+        _fast_child_watcher(asyncio.get_running_loop())  # what the driver uses on 3.11
+    r = Runner()
+    task = asyncio.ensure_future(r.run([sys.executable, "-c", "import time; time.sleep(30)"], mutating=False))
+    await asyncio.sleep(0.5)
+    if mode == "close":
+        await r.close(grace=0.1)
+    else:
+        task.cancel()
+        await asyncio.sleep(0)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("watcher", ["default", "pidfd"])
+@pytest.mark.parametrize("mode", ["close", "cancel"])
+def test_the_loop_closes_with_no_child_or_transport_left(mode: str, watcher: str) -> None:
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": root, "PYTHONDEVMODE": "1"}
+    out = subprocess.run(
+        [PY, "-c", SHUTDOWN, mode, watcher], capture_output=True, text=True, timeout=60, env=env, cwd=root
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Event loop is closed" not in out.stderr
+    assert "Traceback" not in out.stderr and "Warning" not in out.stderr, out.stderr

@@ -56,6 +56,11 @@ class Allocation:
             self._refreshing = asyncio.ensure_future(asyncio.to_thread(self.scan))
         return self._totals["volumes"], self._totals["snapshots"]
 
+    async def settle(self) -> None:
+        """Wait for a background scan still running (at shutdown)."""
+        if self._refreshing is not None:
+            await asyncio.gather(self._refreshing, return_exceptions=True)
+
     def _kind(self, path: str) -> str:
         return "snapshots" if os.path.dirname(path) == self._dirs["snapshots"] else "volumes"
 

@@ -106,6 +106,9 @@ class LoopBackend:
             len(self.store.snapshots),
         )
 
+    async def stop(self) -> None:
+        await self.alloc.settle()
+
     async def probe(self) -> None:
         if not self._ready:
             raise Unavailable("the loop pool is still starting")
