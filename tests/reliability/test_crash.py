@@ -18,11 +18,16 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from csi.v1 import csi_pb2
+from csi.v1 import csi_pb2, csi_pb2_grpc
 from tests.integration.harness import Driver, MiB, block_cap, leftovers, mount_cap
 
 KILLS = int(os.environ.get("ELV_CRASH_KILLS", "200"))
 SEED = int(os.environ.get("ELV_CRASH_SEED", str(random.SystemRandom().randrange(1 << 32))))
+STUBS = {
+    "controller": csi_pb2_grpc.ControllerStub,
+    "node": csi_pb2_grpc.NodeStub,
+    "group": csi_pb2_grpc.GroupControllerStub,
+}
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.ABORTED,
@@ -70,14 +75,20 @@ class Orchestrator:
         self.ops += 1
         if kill:
             result: list[object] = []
+            # The doomed call gets a channel and stub of its own, made here:
+            # the kill closes the driver's shared channel, and grpc-python
+            # crashed (SIGSEGV) when one thread built a stub on a channel
+            # another thread was closing.
+            channel = grpc.insecure_channel(self.d.endpoint)
+            # Connected before the clock starts, so the kill window measures
+            # time inside the RPC, not the connect.
+            grpc.channel_ready_future(channel).result(timeout=30)
+            rpc = getattr(STUBS[stub_name](channel), method)
 
             def first() -> None:
                 try:
-                    result.append(getattr(getattr(self.d, stub_name), method)(req, timeout=60))
-                except (grpc.RpcError, ValueError) as e:
-                    # ValueError: the kill closed the channel before this
-                    # thread got to send (seen under emulation): the request
-                    # never left, which the retry below covers like any kill.
+                    result.append(rpc(req, timeout=60))
+                except grpc.RpcError as e:
                     result.append(e)
 
             t = threading.Thread(target=first)
@@ -87,6 +98,7 @@ class Orchestrator:
             self.d.kill()
             self.kills += 1
             t.join(60)
+            channel.close()  # only once its call has ended
             self.d.start()
             self.restart_seconds += time.monotonic() - t0
         for _ in range(200):
