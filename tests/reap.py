@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from csi import scratch
+
+if TYPE_CHECKING:
+    from tests.k8s.cluster import Cluster
 
 K8S_PREFIX = "elv-k8s-"
 
@@ -29,7 +33,7 @@ def _runs_in(pid: int, root: str) -> bool:
     return f"HOME={root}".encode() in env
 
 
-def stale_clusters(root: str = scratch.ROOT) -> list[str]:
+def stale_clusters(root: str = scratch.ROOT) -> list[Cluster]:
     from tests.k8s.cluster import Cluster
 
     out = []
@@ -39,17 +43,15 @@ def stale_clusters(root: str = scratch.ROOT) -> list[str]:
             continue
         c = Cluster.load(path)
         if not any(_runs_in(p.pid, c.root) for p in c.procs.values()):
-            out.append(path)
+            out.append(c)
     return out
 
 
 def main() -> int:
-    from tests.k8s.cluster import Cluster
-
     problems: list[str] = []
-    for path in stale_clusters():
-        left = Cluster.load(path).down()
-        print(f"reap: test cluster {path} (its processes were gone)" + (f"; left: {left}" if left else ""))
+    for c in stale_clusters():
+        left = c.down()
+        print(f"reap: test cluster {c.root} (its processes were gone)" + (f"; left: {left}" if left else ""))
         problems += left
     removed, failed = scratch.reap()
     for path in removed:

@@ -48,9 +48,11 @@ def _remove(path: str) -> None:
 async def frozen(fs: FsTool, mount_points: Sequence[str], marker_dir: str, tag: str) -> AsyncIterator[None]:
     """Freeze ``mount_points`` (in order) for the duration; thaw in reverse."""
     done: list[tuple[str, str]] = []
+    if not mount_points:
+        yield  # nothing to freeze: no marker, no /proc read
+        return
     owner = procs.token().replace(" ", "_")
-    if mount_points:
-        await asyncio.to_thread(os.makedirs, marker_dir, 0o700, True)
+    await asyncio.to_thread(os.makedirs, marker_dir, 0o700, True)
     try:
         for i, mp in enumerate(mount_points):
             marker = os.path.join(marker_dir, f"{tag}-{owner}-{i}{SUFFIX}")

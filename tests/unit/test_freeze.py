@@ -38,6 +38,15 @@ async def test_freeze_and_thaw_in_order(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+async def test_nothing_to_freeze_makes_no_marker_dir(tmp_path: Path) -> None:
+    fs: Any = FakeFs()
+    ran = False
+    async with freeze.frozen(fs, [], str(tmp_path / "markers"), "t"):
+        ran = True
+    assert ran and fs.calls == []
+    assert not (tmp_path / "markers").exists()
+
+
 async def test_a_failed_freeze_thaws_the_others(tmp_path: Path) -> None:
     fs: Any = FakeFs(fail_freeze="/b")
     with pytest.raises(CommandError):

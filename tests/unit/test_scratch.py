@@ -82,7 +82,7 @@ def test_a_cluster_is_stale_once_none_of_its_processes_runs(tmp_path: Path) -> N
         # A live pid that is not the cluster's (another HOME) does not keep it alive.
         _cluster_state(tmp_path / "elv-k8s-dead", [_dead_pid(), os.getpid()])
         (tmp_path / "elv-k8s-nostate").mkdir()
-        assert reap.stale_clusters(str(tmp_path)) == [str(tmp_path / "elv-k8s-dead")]
+        assert [c.root for c in reap.stale_clusters(str(tmp_path))] == [str(tmp_path / "elv-k8s-dead")]
     finally:
         p.kill()
         p.wait()
