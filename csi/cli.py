@@ -123,13 +123,14 @@ def config_from(args: argparse.Namespace) -> Config:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "serve":
-        from csi import log, server
+        from csi.server import driver, log
 
         cfg = config_from(args)
         log.setup(cfg.log_level, cfg.log_format)
-        return asyncio.run(server.run(cfg))
+        return asyncio.run(driver.run(cfg))
     if args.command == "demo":
-        from csi import demo, log
+        from csi.cmd import demo
+        from csi.server import log
 
         log.setup("warning")
         return asyncio.run(demo.main(args.endpoint, args.kubelet_dir, args.loop_dir))

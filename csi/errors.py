@@ -1,7 +1,7 @@
 """The driver's error tree. Every failure a caller can see is one of these.
 
 Each class carries the gRPC status code it becomes; the server's interceptor
-(csi.interceptor) is the only place that turns them into gRPC statuses.
+(csi.server.interceptor) is the only place that turns them into gRPC statuses.
 Anything that is not an ElvError becomes INTERNAL there, with its traceback
 logged, so a client never sees UNKNOWN.
 

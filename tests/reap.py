@@ -3,7 +3,7 @@
 A test run that is SIGKILLed (a cancelled CI job, a session that ends) cannot
 clean up, and its leftovers break the next run: a test cluster's bridge, mounts
 and loop devices. scripts/test runs this first. It touches only what is stale:
-scratch directories whose owner process is gone (csi/scratch.py) and test
+scratch directories whose owner process is gone (csi/host/scratch.py) and test
 clusters none of whose processes still run.
 
     python -m tests.reap          reap, print what was removed; exit 1 if something could not be
@@ -15,7 +15,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from csi import scratch
+from csi.host import scratch
 
 if TYPE_CHECKING:
     from tests.k8s.cluster import Cluster

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from csi import scratch as scratch_dirs
+from csi.host import scratch as scratch_dirs
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
 MiB = 1024 * 1024

@@ -19,11 +19,11 @@ import os
 import subprocess
 import sys
 
-from csi.client import Client, block_capability, mount_capability
+from csi.cmd.client import Client, block_capability, mount_capability
 from csi.cmd.common import CliError, call, find_volume, plugin
 from csi.host.mountinfo import MountTable, parse
 from csi.host.nsmount import open_tree_clone
-from csi.services.convert import ACCESS_KEY, FS_KEY
+from csi.model import ACCESS_KEY, FS_KEY
 from csi.v1 import csi_pb2
 
 

@@ -15,9 +15,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from csi import ids
-from csi.client import Client
-from csi.services.convert import NAME_KEY
+from csi.cmd.client import Client
+from csi.model import NAME_KEY, ids
 from csi.v1 import csi_pb2
 
 T = TypeVar("T")

@@ -6,8 +6,8 @@ import argparse
 import datetime
 import sys
 
-from csi.client import Client, block_capability, mount_capability
 from csi.cmd import attach
+from csi.cmd.client import Client, block_capability, mount_capability
 from csi.cmd.common import (
     CliError,
     all_volumes,
@@ -21,7 +21,7 @@ from csi.cmd.common import (
     volume_name,
     with_progress,
 )
-from csi.services.convert import ACCESS_KEY, FS_KEY
+from csi.model import ACCESS_KEY, FS_KEY
 from csi.v1 import csi_pb2
 
 

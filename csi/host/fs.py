@@ -15,12 +15,7 @@ import struct
 from dataclasses import dataclass
 
 from csi.errors import CommandError, FailedPrecondition, InvalidArgument
-from csi.runner import Runner
-
-SUPPORTED_FS = ("ext4", "xfs")
-DEFAULT_FS = "ext4"
-#: Smallest filesystem each type can hold. xfsprogs >= 5.19 refuses < 300 MiB.
-MIN_FS_BYTES = {"ext4": 16 * 1024 * 1024, "xfs": 300 * 1024 * 1024}
+from csi.host.runner import Runner
 
 
 @dataclass(frozen=True)
@@ -122,7 +117,7 @@ class FsTool:
     async def mkfs(self, device: str, fstype: str, *, force: bool = False) -> None:
         """Format a device the caller has *just* probed blank. Without ``force``,
         if anything appeared since, mkfs itself refuses (its prompt reads EOF).
-        ``force`` is only for redoing our own interrupted mkfs (see nodeops)."""
+        ``force`` is only for redoing our own interrupted mkfs (see csi.node)."""
         if fstype == "ext4":
             # nodiscard: discard on a fallocated loop file punches holes and silently
             # drops a thick volume's reservation (measured in landscape notes).

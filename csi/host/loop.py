@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from csi.errors import CommandError, Internal
 from csi.host import loopctl
-from csi.runner import Runner
+from csi.host.runner import Runner
 
 SYS_BLOCK = "/sys/block"
 _DELETED = " (deleted)"

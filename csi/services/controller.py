@@ -7,14 +7,13 @@ from typing import TypeVar
 
 from google.protobuf import wrappers_pb2
 
-from csi import ids
-from csi import validate as v
-from csi.backend.base import AccessType, Backend, VolumeSpec
+from csi.backend.base import Backend
 from csi.config import Config
 from csi.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from csi.host.fs import DEFAULT_FS
-from csi.ops import Gate
+from csi.model import DEFAULT_FS, AccessType, VolumeSpec, ids
 from csi.services import Context, convert
+from csi.services import validation as v
+from csi.services.gate import Gate
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
 T = TypeVar("T")

@@ -7,18 +7,13 @@ import hashlib
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
-from csi.backend.base import Snapshot, Source, Volume
 from csi.errors import InvalidArgument
+from csi.model import ACCESS_KEY, FS_KEY, NAME_KEY, Snapshot, Source, Volume
 from csi.v1 import csi_pb2
 
 
 def timestamp(ns: int) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
-
-
-NAME_KEY = "elv.csi.dev/name"
-FS_KEY = "elv.csi.dev/fs"
-ACCESS_KEY = "elv.csi.dev/access"
 
 
 def volume(v: Volume, topology: dict[str, str]) -> csi_pb2.Volume:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from csi import validate as v
-from csi.backend.base import Backend, GroupSnapshot
+from csi.backend.base import Backend
 from csi.errors import InvalidArgument, NotFound
-from csi.ops import Gate
+from csi.model import GroupSnapshot
 from csi.services import Context, convert
+from csi.services import validation as v
+from csi.services.gate import Gate
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
 RPC = csi_pb2.GroupControllerServiceCapability.RPC

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from csi import validate as v
 from csi.config import Config
 from csi.errors import FailedPrecondition, InvalidArgument
-from csi.nodeops import NodeOps
-from csi.ops import Gate
+from csi.node.ops import NodeOps
 from csi.services import Context, convert
+from csi.services import validation as v
+from csi.services.gate import Gate
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
 RPC = csi_pb2.NodeServiceCapability.RPC

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
 
-PRELOAD = ["csi.cli", "csi.log", "csi.server", "csi.backend.loop", "csi.backend.lvm"]
+PRELOAD = ["csi.cli", "csi.server.log", "csi.server.driver", "csi.backend.loop", "csi.backend.lvm"]
 _ctx: ForkServerContext | None = None
 
 

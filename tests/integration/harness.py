@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import grpc
 
-from csi import scratch as scratch_dirs
 from csi.host import loop as loopdev
+from csi.host import scratch as scratch_dirs
 from csi.host.mountinfo import MountTable
 from csi.v1 import csi_pb2, csi_pb2_grpc
 from tests.integration.forked import ForkedDriver

@@ -229,7 +229,7 @@ def test_request_flood_is_bounded(base: str) -> None:
 
 
 def test_the_driver_runs_no_shell() -> None:
-    """Every command goes through csi.runner as an argv list; nothing in the
+    """Every command goes through csi.host.runner as an argv list; nothing in the
     package may start a shell or build a command line from a string."""
     import ast
     import pathlib

@@ -19,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def kubectl_elv(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "csi.kubectl", *args, "--kubeconfig", cluster.kubeconfig,
+    argv = [sys.executable, "-m", "csi.cmd.kubectl", *args, "--kubeconfig", cluster.kubeconfig,
             "--endpoint", f"{cluster.node}=unix://{cluster.csi_socket}", "-o", "json"]  # fmt: skip
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
 

@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from csi import ids
+from csi.model import ids
 from csi.v1 import csi_pb2
 from tests.integration.harness import block_cap, code_of, mount_cap
 from tests.lvm.conftest import ours

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from csi import scratch
+from csi.host import scratch
 from csi.host.mountinfo import MountTable
 from csi.v1 import csi_pb2
 from tests.lvm.conftest import ours

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from csi import scratch
 from csi.host import loop as loopdev
+from csi.host import scratch
 from csi.host.mountinfo import MountTable
 from csi.v1 import csi_pb2
 from tests.integration.harness import Driver, MiB, code_of, leftovers, mount_cap

@@ -24,8 +24,8 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from csi import scratch
 from csi.host import loop as loopdev
+from csi.host import scratch
 from csi.host.mountinfo import MountTable
 from csi.v1 import csi_pb2
 from tests.integration.harness import Driver, MiB

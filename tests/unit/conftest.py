@@ -11,7 +11,7 @@ import pytest
 from hypothesis import configuration
 
 from csi.config import Config
-from csi.interceptor import RpcInterceptor
+from csi.server.interceptor import RpcInterceptor
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

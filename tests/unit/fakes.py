@@ -12,21 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from csi import ids
-from csi.backend.base import (
-    AccessType,
-    Capacity,
-    Device,
-    GroupSnapshot,
-    Health,
-    Snapshot,
-    Volume,
-    VolumeSpec,
-)
 from csi.errors import AlreadyExists, CommandError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from csi.host.paths import PathGuard
-from csi.nodeops import Stats
-from csi.runner import Result
+from csi.host.runner import Result
+from csi.model import AccessType, Capacity, Device, GroupSnapshot, Health, Snapshot, Volume, VolumeSpec, ids
+from csi.node.ops import Stats
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -325,7 +315,7 @@ class FakeBackend(Recorder):
         return self.health_of.get(volume_id, Health(False, "ok"))
 
     async def pool_stats(self) -> list[Any]:
-        from csi.backend.base import PoolStats
+        from csi.model import PoolStats
 
         self._record("pool_stats")
         used = sum(v.size for v in self.volumes.values())

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from csi.errors import CommandError
-from csi.runner import Result
+from csi.host.runner import Result
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

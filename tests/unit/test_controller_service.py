@@ -7,11 +7,10 @@ import logging
 import grpc
 import pytest
 
-from csi import ids
-from csi.backend.base import AccessType, Health
 from csi.config import Config
-from csi.ops import Gate
+from csi.model import AccessType, Health, ids
 from csi.services.controller import ControllerService, paginate
+from csi.services.gate import Gate
 from csi.v1 import csi_pb2, csi_pb2_grpc
 from tests.unit.fakes import FakeBackend, GiB, MiB
 

@@ -9,7 +9,7 @@ import pytest
 
 import csi
 from csi.config import Config, Mode
-from csi.ops import Gate
+from csi.services.gate import Gate
 from csi.services.group import GroupControllerService
 from csi.services.identity import IdentityService
 from csi.v1 import csi_pb2, csi_pb2_grpc

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csi import ids
+from csi.model import ids
 
 HEX = "0123456789abcdef" * 2
 

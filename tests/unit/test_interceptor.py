@@ -10,9 +10,9 @@ import pytest
 from csi import __version__
 from csi.config import Config
 from csi.errors import Aborted, InUse, NotFound
-from csi.interceptor import RpcInterceptor, subject
-from csi.ops import Gate
+from csi.server.interceptor import RpcInterceptor, subject
 from csi.services.controller import ControllerService
+from csi.services.gate import Gate
 from csi.services.identity import IdentityService
 from csi.v1 import csi_pb2, csi_pb2_grpc
 from tests.unit.fakes import FakeBackend, MiB

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from csi.kubectl import join, pv_node, usage_from_summary
+from csi.cmd.kubectl import join, pv_node, usage_from_summary
 
 
 def pv(name: str, handle: str, node: str, claim: tuple[str, str] | None = ("default", "data")) -> dict[str, Any]:

@@ -7,8 +7,8 @@ import sys
 import pytest
 from google.protobuf.message import Message
 
-from csi import log as elvlog
-from csi.log import REDACTED, JsonFormatter, KeyValueFormatter, redact
+from csi.server import log as elvlog
+from csi.server.log import REDACTED, JsonFormatter, KeyValueFormatter, redact
 from csi.v1 import csi_pb2
 
 TOKEN_KEY = "csi.storage.k8s.io/serviceAccount.tokens"

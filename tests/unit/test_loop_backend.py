@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from csi import ids
-from csi.backend.base import AccessType, VolumeSpec
 from csi.backend.loop.backend import LoopBackend
 from csi.errors import AlreadyExists, InUse, NotFound, ResourceExhausted
+from csi.model import AccessType, VolumeSpec, ids
 from tests.unit.fakes import FakeRunner
 
 MiB = 1024 * 1024
@@ -79,7 +78,7 @@ async def test_create_volume_beyond_the_pool_is_resource_exhausted(backend: Loop
 
 
 async def test_create_volume_from_a_missing_source_is_not_found(backend: LoopBackend) -> None:
-    from csi.backend.base import Source
+    from csi.model import Source
 
     with pytest.raises(NotFound):
         await backend.create_volume(spec(source=Source("snapshot", "s-loop-" + "0" * 32)))

@@ -9,8 +9,6 @@ from typing import Any
 
 import pytest
 
-from csi import ids
-from csi.backend.base import AccessType, Device, Source, VolumeSpec
 from csi.backend.lvm import devnode, wipe
 from csi.backend.lvm.backend import LvmBackend
 from csi.backend.lvm.classes import CLASS_KEY, parse_config
@@ -19,6 +17,7 @@ from csi.backend.lvm.core import Core
 from csi.backend.lvm.report import hex_encode
 from csi.errors import AlreadyExists, FailedPrecondition, InUse, NotFound, OutOfRange, ResourceExhausted
 from csi.host.fs import FsTool
+from csi.model import AccessType, Device, Source, VolumeSpec, ids
 from tests.unit.lvm_fake import FakeLv, FakeLvmRunner, GiB, MiB
 
 OWNER = "elv.owner=elv.csi.dev"

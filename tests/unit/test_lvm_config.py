@@ -97,7 +97,7 @@ def test_layout_parameters() -> None:
 
 
 def test_param_values_are_registered_with_the_validator() -> None:
-    from csi import validate
+    from csi.services import validation as validate
 
     for key, allowed in params.VALUES.items():
         assert validate.VALUES[key] == allowed

@@ -6,16 +6,15 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from csi.backend.base import AccessType
 from csi.config import Config
 from csi.host.fs import FsTool
 from csi.host.paths import PathGuard
-from csi.nodeops import NodeOps
-from csi.ops import Gate
-from csi.runner import Runner
+from csi.host.runner import Runner
+from csi.model import AccessType, Mode
+from csi.node.ops import NodeOps
+from csi.services.gate import Gate
 from csi.services.node import NodeService
 from csi.v1 import csi_pb2, csi_pb2_grpc
-from csi.validate import Mode
 from tests.unit.fakes import FakeBackend, FakeNodeOps, GiB
 
 S = grpc.StatusCode

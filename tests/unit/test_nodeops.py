@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from csi.backend.base import AccessType, Device
 from csi.errors import ElvError, FailedPrecondition, Internal, InUse, InvalidArgument
 from csi.host import syscalls
 from csi.host.fs import FsTool
 from csi.host.mountinfo import Mount, MountTable
 from csi.host.paths import PathGuard
-from csi.nodeops import NodeOps, bind_bits, mount_options
-from csi.validate import Capability, Mode
+from csi.model import AccessType, Capability, Device, Mode
+from csi.node.ops import NodeOps, bind_bits, mount_options
 from tests.unit.fakes import FakeBackend, FakeRunner
 
 DEV = Device(name="loop40", path="/dev/loop40", major=7, minor=40)

@@ -6,7 +6,7 @@ import gc
 import pytest
 
 from csi.errors import Aborted
-from csi.ops import Gate
+from csi.services.gate import Gate
 
 
 class Work:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from csi import runner as runner_mod
 from csi.errors import CommandError, CommandTimeout
-from csi.runner import SAFE_PATH, Runner
+from csi.host import runner as runner_mod
+from csi.host.runner import SAFE_PATH, Runner
 
 PY = sys.executable
 
@@ -413,8 +413,8 @@ async def test_close_lets_commands_finish_then_kills_and_reaps_the_rest(tmp_path
 # still running when the main coroutine returns and the loop closes.
 SHUTDOWN = """
 import asyncio, sys
-from csi.runner import Runner
-from csi.server import _fast_child_watcher
+from csi.host.runner import Runner
+from csi.server.driver import _fast_child_watcher
 
 async def main(mode, watcher):
     if watcher == "pidfd":

@@ -1,4 +1,4 @@
-"""Scratch directories and reaping what a killed run left (csi/scratch.py, tests/reap.py)."""
+"""Scratch directories and reaping what a killed run left (csi/host/scratch.py, tests/reap.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from csi import scratch
-from csi.host import procs
+from csi.host import procs, scratch
 from tests import reap
 
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from csi.config import Config
-from csi.runner import Runner
-from csi.server import Driver
+from csi.host.runner import Runner
+from csi.server.driver import Driver
 from tests.unit.fakes import FakeBackend
 
 

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from csi import ids
-from csi.backend.base import AccessType, Snapshot, Source, Volume
 from csi.backend.loop.store import (
     FORMAT_VERSION,
     MARKER,
@@ -21,6 +19,7 @@ from csi.backend.loop.store import (
     volume_to_json,
 )
 from csi.errors import CorruptState
+from csi.model import AccessType, Snapshot, Source, Volume, ids
 
 MiB = 1024 * 1024
 

@@ -4,9 +4,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from csi import validate as v
-from csi.backend.base import AccessType
 from csi.errors import InvalidArgument, OutOfRange
+from csi.model import AccessType, Capability, Mode
+from csi.services import validation as v
 from csi.v1 import csi_pb2
 
 MiB = 1024**2
@@ -228,10 +228,10 @@ def test_volume_mount_group_is_refused() -> None:
 
 def test_capability_result() -> None:
     c = v.capability(mount_cap(AM.SINGLE_NODE_READER_ONLY, fs="xfs", flags=("ro", "noatime")))
-    assert c == v.Capability(AccessType.MOUNT, v.Mode.SINGLE_NODE_READER_ONLY, "xfs", ("ro", "noatime"))
+    assert c == Capability(AccessType.MOUNT, Mode.SINGLE_NODE_READER_ONLY, "xfs", ("ro", "noatime"))
     assert c.readonly_mode
     b = v.capability(block_cap(AM.SINGLE_NODE_MULTI_WRITER))
-    assert b == v.Capability(AccessType.BLOCK, v.Mode.SINGLE_NODE_MULTI_WRITER, None, ())
+    assert b == Capability(AccessType.BLOCK, Mode.SINGLE_NODE_MULTI_WRITER, None, ())
     assert not b.readonly_mode
     # An empty fs_type means "the default", which is recorded as None.
     assert v.capability(mount_cap()).fs_type is None
@@ -356,3 +356,9 @@ def test_round_up_and_fs_minimum() -> None:
     assert v.fs_minimum("xfs") == 300 * MiB
     assert v.fs_minimum("ext4") == 16 * MiB
     assert v.fs_minimum(None) == 0
+
+
+def test_access_modes_are_numbered_as_the_spec_numbers_them() -> None:
+    # csi.model copies the numbers so that it needs nothing of csi.v1.
+    for m in Mode:
+        assert m.value == csi_pb2.VolumeCapability.AccessMode.Mode.Value(m.name)

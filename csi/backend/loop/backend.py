@@ -15,19 +15,6 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 
-from csi import ids
-from csi.backend.base import (
-    AccessType,
-    Capacity,
-    Device,
-    GroupSnapshot,
-    Health,
-    PoolStats,
-    Snapshot,
-    Source,
-    Volume,
-    VolumeSpec,
-)
 from csi.backend.loop import files
 from csi.backend.loop.alloc import Allocation
 from csi.backend.loop.snapshots import LoopSnapshots
@@ -44,7 +31,20 @@ from csi.errors import (
 )
 from csi.host import loop as loopdev
 from csi.host.fs import FsTool
-from csi.runner import Runner
+from csi.host.runner import Runner
+from csi.model import (
+    AccessType,
+    Capacity,
+    Device,
+    GroupSnapshot,
+    Health,
+    PoolStats,
+    Snapshot,
+    Source,
+    Volume,
+    VolumeSpec,
+    ids,
+)
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from csi import ids
 from csi.backend import freeze
-from csi.backend.base import AccessType, GroupSnapshot, Snapshot, Volume
 from csi.backend.loop import files
 from csi.backend.loop.alloc import Allocation
 from csi.backend.loop.store import Store
@@ -27,6 +25,7 @@ from csi.errors import AlreadyExists, NotFound
 from csi.host import loop as loopdev
 from csi.host.fs import FsTool
 from csi.host.mountinfo import MountTable
+from csi.model import AccessType, GroupSnapshot, Snapshot, Volume, ids
 
 log = logging.getLogger(__name__)
 

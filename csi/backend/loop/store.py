@@ -39,9 +39,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
-from csi import ids
-from csi.backend.base import AccessType, Snapshot, Source, Volume
 from csi.errors import CorruptState
+from csi.model import AccessType, Snapshot, Source, Volume, ids
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from csi.backend.lvm.core import Core
 from csi.backend.lvm.report import valid_tag
 from csi.config import Config
 from csi.host.fs import FsTool
-from csi.runner import Runner
+from csi.host.runner import Runner
 
 UDEV_CONTROL = "/run/udev/control"
 

@@ -12,8 +12,6 @@ import logging
 import time
 from collections.abc import Mapping
 
-from csi import ids
-from csi.backend.base import Capacity, Device, GroupSnapshot, Health, PoolStats, Snapshot, Volume, VolumeSpec
 from csi.backend.lvm import capacity as cap
 from csi.backend.lvm import model, params
 from csi.backend.lvm.classes import CLASS_KEY, LvmSettings
@@ -26,6 +24,7 @@ from csi.backend.lvm.report import LvInfo
 from csi.backend.lvm.snapshots import LvmSnapshots
 from csi.backend.lvm.wipe import Wiper
 from csi.errors import AlreadyExists, CommandError, InUse, NotFound, Unavailable
+from csi.model import Capacity, Device, GroupSnapshot, Health, PoolStats, Snapshot, Volume, VolumeSpec, ids
 
 log = logging.getLogger(__name__)
 MiB = 1024 * 1024

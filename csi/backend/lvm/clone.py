@@ -20,8 +20,6 @@ import mmap
 import os
 import time
 
-from csi import ids
-from csi.backend.base import AccessType, Volume, VolumeSpec
 from csi.backend.lvm import capacity as cap
 from csi.backend.lvm import model
 from csi.backend.lvm.classes import DeviceClass
@@ -31,6 +29,7 @@ from csi.backend.lvm.report import LvInfo
 from csi.backend.lvm.snapshots import cow_size
 from csi.backend.lvm.wipe import Wiper
 from csi.errors import CommandError, FailedPrecondition, NotFound, OutOfRange
+from csi.model import AccessType, Volume, VolumeSpec, ids
 
 log = logging.getLogger(__name__)
 CHUNK = 4 * 1024 * 1024

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from csi.backend.lvm import report
 from csi.backend.lvm.report import LvInfo, VgInfo
 from csi.errors import CommandError
-from csi.runner import Result, Runner
+from csi.host.runner import Result, Runner
 
 log = logging.getLogger(__name__)
 

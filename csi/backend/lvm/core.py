@@ -8,8 +8,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from csi import ids
-from csi.backend.base import Device
 from csi.backend.lvm import capacity as cap
 from csi.backend.lvm import devnode, model
 from csi.backend.lvm.classes import DeviceClass, LvmSettings
@@ -19,7 +17,8 @@ from csi.backend.lvm.report import LvInfo
 from csi.errors import AlreadyExists, CommandError, FailedPrecondition, InUse, NotFound, ResourceExhausted, Unavailable
 from csi.host.fs import FsTool
 from csi.host.mountinfo import Mount, MountTable
-from csi.runner import Runner
+from csi.host.runner import Runner
+from csi.model import Device, ids
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import os
 import stat
 import time
 
-from csi.backend.base import Device
 from csi.errors import Internal
+from csi.model import Device
 
 SYS_DEV_BLOCK = "/sys/dev/block"
 DEV = "/dev"

@@ -24,9 +24,8 @@ import secrets
 from collections.abc import Mapping
 from typing import Literal
 
-from csi import ids
-from csi.backend.base import AccessType, Snapshot, Source, Volume
 from csi.backend.lvm.report import LvInfo, hex_decode, hex_encode
+from csi.model import AccessType, Snapshot, Source, Volume, ids
 
 OWNER = "elv.owner"
 KIND = "elv.kind"

@@ -1,7 +1,7 @@
 """The node side: an LV is attached exactly when it is active.
 
 NodeStage activates the LV and waits for its device node; NodeUnstage
-deactivates it. The device handed to nodeops is always ``/dev/dm-N`` (made
+deactivates it. The device handed to csi.node is always ``/dev/dm-N`` (made
 by devtmpfs, or by ELV where /dev is not devtmpfs), never a udev symlink.
 """
 
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 
-from csi.backend.base import Device, Health
 from csi.backend.lvm import capacity as cap
 from csi.backend.lvm import devnode, model
 from csi.backend.lvm.core import Core
 from csi.errors import FailedPrecondition, NotFound
 from csi.host.fs import device_size
+from csi.model import Device, Health
 
 
 class LvmNode:

@@ -1,6 +1,6 @@
 """StorageClass parameters of the LVM backend: an allow-list with closed value sets.
 
-The value sets live in csi.validate.VALUES, so the controller service refuses
+The value sets live in csi.services.validation.VALUES, so the controller service refuses
 anything else before the backend sees it; only the device class (whose names
 come from the configuration) is checked here. Nothing from a parameter is
 ever passed to LVM as text: each value maps to fixed argv pieces.
@@ -22,7 +22,7 @@ SNAPSHOT_RESERVE = "elv.csi.dev/lvm-snapshot-reserve"
 
 KEYS = frozenset({CLASS_KEY, TYPE, STRIPES, STRIPE_SIZE, MIRRORS, SNAPSHOT_RESERVE})
 
-#: Closed value sets (also registered in csi.validate.VALUES).
+#: Closed value sets (also registered in csi.services.validation.VALUES).
 VALUES: dict[str, frozenset[str]] = {
     TYPE: frozenset({"linear", "striped", "raid1"}),
     STRIPES: frozenset({"2", "3", "4", "5", "6", "7", "8"}),

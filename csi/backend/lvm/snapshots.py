@@ -27,9 +27,7 @@ import logging
 import math
 import time
 
-from csi import ids
 from csi.backend import freeze
-from csi.backend.base import GroupSnapshot, Snapshot, Volume
 from csi.backend.lvm import capacity as cap
 from csi.backend.lvm import model, params
 from csi.backend.lvm.core import Core, classify
@@ -37,6 +35,7 @@ from csi.backend.lvm.inventory import View
 from csi.backend.lvm.report import LvInfo, hex_decode, not_found
 from csi.backend.lvm.wipe import Wiper
 from csi.errors import AlreadyExists, CommandError, NotFound
+from csi.model import GroupSnapshot, Snapshot, Volume, ids
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from csi.backend.base import PoolStats
+from csi.model import PoolStats
 
 log = logging.getLogger(__name__)
 

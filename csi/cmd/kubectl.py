@@ -165,7 +165,7 @@ async def _inventory_via_socket(endpoint: str, driver: str) -> list[Any]:
     through the API server's node proxy for a loopback node address)."""
     import grpc
 
-    from csi.client import Client
+    from csi.cmd.client import Client
     from csi.cmd.common import all_volumes, plugin
     from csi.cmd.volumes import _row
     from csi.v1 import csi_pb2

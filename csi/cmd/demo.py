@@ -19,9 +19,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-from csi import scratch
-from csi.client import Client, mount_capability
+from csi.cmd.client import Client, mount_capability
 from csi.host import loop as loopdev
+from csi.host import scratch
 from csi.host.mountinfo import MountTable
 from csi.v1 import csi_pb2
 

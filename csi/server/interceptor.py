@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from csi.errors import ElvError
-from csi.log import redact
+from csi.server.log import redact
 
 log = logging.getLogger("csi.rpc")
 

@@ -9,13 +9,10 @@ command line or a path.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
-from csi.backend.base import AccessType
 from csi.errors import InvalidArgument, OutOfRange
-from csi.host.fs import DEFAULT_FS, MIN_FS_BYTES, SUPPORTED_FS
+from csi.model import DEFAULT_FS, MIN_FS_BYTES, SUPPORTED_FS, AccessType, Capability, Mode
 from csi.v1 import csi_pb2
 
 NAME_MAX_BYTES = 128
@@ -55,13 +52,6 @@ VALUES: dict[str, frozenset[str]] = {
     "elv.csi.dev/lvm-mirrors": frozenset({"1", "2", "3"}),
     "elv.csi.dev/lvm-snapshot-reserve": frozenset({"10%", "25%", "50%", "100%"}),
 }
-
-
-class Mode(enum.IntEnum):
-    SINGLE_NODE_WRITER = csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
-    SINGLE_NODE_READER_ONLY = csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_READER_ONLY
-    SINGLE_NODE_SINGLE_WRITER = csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_SINGLE_WRITER
-    SINGLE_NODE_MULTI_WRITER = csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_MULTI_WRITER
 
 
 MULTI_NODE = frozenset(
@@ -130,18 +120,6 @@ def parameters(params: Mapping[str, str], allowed: frozenset[str], field: str = 
         if ok is not None and v not in ok:
             raise InvalidArgument(f"{field} {k}={v!r} is not one of: {', '.join(sorted(ok))}")
     return dict(params)
-
-
-@dataclass(frozen=True)
-class Capability:
-    access: AccessType
-    mode: Mode
-    fs_type: str | None
-    mount_flags: tuple[str, ...]
-
-    @property
-    def readonly_mode(self) -> bool:
-        return self.mode == Mode.SINGLE_NODE_READER_ONLY
 
 
 def capability_problem(cap: csi_pb2.VolumeCapability) -> str | None:

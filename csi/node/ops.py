@@ -5,7 +5,7 @@ module decides what to do with it. The mount table in /proc/self/mountinfo
 is the truth for what is staged and published, read fresh on every call, so
 repeats and retries see the real state, never a cached guess.
 
-Callers hold the volume's gate (csi.ops), so one volume never has two of
+Callers hold the volume's gate (csi.services.gate), so one volume never has two of
 these running at once.
 """
 
@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from csi.backend.base import AccessType, Backend, Device, Health, Volume
+from csi.backend.base import Backend
 from csi.errors import (
     AlreadyExists,
     ElvError,
@@ -29,10 +29,11 @@ from csi.errors import (
     OutOfRange,
 )
 from csi.host import syscalls
-from csi.host.fs import DEFAULT_FS, FsTool, device_size, read_fs_size
+from csi.host.fs import FsTool, device_size, read_fs_size
 from csi.host.mountinfo import Mount, MountTable
 from csi.host.paths import PathGuard
-from csi.validate import Capability, Mode, round_up
+from csi.model import DEFAULT_FS, AccessType, Capability, Device, Health, Mode, Volume
+from csi.services.validation import round_up
 
 log = logging.getLogger(__name__)
 

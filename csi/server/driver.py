@@ -27,18 +27,18 @@ from csi.config import Config
 from csi.errors import ElvError
 from csi.host.fs import FsTool
 from csi.host.paths import PathGuard
-from csi.interceptor import RpcInterceptor
-
-if TYPE_CHECKING:
-    from csi.metrics import Metrics
-from csi.nodeops import NodeOps
-from csi.ops import Gate
-from csi.runner import Runner
+from csi.host.runner import Runner
+from csi.node.ops import NodeOps
+from csi.server.interceptor import RpcInterceptor
 from csi.services.controller import ControllerService
+from csi.services.gate import Gate
 from csi.services.group import GroupControllerService
 from csi.services.identity import IdentityService
 from csi.services.node import NodeService
 from csi.v1 import csi_pb2_grpc
+
+if TYPE_CHECKING:
+    from csi.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 MAX_UNIX_PATH = 107
@@ -108,7 +108,7 @@ class Driver:
         self.gate = Gate()
         self.metrics: Metrics | None = None
         if config.metrics_address:
-            from csi.metrics import Metrics
+            from csi.server.metrics import Metrics
 
             self.metrics = Metrics(in_flight=self.gate.in_flight)
         self.runner = runner or Runner(

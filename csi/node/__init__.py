@@ -1,0 +1,1 @@
+"""The node side every backend shares: format, mount, bind, unmount."""

@@ -1,0 +1,1 @@
+"""The gRPC server: the process, its socket, the interceptor, logging and metrics."""
