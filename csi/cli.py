@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from csi import DRIVER_NAME, __version__
 from csi.config import Config, Mode
+from csi.errors import ConfigError
 
 
 def _env(name: str, default: str) -> str:
@@ -127,7 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         cfg = config_from(args)
         log.setup(cfg.log_level, cfg.log_format)
-        return asyncio.run(driver.run(cfg))
+        try:
+            return asyncio.run(driver.run(cfg))
+        except ConfigError as e:
+            # The backend refused the configuration while it was being built.
+            print(f"elv: {e.message}", file=sys.stderr)
+            return 1
     if args.command == "demo":
         from csi.cmd import demo
         from csi.server import log

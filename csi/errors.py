@@ -16,6 +16,7 @@ logged, so a client never sees UNKNOWN.
     ├── Aborted                   ABORTED           another operation on the key is in flight
     ├── Unavailable               UNAVAILABLE       the backend is not ready
     ├── Unimplemented             UNIMPLEMENTED
+    ├── ConfigError                                 the configuration cannot be served: elv serve exits
     └── Internal                  INTERNAL
         ├── CommandError                            an external command failed
         │   └── CommandTimeout    DEADLINE_EXCEEDED ... or ran past its deadline (retryable)
@@ -83,6 +84,13 @@ class Unavailable(ElvError):
 
 class Unimplemented(ElvError):
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class ConfigError(ElvError):
+    """A flag or the LVM class file asks for something the driver cannot do.
+
+    Raised while the driver is built, before it serves anything; ``elv``
+    prints it and exits, so it never becomes an RPC's answer."""
 
 
 class Internal(ElvError):

@@ -1,42 +1,169 @@
 """The contract every storage backend keeps.
 
 The CSI services only validate requests and translate; everything that
-touches storage is behind :class:`Backend`. Each method documents its
-idempotency, because CSI callers retry everything: the same call repeated
-must give the same answer and leave the same state.
+touches storage is behind these protocols. :class:`ControllerBackend` is what
+the controller and group-controller services call, :class:`NodeBackend` what
+the node work (csi.node) calls; a backend module's ``build(config, runner)``
+makes a :class:`Backend`, which is both, and raises ConfigError for a
+configuration it cannot serve.
+
+Each method documents its idempotency, because CSI callers retry
+everything: the same call repeated must give the same answer and leave the
+same state. The checks every backend makes the same way (is a retry the same
+request, does a clone fit its source, is a parameter's value allowed) are
+written here, once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
-from csi.model import Capacity, Device, GroupSnapshot, Health, PoolStats, Snapshot, Volume, VolumeSpec
+from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, OutOfRange
+from csi.model import (
+    AccessType,
+    Capacity,
+    Device,
+    GroupSnapshot,
+    Health,
+    PoolStats,
+    Snapshot,
+    Volume,
+    VolumeSpec,
+)
+
+# -- StorageClass parameters ------------------------------------------------------------
 
 
-class Backend(Protocol):
+@dataclass(frozen=True)
+class Parameters:
+    """The StorageClass parameters a backend takes. Request validation reads
+    this declaration and nothing else, so each key and value set is written
+    once, in the backend that gives it meaning."""
+
+    #: Each key, with its closed set of values, or None where the backend
+    #: checks the value itself (a device class is one of the configured names).
+    values: Mapping[str, frozenset[str] | None]
+    #: Keys a VolumeAttributesClass may set too (ControllerModifyVolume).
+    mutable: frozenset[str] = frozenset()
+    #: Keys that only choose where a volume lives. The volume's ID names that
+    #: place already, so a retry that spells out the default is the same request.
+    placement: frozenset[str] = frozenset()
+
+    @property
+    def mutable_values(self) -> dict[str, frozenset[str] | None]:
+        return {k: v for k, v in self.values.items() if k in self.mutable}
+
+
+def check_values(parameters: Mapping[str, str], declared: Mapping[str, frozenset[str] | None], field: str) -> None:
+    """Refuse a value outside its key's closed set (keys not declared are the caller's to refuse)."""
+    for k, v in parameters.items():
+        ok = declared.get(k)
+        if ok is not None and v not in ok:
+            raise InvalidArgument(f"{field} {k}={v!r} is not one of: {', '.join(sorted(ok))}")
+
+
+#: Mutable parameters are kept with the others, this prefix marking them, in
+#: the records that outlive the process (the loop pool's JSON, LVM tags).
+MUTABLE_PREFIX = "mutable:"
+
+
+def stored_parameters(parameters: Mapping[str, str], mutable: Mapping[str, str]) -> dict[str, str]:
+    """One map of a volume's parameters, in the format its record keeps."""
+    return {**parameters, **{MUTABLE_PREFIX + k: v for k, v in mutable.items()}}
+
+
+def split_parameters(stored: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(parameters, mutable parameters) from a record's one map."""
+    fixed = {k: v for k, v in stored.items() if not k.startswith(MUTABLE_PREFIX)}
+    mutable = {k[len(MUTABLE_PREFIX) :]: v for k, v in stored.items() if k.startswith(MUTABLE_PREFIX)}
+    return fixed, mutable
+
+
+# -- the checks every backend makes ----------------------------------------------------
+
+
+def check_compatible(existing: Volume, spec: VolumeSpec, placement: frozenset[str] = frozenset()) -> None:
+    """A CreateVolume retry that finds the volume made: AlreadyExists unless it
+    is what ``spec`` asks for (or bigger)."""
+    diffs = []
+    if existing.name != spec.name:
+        diffs.append("name (ID collision)")
+    if existing.size < spec.size:
+        diffs.append(f"size ({existing.size} < {spec.size})")
+    if existing.access != spec.access:
+        diffs.append(f"access type ({existing.access.value})")
+    if existing.fs_type != spec.fs_type:
+        diffs.append(f"filesystem ({existing.fs_type})")
+    ours = {k: v for k, v in existing.parameters.items() if k not in placement}
+    theirs = {k: v for k, v in spec.parameters.items() if k not in placement}
+    if ours != theirs or dict(existing.mutable) != dict(spec.mutable):
+        diffs.append("parameters")
+    if existing.source != spec.source:
+        diffs.append("content source")
+    if diffs:
+        raise AlreadyExists(f"volume {spec.name!r} already exists with a different " + ", ".join(diffs))
+
+
+def check_source_fits(spec: VolumeSpec, access: AccessType, fs: str | None, size: int) -> None:
+    """A new volume made from a snapshot or volume of this access type,
+    filesystem (None: none yet) and size must be able to hold it."""
+    if access != spec.access:
+        raise FailedPrecondition(f"the source is a {access.value} volume; the new volume must be {access.value} too")
+    if spec.access == AccessType.MOUNT and fs and spec.fs_type and fs != spec.fs_type:
+        raise FailedPrecondition(f"the source holds {fs}; a clone of it cannot be {spec.fs_type}")
+    if spec.size < size:
+        raise OutOfRange(f"the new volume ({spec.size} bytes) is smaller than its source ({size} bytes)")
+
+
+def member_name(group_name: str, volume_id: str) -> str:
+    """The (internal) name of a group member's snapshot; IDs derive from it.
+    U+0001 cannot occur in a CSI name, so this never collides with a user's."""
+    return f"\x01group\x01{group_name}\x01{volume_id}"
+
+
+# -- the protocols ---------------------------------------------------------------------
+
+
+class Common(Protocol):
+    """What both halves ask of a backend."""
+
     kind: str
-    #: Parameter keys (beyond the common ones) a StorageClass may set.
-    parameter_keys: frozenset[str]
-    #: Keys a VolumeAttributesClass may set (ControllerModifyVolume).
-    mutable_keys: frozenset[str]
+    #: Sizes are multiples of this.
     granularity: int
-    min_size: int
-
-    async def start(self) -> None:
-        """Recover from a crash: finish or remove anything half-made."""
-
-    async def stop(self) -> None:
-        """Stop background work at shutdown (the driver then reaps any command left)."""
 
     async def probe(self) -> None:
         """Raise Unavailable unless the backend can serve requests."""
+
+    async def pool_stats(self) -> list[PoolStats]:
+        """Size, use and promisable space of each pool (cheap; called every few seconds)."""
+
+    async def get_volume(self, volume_id: str) -> Volume | None:
+        """The volume, or None."""
+
+    async def expand_volume(self, volume_id: str, size: int) -> Volume:
+        """Grow to at least ``size``; already big enough is success."""
+
+    async def health(self, volume_id: str, *, node: bool = True) -> Health:
+        """The volume's condition. ``node=False`` is the controller's view (is the
+        data there?); ``node=True`` also checks the node side (is the device up?)."""
+
+
+class ControllerBackend(Common, Protocol):
+    """Volumes and snapshots as the controller services see them."""
+
+    parameters: Parameters
+    min_size: int
 
     def volume_id(self, name: str, parameters: Mapping[str, str]) -> str:
         """The ID a volume of this name gets (pure; no I/O)."""
 
     def snapshot_id(self, name: str, source_volume_id: str) -> str:
         """The ID a snapshot of this name gets (pure; no I/O)."""
+
+    def group_snapshot_id(self, name: str) -> str:
+        """The ID a group snapshot of this name gets (pure; no I/O)."""
 
     async def create_volume(self, spec: VolumeSpec) -> Volume:
         """Create the volume, or return it if it exists and matches ``spec``.
@@ -47,19 +174,13 @@ class Backend(Protocol):
     async def delete_volume(self, volume_id: str) -> None:
         """Delete the volume. Missing is success. InUse while staged/published."""
 
-    async def get_volume(self, volume_id: str) -> Volume | None:
-        """The volume, or None."""
-
     async def list_volumes(self) -> list[Volume]:
         """Every volume, sorted by ID."""
-
-    async def expand_volume(self, volume_id: str, size: int) -> Volume:
-        """Grow to at least ``size``; already big enough is success."""
 
     async def capacity(self, parameters: Mapping[str, str]) -> Capacity:
         """What can still be promised for a volume with these parameters."""
 
-    async def create_snapshot(self, name: str, source_volume_id: str, group_id: str | None = None) -> Snapshot:
+    async def create_snapshot(self, name: str, source_volume_id: str) -> Snapshot:
         """Snapshot the volume (crash-consistent), or return the existing
         snapshot of that name. AlreadyExists if the name has another source."""
 
@@ -75,7 +196,7 @@ class Backend(Protocol):
         """Record (readonly is a bool) or forget (None) a controller publish."""
 
     async def modify_volume(self, volume_id: str, mutable: Mapping[str, str]) -> Volume:
-        """Apply mutable parameters (already validated against the allow-list)."""
+        """Apply mutable parameters (already validated against the declaration)."""
 
     async def create_group_snapshot(self, name: str, volume_ids: list[str]) -> GroupSnapshot:
         """Snapshot several volumes at one point in time, or return the existing
@@ -85,6 +206,10 @@ class Backend(Protocol):
         """Delete the group and its member snapshots. Missing is success."""
 
     async def get_group_snapshot(self, group_id: str) -> GroupSnapshot | None: ...
+
+
+class NodeBackend(Common, Protocol):
+    """A volume's block device on this node, and the records the node keeps."""
 
     async def attach(self, volume_id: str) -> Device:
         """Make the volume's block device exist on this node; reuse it if it does."""
@@ -106,9 +231,12 @@ class Backend(Protocol):
         """Record durably that the volume carries this filesystem; with
         ``complete=False``, record that mkfs is about to start (the intent)."""
 
-    async def health(self, volume_id: str, *, node: bool = True) -> Health:
-        """The volume's condition. ``node=False`` is the controller's view (is the
-        data there?); ``node=True`` also checks the node side (is the device up?)."""
 
-    async def pool_stats(self) -> list[PoolStats]:
-        """Size, use and promisable space of each pool (cheap; called every few seconds)."""
+class Backend(ControllerBackend, NodeBackend, Protocol):
+    """Both halves, as a backend module's ``build(config, runner)`` makes them."""
+
+    async def start(self) -> None:
+        """Recover from a crash: finish or remove anything half-made."""
+
+    async def stop(self) -> None:
+        """Stop background work at shutdown (the driver then reaps any command left)."""

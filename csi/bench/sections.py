@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from csi.bench.harness import MiB, Target, block_cap, mount_cap, pct
+from csi.model import PROVISIONING
 from csi.v1 import csi_pb2
 
 _names = itertools.count()
@@ -286,7 +287,7 @@ async def datapath(t: Target, runtime: int, rounds: int = 3, thick: bool = True)
     if shutil.which("fio") is None:
         return {"error": "fio is not installed (apt-get install fio)"}
     v = Volume(t, "ext4", 1024 * MiB)
-    req_params = {"elv.csi.dev/provisioning": "thick"} if thick else {}
+    req_params = {PROVISIONING: "thick"} if thick else {}
     req = csi_pb2.CreateVolumeRequest(name=v.name, volume_capabilities=[v.cap], parameters=req_params,
                                       capacity_range=csi_pb2.CapacityRange(required_bytes=v.size))  # fmt: skip
     v.vid = (await t.controller.CreateVolume(req)).volume.volume_id

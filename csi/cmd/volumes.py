@@ -21,7 +21,7 @@ from csi.cmd.common import (
     volume_name,
     with_progress,
 )
-from csi.model import ACCESS_KEY, FS_KEY
+from csi.model import ACCESS_KEY, DEVICE_CLASS, FS_KEY, PROVISIONING
 from csi.v1 import csi_pb2
 
 
@@ -154,9 +154,9 @@ async def _create(client: Client, args: argparse.Namespace) -> int:
     cap = block_capability() if args.block else mount_capability(args.fs)
     params: dict[str, str] = {}
     if args.device_class:
-        params["elv.csi.dev/device-class"] = args.device_class
+        params[DEVICE_CLASS] = args.device_class
     if args.thick:
-        params["elv.csi.dev/provisioning"] = "thick"
+        params[PROVISIONING] = "thick"
     req = csi_pb2.CreateVolumeRequest(
         name=args.name, volume_capabilities=[cap], parameters=params,
         capacity_range=csi_pb2.CapacityRange(required_bytes=parse_size(args.size)),

@@ -80,6 +80,8 @@ class VolumeSpec:
     source: Source | None = None
     #: StorageClass parameters that shape the volume; a retry must match them.
     parameters: Mapping[str, str] = field(default_factory=dict)
+    #: Mutable parameters (a VolumeAttributesClass) it is created with.
+    mutable: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class Volume:
     attachments: Mapping[str, bool] = field(default_factory=dict)
     #: The device's logical block size, where the backend chooses it (loop).
     block_size: int | None = None
+    #: The mutable parameters it was created with (a later modify leaves them).
+    mutable: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,14 @@ class Health:
 
 
 # -- keys of the CSI messages -------------------------------------------------------------
+
+#: StorageClass parameters that more than one layer reads (the backends
+#: declare the rest, with every value set, in their own ``Parameters``).
+#: "thick" allocates a volume's space at once (the services set
+#: VolumeSpec.thick from it; the loop backend also lets it change later).
+PROVISIONING = "elv.csi.dev/provisioning"
+#: The LVM device class a volume lives in (``elv volume create --class``).
+DEVICE_CLASS = "elv.csi.dev/device-class"
 
 #: What ELV puts into a volume's ``volume_context``, so tools (``elv volume
 #: list``) can show it; the driver itself never trusts volume_context.

@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from csi.backend.base import Backend
+from csi.backend.base import NodeBackend
 from csi.errors import (
     AlreadyExists,
     ElvError,
@@ -119,7 +119,7 @@ def _mount_error(e: OSError, what: str) -> ElvError:
 
 
 class NodeOps:
-    def __init__(self, backend: Backend, guard: PathGuard, fs: FsTool) -> None:
+    def __init__(self, backend: NodeBackend, guard: PathGuard, fs: FsTool) -> None:
         self.backend = backend
         self.guard = guard
         self.fs = fs

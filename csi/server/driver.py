@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from csi.backend import build
 from csi.backend.base import Backend
 from csi.config import Config
 from csi.errors import ElvError
@@ -86,20 +87,6 @@ def secure_socket(path: str, group: str | None) -> None:
         os.chmod(path, 0o600)
 
 
-def build_backend(config: Config, runner: Runner) -> Backend:
-    if config.backend == "loop":
-        from csi.backend.loop.backend import LoopBackend
-
-        return LoopBackend(
-            config.loop_dir, runner, overprovision_ratio=config.overprovision_ratio, direct_io=config.direct_io
-        )
-    if config.backend == "lvm":
-        from csi.backend.lvm import build
-
-        return build(config, runner)
-    raise ValueError(f"unknown backend {config.backend!r}")
-
-
 class Driver:
     """Everything one ``elv serve`` process runs."""
 
@@ -118,7 +105,7 @@ class Driver:
             journal_dir=os.path.join(config.run_dir, "commands"),
             observer=self.metrics.observe_command if self.metrics else None,
         )
-        self.backend = backend or build_backend(config, self.runner)
+        self.backend = backend or build(config, self.runner)
         self.interceptor = RpcInterceptor(observer=self.metrics.observe_rpc if self.metrics else None)
         self._tasks: list[asyncio.Task[None]] = []
         self.server: grpc.aio.Server | None = None

@@ -7,10 +7,10 @@ from typing import TypeVar
 
 from google.protobuf import wrappers_pb2
 
-from csi.backend.base import Backend
+from csi.backend.base import ControllerBackend
 from csi.config import Config
 from csi.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from csi.model import DEFAULT_FS, AccessType, VolumeSpec, ids
+from csi.model import DEFAULT_FS, PROVISIONING, AccessType, VolumeSpec, ids
 from csi.services import Context, convert
 from csi.services import validation as v
 from csi.services.gate import Gate
@@ -18,7 +18,6 @@ from csi.v1 import csi_pb2, csi_pb2_grpc
 
 T = TypeVar("T")
 RPC = csi_pb2.ControllerServiceCapability.RPC
-PROVISIONING = "elv.csi.dev/provisioning"
 
 CAPABILITIES = (
     RPC.CREATE_DELETE_VOLUME,
@@ -56,7 +55,7 @@ def paginate(
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):
-    def __init__(self, config: Config, backend: Backend, gate: Gate) -> None:
+    def __init__(self, config: Config, backend: ControllerBackend, gate: Gate) -> None:
         self._config = config
         self._backend = backend
         self._gate = gate
@@ -65,10 +64,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     # -- helpers ----------------------------------------------------------------
 
     def _volume_parameters(self, params: dict[str, str]) -> dict[str, str]:
-        allowed = v.COMMON_KEYS | self._backend.parameter_keys
-        checked = v.parameters(params, allowed)
+        own = self._backend.parameters.values
+        checked = v.parameters(params, {**v.COMMON, **own})
         # Only the keys that shape the volume take part in idempotency checks.
-        return {k: val for k, val in checked.items() if k in self._backend.parameter_keys}
+        return {k: val for k, val in checked.items() if k in own}
+
+    def _mutable_parameters(self, params: dict[str, str]) -> dict[str, str]:
+        return v.parameters(params, self._backend.parameters.mutable_values, "mutable_parameters")
 
     def _check_topology(self, req: csi_pb2.TopologyRequirement | None) -> None:
         if req is None or not req.requisite:
@@ -90,7 +92,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         v.string_map(request.secrets, "secrets")
         params = dict(request.parameters)
         shaping = self._volume_parameters(params)
-        mutable = v.parameters(dict(request.mutable_parameters), self._backend.mutable_keys, "mutable_parameters")
+        mutable = self._mutable_parameters(dict(request.mutable_parameters))
         access = caps[0].access
         fs_type: str | None = None
         if access == AccessType.MOUNT:
@@ -116,12 +118,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             thick={**shaping, **mutable}.get(PROVISIONING) == "thick",
             source=source,
             parameters=shaping,
+            mutable=mutable,
         )
         vid = self._backend.volume_id(name, shaping)
         keys = [vid] + ([source.id] if source else [])
-        if mutable:
-            shaping = {**shaping, **{f"mutable:{k}": x for k, x in mutable.items()}}
-            spec = VolumeSpec(**{**spec.__dict__, "parameters": shaping})
         vol = await self._gate.run("CreateVolume", keys, convert.fingerprint(request),
                                    lambda: self._backend.create_volume(spec))  # fmt: skip
         return csi_pb2.CreateVolumeResponse(volume=convert.volume(vol, self._topology))
@@ -283,7 +283,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self, request: csi_pb2.ControllerModifyVolumeRequest, context: Context
     ) -> csi_pb2.ControllerModifyVolumeResponse:
         vid = v.required_id(request.volume_id, "volume_id")
-        mutable = v.parameters(dict(request.mutable_parameters), self._backend.mutable_keys, "mutable_parameters")
+        mutable = self._mutable_parameters(dict(request.mutable_parameters))
         if await self._backend.get_volume(vid) is None:
             raise NotFound(f"volume {vid} does not exist")
         await self._gate.run("ControllerModifyVolume", [vid], convert.fingerprint(request),
@@ -297,7 +297,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.CreateSnapshotResponse:
         name = v.name(request.name)
         src = v.required_id(request.source_volume_id, "source_volume_id")
-        v.parameters(dict(request.parameters), v.SNAPSHOT_KEYS)
+        v.parameters(dict(request.parameters), v.SNAPSHOT)
         sid = self._backend.snapshot_id(name, src)
         snap = await self._gate.run("CreateSnapshot", [sid, src], convert.fingerprint(request),
                                     lambda: self._backend.create_snapshot(name, src))  # fmt: skip

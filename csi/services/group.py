@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from csi.backend.base import Backend
+from csi.backend.base import ControllerBackend
 from csi.errors import InvalidArgument, NotFound
 from csi.model import GroupSnapshot
 from csi.services import Context, convert
@@ -28,7 +28,7 @@ def _check_members(g: GroupSnapshot, snapshot_ids: list[str]) -> None:
 
 
 class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):
-    def __init__(self, backend: Backend, gate: Gate) -> None:
+    def __init__(self, backend: ControllerBackend, gate: Gate) -> None:
         self._backend = backend
         self._gate = gate
 
@@ -45,8 +45,8 @@ class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):
         if not request.source_volume_ids:
             raise InvalidArgument("source_volume_ids is required")
         vids = [v.required_id(x, "source_volume_ids") for x in request.source_volume_ids]
-        v.parameters(dict(request.parameters), v.SNAPSHOT_KEYS)
-        gid = f"group:{name}"
+        v.parameters(dict(request.parameters), v.SNAPSHOT)
+        gid = self._backend.group_snapshot_id(name)
         group = await self._gate.run("CreateVolumeGroupSnapshot", [gid, *vids], convert.fingerprint(request),
                                      lambda: self._backend.create_group_snapshot(name, vids))  # fmt: skip
         return csi_pb2.CreateVolumeGroupSnapshotResponse(group_snapshot=group_message(group))

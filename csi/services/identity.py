@@ -5,7 +5,7 @@ from __future__ import annotations
 from google.protobuf import wrappers_pb2
 
 from csi import __version__
-from csi.backend.base import Backend
+from csi.backend.base import Common
 from csi.config import Config
 from csi.errors import ElvError, FailedPrecondition
 from csi.services import Context
@@ -15,7 +15,7 @@ Cap = csi_pb2.PluginCapability
 
 
 class IdentityService(csi_pb2_grpc.IdentityServicer):
-    def __init__(self, config: Config, backend: Backend, *, group_snapshots: bool) -> None:
+    def __init__(self, config: Config, backend: Common, *, group_snapshots: bool) -> None:
         self._config = config
         self._backend = backend
         self._group = group_snapshots

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from csi.backend.base import check_values
 from csi.errors import InvalidArgument, OutOfRange
 from csi.model import DEFAULT_FS, MIN_FS_BYTES, SUPPORTED_FS, AccessType, Capability, Mode
 from csi.v1 import csi_pb2
@@ -22,35 +23,20 @@ GiB = 1024**3
 _FORBIDDEN = frozenset([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0)])
 
 FSTYPE_KEY = "csi.storage.k8s.io/fstype"
-#: Keys any StorageClass may carry: the fstype, and the metadata
-#: csi-provisioner adds with --extra-create-metadata (informational only).
-COMMON_KEYS = frozenset(
-    {
-        FSTYPE_KEY,
-        "csi.storage.k8s.io/pvc/name",
-        "csi.storage.k8s.io/pvc/namespace",
-        "csi.storage.k8s.io/pv/name",
-    }
-)
-SNAPSHOT_KEYS = frozenset(
-    {
-        "csi.storage.k8s.io/volumesnapshot/name",
-        "csi.storage.k8s.io/volumesnapshot/namespace",
-        "csi.storage.k8s.io/volumesnapshotcontent/name",
-    }
-)
-#: Allowed values per key, where the value set is closed.
-VALUES: dict[str, frozenset[str]] = {
+#: Keys any StorageClass may carry, beyond the backend's own (its
+#: ``Parameters``): the fstype, and the metadata csi-provisioner adds with
+#: --extra-create-metadata (informational only, so any value).
+COMMON: Mapping[str, frozenset[str] | None] = {
     FSTYPE_KEY: frozenset(SUPPORTED_FS),
-    "elv.csi.dev/provisioning": frozenset({"thin", "thick"}),
-    "elv.csi.dev/block-size": frozenset({"512", "4096"}),
-    # The lvm backend's layout keys (csi.backend.lvm.params); the device class
-    # is checked there, against the configured names.
-    "elv.csi.dev/lvm-type": frozenset({"linear", "striped", "raid1"}),
-    "elv.csi.dev/lvm-stripes": frozenset({"2", "3", "4", "5", "6", "7", "8"}),
-    "elv.csi.dev/lvm-stripe-size": frozenset({"64Ki", "128Ki", "256Ki", "512Ki", "1Mi"}),
-    "elv.csi.dev/lvm-mirrors": frozenset({"1", "2", "3"}),
-    "elv.csi.dev/lvm-snapshot-reserve": frozenset({"10%", "25%", "50%", "100%"}),
+    "csi.storage.k8s.io/pvc/name": None,
+    "csi.storage.k8s.io/pvc/namespace": None,
+    "csi.storage.k8s.io/pv/name": None,
+}
+#: Keys a VolumeSnapshotClass may carry: csi-snapshotter's metadata only.
+SNAPSHOT: Mapping[str, frozenset[str] | None] = {
+    "csi.storage.k8s.io/volumesnapshot/name": None,
+    "csi.storage.k8s.io/volumesnapshot/namespace": None,
+    "csi.storage.k8s.io/volumesnapshotcontent/name": None,
 }
 
 
@@ -109,16 +95,16 @@ def string_map(m: Mapping[str, str], field: str) -> None:
             raise InvalidArgument(f"{field} contains a NUL byte")
 
 
-def parameters(params: Mapping[str, str], allowed: frozenset[str], field: str = "parameters") -> dict[str, str]:
-    """Check a StorageClass parameter map against the allow-list."""
+def parameters(
+    params: Mapping[str, str], allowed: Mapping[str, frozenset[str] | None], field: str = "parameters"
+) -> dict[str, str]:
+    """Check a parameter map against a declaration: each key must be declared,
+    and a key with a closed value set must have one of its values."""
     string_map(params, field)
     unknown = sorted(k for k in params if k not in allowed)
     if unknown:
         raise InvalidArgument(f"unknown {field} key {unknown[0]!r}; allowed keys: {', '.join(sorted(allowed))}")
-    for k, v in params.items():
-        ok = VALUES.get(k)
-        if ok is not None and v not in ok:
-            raise InvalidArgument(f"{field} {k}={v!r} is not one of: {', '.join(sorted(ok))}")
+    check_values(params, allowed, field)
     return dict(params)
 
 

@@ -12,16 +12,28 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from csi.backend.base import Parameters, member_name
 from csi.errors import AlreadyExists, CommandError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from csi.host.paths import PathGuard
 from csi.host.runner import Result
-from csi.model import AccessType, Capacity, Device, GroupSnapshot, Health, Snapshot, Volume, VolumeSpec, ids
+from csi.model import (
+    PROVISIONING,
+    AccessType,
+    Capacity,
+    Device,
+    GroupSnapshot,
+    Health,
+    PoolStats,
+    Snapshot,
+    Volume,
+    VolumeSpec,
+    ids,
+)
 from csi.node.ops import Stats
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 POOL = "fake"
-PROVISIONING = "elv.csi.dev/provisioning"
 
 
 class Recorder:
@@ -46,8 +58,7 @@ class FakeBackend(Recorder):
     """The Backend protocol in memory, with the loop backend's semantics."""
 
     kind = "fake"
-    parameter_keys = frozenset({PROVISIONING})
-    mutable_keys = frozenset({PROVISIONING})
+    parameters = Parameters(values={PROVISIONING: frozenset({"thin", "thick"})}, mutable=frozenset({PROVISIONING}))
     granularity = MiB
     min_size = MiB
 
@@ -103,6 +114,9 @@ class FakeBackend(Recorder):
     def snapshot_id(self, name: str, source_volume_id: str) -> str:
         return str(ids.make("s", POOL, name))
 
+    def group_snapshot_id(self, name: str) -> str:
+        return str(ids.make("g", POOL, name))
+
     # -- volumes ----------------------------------------------------------------------
 
     async def create_volume(self, spec: VolumeSpec) -> Volume:
@@ -110,11 +124,19 @@ class FakeBackend(Recorder):
         vid = self.volume_id(spec.name, spec.parameters)
         existing = self.volumes.get(vid)
         if existing is not None:
-            if (existing.size, existing.access, existing.fs_type, dict(existing.parameters), existing.source) != (
+            if (
+                existing.size,
+                existing.access,
+                existing.fs_type,
+                dict(existing.parameters),
+                dict(existing.mutable),
+                existing.source,
+            ) != (
                 max(existing.size, spec.size),
                 spec.access,
                 spec.fs_type,
                 dict(spec.parameters),
+                dict(spec.mutable),
                 spec.source,
             ):
                 raise AlreadyExists(f"volume {spec.name!r} already exists with different properties")
@@ -131,6 +153,7 @@ class FakeBackend(Recorder):
             source=spec.source,
             parameters=dict(spec.parameters),
             created_ns=time.time_ns(),
+            mutable=dict(spec.mutable),
         )
         self.volumes[vid] = vol
         return vol
@@ -215,12 +238,12 @@ class FakeBackend(Recorder):
         self.snapshots[sid] = snap
         return snap
 
-    async def create_snapshot(self, name: str, source_volume_id: str, group_id: str | None = None) -> Snapshot:
-        self._record("create_snapshot", name, source_volume_id, group_id)
+    async def create_snapshot(self, name: str, source_volume_id: str) -> Snapshot:
+        self._record("create_snapshot", name, source_volume_id)
         vol = self._known(source_volume_id)
         if vol is None:
             raise NotFound(f"source volume {source_volume_id} does not exist")
-        return self._snap(name, vol, group_id)
+        return self._snap(name, vol, None)
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         self._record("delete_snapshot", snapshot_id)
@@ -236,7 +259,7 @@ class FakeBackend(Recorder):
 
     async def create_group_snapshot(self, name: str, volume_ids: list[str]) -> GroupSnapshot:
         self._record("create_group_snapshot", name, list(volume_ids))
-        gid = str(ids.make("g", POOL, name))
+        gid = self.group_snapshot_id(name)
         members = sorted(set(volume_ids))
         existing = self.groups.get(gid)
         if existing is not None:
@@ -249,7 +272,7 @@ class FakeBackend(Recorder):
             if vol is None:
                 raise NotFound(f"source volume {vid} does not exist")
             vols.append(vol)
-        snaps = tuple(self._snap(f"\x01group\x01{name}\x01{v.id}", v, gid) for v in vols)
+        snaps = tuple(self._snap(member_name(name, v.id), v, gid) for v in vols)
         group = GroupSnapshot(gid, name, snaps, time.time_ns())
         self.groups[gid] = group
         return group
@@ -314,9 +337,7 @@ class FakeBackend(Recorder):
         self._record("health", volume_id, node)
         return self.health_of.get(volume_id, Health(False, "ok"))
 
-    async def pool_stats(self) -> list[Any]:
-        from csi.model import PoolStats
-
+    async def pool_stats(self) -> list[PoolStats]:
         self._record("pool_stats")
         used = sum(v.size for v in self.volumes.values())
         return [

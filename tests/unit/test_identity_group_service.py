@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import grpc
@@ -9,6 +10,7 @@ import pytest
 
 import csi
 from csi.config import Config, Mode
+from csi.errors import Aborted
 from csi.services.gate import Gate
 from csi.services.group import GroupControllerService
 from csi.services.identity import IdentityService
@@ -184,3 +186,29 @@ async def test_group_with_other_members_already_exists(group, backend: FakeBacke
     await group.CreateVolumeGroupSnapshot(csi_pb2.CreateVolumeGroupSnapshotRequest(name="g", source_volume_ids=[a.id]))
     req = csi_pb2.CreateVolumeGroupSnapshotRequest(name="g", source_volume_ids=[a.id, b.id])
     await expect(group.CreateVolumeGroupSnapshot(req), S.ALREADY_EXISTS)
+
+
+async def test_create_and_delete_of_one_group_take_the_same_gate_key(backend: FakeBackend) -> None:
+    # The group's ID comes from the backend before the create runs, so a
+    # delete of that ID waits for (is refused during) the create, and back.
+    gate = Gate()
+    svc = GroupControllerService(backend, gate)
+    a = backend.add_volume("a")
+    started, release = asyncio.Event(), asyncio.Event()
+    create = backend.create_group_snapshot
+
+    async def slow_create(name: str, volume_ids: list[str]):
+        started.set()
+        await release.wait()
+        return await create(name, volume_ids)
+
+    backend.create_group_snapshot = slow_create  # type: ignore[method-assign]
+    req = csi_pb2.CreateVolumeGroupSnapshotRequest(name="g", source_volume_ids=[a.id])
+    task = asyncio.ensure_future(svc.CreateVolumeGroupSnapshot(req, None))
+    await started.wait()
+    gid = backend.group_snapshot_id("g")
+    with pytest.raises(Aborted):
+        await svc.DeleteVolumeGroupSnapshot(csi_pb2.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=gid), None)
+    release.set()
+    created = (await task).group_snapshot
+    assert created.group_snapshot_id == gid

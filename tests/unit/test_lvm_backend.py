@@ -11,13 +11,13 @@ import pytest
 
 from csi.backend.lvm import devnode, wipe
 from csi.backend.lvm.backend import LvmBackend
-from csi.backend.lvm.classes import CLASS_KEY, parse_config
+from csi.backend.lvm.classes import parse_config
 from csi.backend.lvm.command import Lvm
-from csi.backend.lvm.core import Core
 from csi.backend.lvm.report import hex_encode
+from csi.backend.lvm.store import LvStore
 from csi.errors import AlreadyExists, FailedPrecondition, InUse, NotFound, OutOfRange, ResourceExhausted
 from csi.host.fs import FsTool
-from csi.model import AccessType, Device, Source, VolumeSpec, ids
+from csi.model import DEVICE_CLASS, AccessType, Device, Source, VolumeSpec, ids
 from tests.unit.lvm_fake import FakeLv, FakeLvmRunner, GiB, MiB
 
 OWNER = "elv.owner=elv.csi.dev"
@@ -66,16 +66,16 @@ def lvm() -> FakeLvmRunner:
 async def backend(lvm: FakeLvmRunner) -> LvmBackend:
     settings = parse_config(CONFIG)
     runner: Any = lvm
-    core = Core(settings, Lvm(runner, udev=False), runner, FsTool(runner), "elv.csi.dev", make_nodes=True)
-    b = LvmBackend(settings, core)
+    store = LvStore(settings, Lvm(runner, udev=False), runner, FsTool(runner), "elv.csi.dev", make_nodes=True)
+    b = LvmBackend(settings, store)
     from csi.backend.lvm.recovery import recover
 
-    await recover(core, b.wiper)
+    await recover(store, b.wiper)
     return b
 
 
 def spec(name: str, size: int = 64 * MiB, cls: str = "thick", **kw: Any) -> VolumeSpec:
-    fields: dict[str, Any] = {"access": AccessType.MOUNT, "fs_type": "ext4", "parameters": {CLASS_KEY: cls}}
+    fields: dict[str, Any] = {"access": AccessType.MOUNT, "fs_type": "ext4", "parameters": {DEVICE_CLASS: cls}}
     fields.update(kw)
     return VolumeSpec(name=name, size=size, **fields)
 
@@ -86,7 +86,7 @@ def lvcreates(lvm: FakeLvmRunner) -> list[tuple[str, ...]]:
 
 async def test_create_thick_is_idempotent_and_tagged(backend: LvmBackend, lvm: FakeLvmRunner) -> None:
     vol = await backend.create_volume(spec("pvc-1", 63 * MiB))
-    assert vol.id == str(ids.make("v", "thick", "pvc-1")) == backend.volume_id("pvc-1", {CLASS_KEY: "thick"})
+    assert vol.id == str(ids.make("v", "thick", "pvc-1")) == backend.volume_id("pvc-1", {DEVICE_CLASS: "thick"})
     assert vol.size == 64 * MiB, "rounded up to whole extents"
     (argv,) = lvcreates(lvm)
     assert "--config" in argv and "udev_sync=0" in argv[argv.index("--config") + 1]
@@ -111,10 +111,10 @@ async def test_hostile_names_never_reach_lvm(backend: LvmBackend, lvm: FakeLvmRu
 
 
 async def test_thin_capacity_is_enforced_before_lvcreate(backend: LvmBackend, lvm: FakeLvmRunner) -> None:
-    cap = await backend.capacity({CLASS_KEY: "thin"})
+    cap = await backend.capacity({DEVICE_CLASS: "thin"})
     assert cap.available == 2 * GiB  # ratio 1: pool size, nothing promised yet
     await backend.create_volume(spec("a", GiB, "thin"))
-    assert (await backend.capacity({CLASS_KEY: "thin"})).available == GiB
+    assert (await backend.capacity({DEVICE_CLASS: "thin"})).available == GiB
     with pytest.raises(ResourceExhausted):
         await backend.create_volume(spec("b", GiB + MiB, "thin"))
     assert len(lvcreates(lvm)) == 1
@@ -131,7 +131,7 @@ async def test_thick_no_space_is_resource_exhausted(backend: LvmBackend, lvm: Fa
 async def test_foreign_lv_is_never_touched(backend: LvmBackend, lvm: FakeLvmRunner) -> None:
     vid = backend.volume_id("pvc-x", {})
     lvm.add(FakeLv("elv-" + vid, "vg0", 64 * MiB, tags=["someone.else"]))
-    backend.core.inv.invalidate()  # changed behind the driver's back
+    backend.store.inv.invalidate()  # changed behind the driver's back
     assert await backend.get_volume(vid) is None
     with pytest.raises(AlreadyExists):
         await backend.create_volume(spec("pvc-x"))
@@ -173,11 +173,11 @@ async def test_delete_in_use_is_refused(backend: LvmBackend, lvm: FakeLvmRunner)
     vol = await backend.create_volume(spec("busy"))
     lv = lvm.lvs[("vg0", "elv-" + vol.id)]
     lv.open = True
-    backend.core.inv.invalidate()
+    backend.store.inv.invalidate()
     with pytest.raises(InUse):
         await backend.delete_volume(vol.id)
     lv.open = False
-    backend.core.inv.invalidate()
+    backend.store.inv.invalidate()
     await backend.set_attachment(vol.id, "node-a", True)
     assert (await backend.get_volume(vol.id)).attachments == {"node-a": True}  # type: ignore[union-attr]
     with pytest.raises(InUse):
@@ -201,7 +201,7 @@ async def test_node_attach_detach_and_formatted(backend: LvmBackend, lvm: FakeLv
     vol = await backend.create_volume(spec("n", 64 * MiB, "thin"))
     lv = lvm.lvs[("vg0", "elv-" + vol.id)]
     lv.active = False
-    backend.core.inv.invalidate()  # changed behind the driver's back
+    backend.store.inv.invalidate()  # changed behind the driver's back
     assert await backend.find_device(vol.id) is None
     dev = await backend.attach(vol.id)
     assert lv.active and dev.path == f"/dev/dm-{lv.minor}"
@@ -233,7 +233,7 @@ async def test_node_lookups_of_an_inactive_volume_run_no_lvm(backend: LvmBackend
     assert lvm.calls[n:] == []
     # Active: the report confirms it is ELV's, and the device is the kernel's.
     dev = await backend.attach(vol.id)
-    backend.core.inv.invalidate()
+    backend.store.inv.invalidate()
     assert await backend.find_device(vol.id) == dev
     await backend.detach(vol.id)
     assert not lvm.lvs[("vg0", "elv-" + vol.id)].active
@@ -249,10 +249,10 @@ async def test_node_lookups_of_an_inactive_volume_run_no_lvm(backend: LvmBackend
 async def test_pool_nearly_full_is_abnormal(backend: LvmBackend, lvm: FakeLvmRunner) -> None:
     vol = await backend.create_volume(spec("full", 64 * MiB, "thin"))
     lvm.lvs[("vg0", "pool0")].metadata_percent = 95.0
-    backend.core.inv.invalidate()
+    backend.store.inv.invalidate()
     h = await backend.health(vol.id)
     assert h.abnormal and "metadata" in h.message
-    assert (await backend.capacity({CLASS_KEY: "thin"})).available == 0
+    assert (await backend.capacity({DEVICE_CLASS: "thin"})).available == 0
 
 
 async def test_snapshots_and_clones(backend: LvmBackend, lvm: FakeLvmRunner) -> None:
@@ -306,11 +306,11 @@ async def test_startup_quarantines_half_made(lvm: FakeLvmRunner) -> None:
     lvm.add(FakeLv("foreign", "vg0", 64 * MiB, tags=["elv.pending"]))
     settings = parse_config(CONFIG)
     runner: Any = lvm
-    core = Core(settings, Lvm(runner, udev=False), runner, FsTool(runner), "elv.csi.dev", make_nodes=True)
-    b = LvmBackend(settings, core)
+    store = LvStore(settings, Lvm(runner, udev=False), runner, FsTool(runner), "elv.csi.dev", make_nodes=True)
+    b = LvmBackend(settings, store)
     from csi.backend.lvm.recovery import recover
 
-    await recover(core, b.wiper)
+    await recover(store, b.wiper)
     names = sorted(lv.name for lv in lvm.lvs.values())
     assert names[0] == "elv-q-" + names[0][6:] and names[1].startswith("elv-q-") and "foreign" in names
     await b.wiper.pass_once()
@@ -325,9 +325,9 @@ async def test_missing_vg_refuses_to_start(lvm: FakeLvmRunner) -> None:
 
     settings = parse_config(CONFIG.replace('vg = "vg0"\n[[device-class]]', 'vg = "vgX"\n[[device-class]]'))
     runner: Any = lvm
-    core = Core(settings, Lvm(runner, udev=False), runner, FsTool(runner), "elv.csi.dev", make_nodes=True)
+    store = LvStore(settings, Lvm(runner, udev=False), runner, FsTool(runner), "elv.csi.dev", make_nodes=True)
     with pytest.raises(Unavailable):
-        await recover(core, LvmBackend(settings, core).wiper)
+        await recover(store, LvmBackend(settings, store).wiper)
 
 
 async def test_group_snapshot(backend: LvmBackend, lvm: FakeLvmRunner) -> None:
@@ -384,7 +384,7 @@ async def test_clone_of_a_thick_snapshot_whose_origin_is_inactive(
     origin = lvm.lvs[("vg0", "elv-" + vol.id)]
     slv = lvm.lvs[("vg0", "elv-" + snap.id)]
     origin.active = slv.active = False
-    backend.core.inv.invalidate()
+    backend.store.inv.invalidate()
     n = len(lvm.calls)
     made = await backend.create_volume(spec("restored", 64 * MiB, source=Source("snapshot", snap.id)))
     activations = [c for c in lvm.calls[n:] if c[:2] == ("lvm", "lvchange") and "-ay" in c]

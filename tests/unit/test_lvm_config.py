@@ -7,7 +7,8 @@ import pytest
 
 from csi.backend.lvm import capacity, classes, params
 from csi.backend.lvm.command import config_string
-from csi.errors import InvalidArgument
+from csi.errors import ConfigError, InvalidArgument
+from csi.model import DEVICE_CLASS
 
 GiB = 1024**3
 MiB = 1024**2
@@ -35,12 +36,12 @@ def test_config_file() -> None:
     assert s.default == "thin" and s.udev == "off" and s.monitoring is False
     assert s.vgs == ["vg0"]
     assert s.pick({}).name == "thin"
-    thick = s.pick({classes.CLASS_KEY: "thick"})
+    thick = s.pick({DEVICE_CLASS: "thick"})
     assert not thick.thin and thick.vg == "vg0"
     thin = s.classes["thin"]
     assert thin.thin and thin.overprovision_ratio == 4.0 and thin.full_threshold == 85
     with pytest.raises(InvalidArgument):
-        s.pick({classes.CLASS_KEY: "ssd"})
+        s.pick({DEVICE_CLASS: "ssd"})
 
 
 @pytest.mark.parametrize(
@@ -62,7 +63,7 @@ def test_config_file() -> None:
     ],
 )
 def test_bad_config(text: str) -> None:
-    with pytest.raises(classes.ConfigError):
+    with pytest.raises(ConfigError):
         classes.parse_config(text)
 
 
@@ -71,7 +72,7 @@ def test_flags() -> None:
     assert s.default == "default" and s.classes["default"].thin_pool == "pool"
     assert s.classes["default"].overprovision_ratio == 3.0
     assert classes.from_flags("vg1", None, None, 3.0).classes["default"].overprovision_ratio == 1.0
-    with pytest.raises(classes.ConfigError):
+    with pytest.raises(ConfigError):
         classes.from_flags(None, None, None, 1.0)
 
 
@@ -97,10 +98,17 @@ def test_layout_parameters() -> None:
 
 
 def test_param_values_are_registered_with_the_validator() -> None:
-    from csi.services import validation as validate
+    # The controller service validates against the backend's declaration,
+    # the one layout() reads: a value outside a closed set never gets this far.
+    from csi.backend.lvm.backend import LvmBackend
+    from csi.services import validation
 
-    for key, allowed in params.VALUES.items():
-        assert validate.VALUES[key] == allowed
+    declared = LvmBackend.parameters.values
+    for key, allowed in params.PARAMETERS.values.items():
+        assert declared[key] == allowed
+        if allowed is not None:
+            with pytest.raises(InvalidArgument, match="is not one of"):
+                validation.parameters({key: "bogus"}, declared)
 
 
 def test_thin_capacity_formula() -> None:
@@ -135,7 +143,7 @@ def test_config_string() -> None:
 
 
 def test_device_selector() -> None:
-    from csi.backend.lvm import disks
+    from csi.backend.lvm import selector as disks
 
     sel = disks.parse_selector("path=/dev/disk/by-id/nvme-*,model=Samsung*,min-size=100G")
     assert sel == disks.Selector("/dev/disk/by-id/nvme-*", "Samsung*", None, 100 * GiB)
@@ -146,7 +154,7 @@ def test_device_selector() -> None:
     assert not disks.matches(disks.parse_selector("serial=X*"), disk)
     assert not disks.matches(disks.parse_selector("model=*,min-size=1T"), disk)
     for bad in ["", "path", "min-size=1G", "path=a,path=b", "colour=red", "path=/dev/x,min-size=lots"]:
-        with pytest.raises(classes.ConfigError):
+        with pytest.raises(ConfigError):
             disks.parse_selector(bad)
-    with pytest.raises(classes.ConfigError):
+    with pytest.raises(ConfigError):
         classes.from_flags("vg", None, "model", 1.0)

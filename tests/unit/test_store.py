@@ -110,6 +110,20 @@ def test_volume_json_round_trip() -> None:
     assert volume_from_json(data) == v
 
 
+def test_mutable_parameters_keep_their_on_disk_format() -> None:
+    # Pools written before mutable parameters had a field of their own keep
+    # them in "parameters" under a "mutable:" prefix; that stays the format.
+    v = vol("pvc-1", parameters={"elv.csi.dev/block-size": "4096"}, mutable={"elv.csi.dev/provisioning": "thick"})
+    data = volume_to_json(v)
+    assert data["parameters"] == {"elv.csi.dev/block-size": "4096", "mutable:elv.csi.dev/provisioning": "thick"}
+    old = json.loads(json.dumps(data))
+    back = volume_from_json(old)
+    assert back == v
+    assert back.parameters == {"elv.csi.dev/block-size": "4096"}
+    assert back.mutable == {"elv.csi.dev/provisioning": "thick"}
+    assert json.dumps(volume_to_json(back), sort_keys=True) == json.dumps(old, sort_keys=True)
+
+
 def test_snapshot_json_round_trip() -> None:
     s = replace(snap("snap-1", vol("pvc-1")), group_id="g-loop-" + "1" * 32, access=AccessType.BLOCK, fs_type=None)
     assert snapshot_from_json(json.loads(json.dumps(snapshot_to_json(s)))) == s

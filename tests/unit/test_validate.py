@@ -106,7 +106,7 @@ def test_required_id() -> None:
 
 # -- parameters ---------------------------------------------------------------------------
 
-ALLOWED = v.COMMON_KEYS | {"elv.csi.dev/provisioning"}
+ALLOWED = {**v.COMMON, "elv.csi.dev/provisioning": frozenset({"thin", "thick"})}
 
 
 def test_parameters_allow_list() -> None:

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from csi.backend import freeze
+from csi.backend.base import member_name
 from csi.backend.loop import files
 from csi.backend.loop.alloc import Allocation
 from csi.backend.loop.store import Store
@@ -31,12 +32,6 @@ log = logging.getLogger(__name__)
 
 Copier = Callable[[str, str, int], Awaitable[None]]
 Reserver = Callable[[int, str], contextlib.AbstractAsyncContextManager[None]]
-
-
-def member_name(group_name: str, volume_id: str) -> str:
-    """The (internal) name of a group member's snapshot; IDs derive from it.
-    U+0001 cannot occur in a CSI name, so this never collides with a user's."""
-    return f"\x01group\x01{group_name}\x01{volume_id}"
 
 
 class LoopSnapshots:

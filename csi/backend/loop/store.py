@@ -39,6 +39,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
+from csi.backend.base import split_parameters, stored_parameters
 from csi.errors import CorruptState
 from csi.model import AccessType, Snapshot, Source, Volume, ids
 
@@ -113,7 +114,9 @@ def volume_to_json(v: Volume) -> dict[str, Any]:
         "fs_type": v.fs_type,
         "thick": v.thick,
         "source": None if v.source is None else {"kind": v.source.kind, "id": v.source.id},
-        "parameters": dict(v.parameters),
+        # One map, mutable parameters marked by their prefix: the format
+        # every pool on disk has (see csi.backend.base.stored_parameters).
+        "parameters": stored_parameters(v.parameters, v.mutable),
         "created_ns": v.created_ns,
         "formatted": v.formatted,
         "formatting": v.formatting,
@@ -124,6 +127,7 @@ def volume_to_json(v: Volume) -> dict[str, Any]:
 
 def volume_from_json(d: Mapping[str, Any]) -> Volume:
     src = d.get("source")
+    parameters, mutable = split_parameters({str(k): str(v) for k, v in (d.get("parameters") or {}).items()})
     return Volume(
         id=str(d["id"]),
         name=str(d["name"]),
@@ -132,12 +136,13 @@ def volume_from_json(d: Mapping[str, Any]) -> Volume:
         fs_type=d.get("fs_type"),
         thick=bool(d.get("thick", False)),
         source=None if not src else Source(src["kind"], str(src["id"])),
-        parameters={str(k): str(v) for k, v in (d.get("parameters") or {}).items()},
+        parameters=parameters,
         created_ns=int(d["created_ns"]),
         formatted=d.get("formatted"),
         formatting=d.get("formatting"),
         attachments={str(k): bool(x) for k, x in (d.get("attachments") or {}).items()},
         block_size=d.get("block_size"),
+        mutable=mutable,
     )
 
 

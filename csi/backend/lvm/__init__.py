@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import socket
 
-from csi.backend.base import Backend
-from csi.backend.lvm.classes import ConfigError, LvmSettings, from_flags, parse_config
+from csi.backend.lvm.backend import LvmBackend
+from csi.backend.lvm.classes import LvmSettings, from_flags, parse_config
 from csi.backend.lvm.command import Lvm
-from csi.backend.lvm.core import Core
 from csi.backend.lvm.report import valid_tag
+from csi.backend.lvm.store import LvStore
 from csi.config import Config
+from csi.errors import ConfigError
 from csi.host.fs import FsTool
 from csi.host.runner import Runner
 
@@ -33,24 +34,22 @@ def udev_alive(path: str = UDEV_CONTROL) -> bool:
 
 def settings_from(config: Config) -> LvmSettings:
     if config.lvm_config:
-        with open(config.lvm_config, encoding="utf-8") as f:
-            return parse_config(f.read())
+        try:
+            with open(config.lvm_config, encoding="utf-8") as f:
+                return parse_config(f.read())
+        except OSError as e:
+            raise ConfigError(str(e)) from e
     return from_flags(config.lvm_vg, config.lvm_thin_pool, config.lvm_devices, config.overprovision_ratio)
 
 
-def build(config: Config, runner: Runner) -> Backend:
-    from csi.backend.lvm.backend import LvmBackend
-
-    try:
-        settings = settings_from(config)
-    except (ConfigError, OSError) as e:
-        raise SystemExit(f"elv: {e}") from None
+def build(config: Config, runner: Runner) -> LvmBackend:
+    settings = settings_from(config)
     owner = config.driver_name
     if not valid_tag(f"elv.owner={owner}"):
-        raise SystemExit(f"elv: the driver name {owner!r} cannot be used in an LVM tag")
+        raise ConfigError(f"the driver name {owner!r} cannot be used in an LVM tag")
     udev = {"on": True, "off": False}.get(settings.udev)
     if udev is None:
         udev = udev_alive()
     lvm = Lvm(runner, udev=udev, monitoring=settings.monitoring, timeout=config.command_timeout)
-    core = Core(settings, lvm, runner, FsTool(runner, xfs_config=config.xfs_config), owner, make_nodes=not udev)
-    return LvmBackend(settings, core)
+    store = LvStore(settings, lvm, runner, FsTool(runner, xfs_config=config.xfs_config), owner, make_nodes=not udev)
+    return LvmBackend(settings, store)

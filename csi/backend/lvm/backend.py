@@ -12,16 +12,17 @@ import logging
 import time
 from collections.abc import Mapping
 
+from csi.backend.base import check_compatible
 from csi.backend.lvm import capacity as cap
 from csi.backend.lvm import model, params
-from csi.backend.lvm.classes import CLASS_KEY, LvmSettings
+from csi.backend.lvm.classes import LvmSettings
 from csi.backend.lvm.clone import Cloner
-from csi.backend.lvm.core import Core, classify
 from csi.backend.lvm.inventory import View
 from csi.backend.lvm.node import LvmNode
 from csi.backend.lvm.recovery import recover
-from csi.backend.lvm.report import LvInfo
+from csi.backend.lvm.report import LvInfo, classify
 from csi.backend.lvm.snapshots import LvmSnapshots
+from csi.backend.lvm.store import LvStore
 from csi.backend.lvm.wipe import Wiper
 from csi.errors import AlreadyExists, CommandError, InUse, NotFound, Unavailable
 from csi.model import Capacity, Device, GroupSnapshot, Health, PoolStats, Snapshot, Volume, VolumeSpec, ids
@@ -32,24 +33,23 @@ MiB = 1024 * 1024
 
 class LvmBackend:
     kind = "lvm"
-    parameter_keys = params.KEYS
-    mutable_keys: frozenset[str] = frozenset()
+    parameters = params.PARAMETERS
     granularity = MiB
     min_size = MiB
 
-    def __init__(self, settings: LvmSettings, core: Core) -> None:
+    def __init__(self, settings: LvmSettings, store: LvStore) -> None:
         self.settings = settings
-        self.core = core
-        self.wiper = Wiper(core)
-        self.snaps = LvmSnapshots(core, self.wiper)
-        self.cloner = Cloner(core, self.wiper)
-        self.node = LvmNode(core)
+        self.store = store
+        self.wiper = Wiper(store)
+        self.snaps = LvmSnapshots(store, self.wiper)
+        self.cloner = Cloner(store, self.wiper)
+        self.node = LvmNode(store)
         self._ready = False
 
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        await recover(self.core, self.wiper)
+        await recover(self.store, self.wiper)
         self.wiper.start()
         self._ready = True
 
@@ -66,72 +66,54 @@ class LvmBackend:
         return str(ids.make("v", self.settings.pick(parameters).name, name))
 
     def snapshot_id(self, name: str, source_volume_id: str) -> str:
-        parsed = self.core.oid(source_volume_id, "v")
+        parsed = self.store.oid(source_volume_id, "v")
         pool = parsed[0].name if parsed else self.settings.default
         return str(ids.make("s", pool, name))
+
+    def group_snapshot_id(self, name: str) -> str:
+        return self.snaps.group_id(name)
 
     # -- volumes ---------------------------------------------------------------------
 
     async def get_volume(self, volume_id: str) -> Volume | None:
-        found = await self.core.find(volume_id, "v")
+        found = await self.store.find(volume_id, "v")
         return model.to_volume(found[1], volume_id) if found else None
 
     async def list_volumes(self) -> list[Volume]:
-        view = await self.core.view()
+        view = await self.store.view()
         out = []
         for lv in view.all():
-            cls = self.core.class_of(lv)
+            cls = self.store.class_of(lv)
             oid = model.parse_lv_name(lv.name)
-            if cls and oid and oid.kind == "v" and model.live(lv, self.core.owner, "v"):
+            if cls and oid and oid.kind == "v" and model.live(lv, self.store.owner, "v"):
                 out.append(model.to_volume(lv, str(oid)))
         return sorted(out, key=lambda v: v.id)
-
-    @staticmethod
-    def _compatible(v: Volume, spec: VolumeSpec) -> None:
-        diffs = []
-        if v.name != spec.name:
-            diffs.append("name (ID collision)")
-        if v.size < spec.size:
-            diffs.append(f"size ({v.size} < {spec.size})")
-        if v.access != spec.access:
-            diffs.append(f"access type ({v.access.value})")
-        if v.fs_type != spec.fs_type:
-            diffs.append(f"filesystem ({v.fs_type})")
-        ours = {k: x for k, x in v.parameters.items() if k != CLASS_KEY}
-        theirs = {k: x for k, x in spec.parameters.items() if k != CLASS_KEY}
-        if ours != theirs:
-            diffs.append("parameters")
-        if v.source != spec.source:
-            diffs.append("content source")
-        if diffs:
-            raise AlreadyExists(f"volume {spec.name!r} already exists with a different " + ", ".join(diffs))
 
     async def create_volume(self, spec: VolumeSpec) -> Volume:
         cls = self.settings.pick(spec.parameters)
         layout = params.layout(spec.parameters, cls)
         oid = ids.make("v", cls.name, spec.name)
         name = model.lv_name(oid)
-        view = await self.core.view(fresh=True)
+        view = await self.store.view(fresh=True)
         if cls.vg in view.missing:
             raise Unavailable(f"volume group {cls.vg} of device class {cls.name} is missing")
         lv = view.lv(cls.vg, name)
         if lv is not None:
-            if not model.owned(lv, self.core.owner):
+            if not model.owned(lv, self.store.owner):
                 raise AlreadyExists(f"LV {cls.vg}/{name} exists but is not ELV's; refusing to touch it")
             if lv.has(model.WIPE) or lv.has(model.PENDING):
                 # Left by a delete or a create that did not finish: finish it off.
                 await self.wiper.quarantine(lv)
             else:
                 vol = model.to_volume(lv, str(oid))
-                self._compatible(vol, spec)
+                check_compatible(vol, spec, self.parameters.placement)
                 return vol
         if spec.source is not None:
             return await self.cloner.create(spec, cls, oid, layout)
-        extent = self.core.extent(view, cls)
+        extent = self.store.extent(view, cls)
         size = cap.round_up(spec.size, extent)
         now = time.time_ns()
-        tags = model.volume_tags(self.core.owner, spec.name, spec.size, spec.access, spec.fs_type,
-                                 spec.parameters, now)  # fmt: skip
+        tags = model.volume_tags(self.store.owner, spec, now)
         if cls.thin_pool is not None:
             # Inactive until staged: an attached volume is an active LV.
             argv = ["-n", name, "-V", f"{size}b", "--thinpool", cls.thin_pool, "-an", "-y"]
@@ -139,49 +121,49 @@ class LvmBackend:
             # -W/-Z: clear signatures and the first 4 KiB even on extents ELV did not wipe.
             argv = ["-n", name, "-L", f"{size}b", "-W", "y", "-Z", "y", "-y", *layout.args]
         argv += ["--setactivationskip", "n", *model.addtags(tags), cls.vg]
-        async with self.core.reserve(cls, size, f"volume {spec.name!r}", layout.copies):
+        async with self.store.reserve(cls, size, f"volume {spec.name!r}", layout.copies):
             try:
-                await self.core.lvm.change("lvcreate", *argv)
+                await self.store.lvm.change("lvcreate", *argv)
             except CommandError as e:
                 raise classify(e, f"volume {spec.name!r} ({size} bytes)") from e
         log.info("created volume %s (%s/%s, %d bytes)", oid, cls.vg, name, size)
         if layout.args:
             # Striped and raid1 LVs may be rounded further (whole stripes): ask LVM.
-            found = await self.core.find(str(oid), "v", fresh=True)
+            found = await self.store.find(str(oid), "v", fresh=True)
             if found is None:
                 raise NotFound(f"volume {oid} vanished right after lvcreate")
             return model.to_volume(found[1], str(oid))
         # One lvcreate made exactly this (the size is whole extents): no need to ask.
         return Volume(str(oid), spec.name, size, spec.access, spec.fs_type, cls.thin_pool is None, None,
-                      dict(spec.parameters), now)  # fmt: skip
+                      dict(spec.parameters), now, mutable=dict(spec.mutable))  # fmt: skip
 
     async def delete_volume(self, volume_id: str) -> None:
-        parsed = self.core.oid(volume_id, "v")
+        parsed = self.store.oid(volume_id, "v")
         if parsed is None:
             return
         cls, oid = parsed
         # reload: whether the LV is open changes outside LVM (mounts).
-        view = await self.core.view(reload=True)
+        view = await self.store.view(reload=True)
         lv = view.lv(cls.vg, model.lv_name(oid))
-        if lv is None or not model.owned(lv, self.core.owner):
+        if lv is None or not model.owned(lv, self.store.owner):
             return  # missing, or not ELV's: never touched
         if not lv.has(model.WIPE):
-            if lv.open or await self.core.mounts_of(lv):
+            if lv.open or await self.store.mounts_of(lv):
                 raise InUse(f"volume {volume_id} is open or mounted on this node; unstage it before deleting")
             att = model.attachments(lv)
             if att:
                 raise InUse(f"volume {volume_id} is published to node {next(iter(att))}; unpublish it first")
-        if self.core.wipe_needed(view, lv) or lv.is_origin:
+        if self.store.wipe_needed(view, lv) or lv.is_origin:
             await self.wiper.quarantine(lv, rename=False)
         else:
             try:
-                await self.core.lvm.change("lvremove", "-y", f"{lv.vg}/{lv.name}")
+                await self.store.lvm.change("lvremove", "-y", f"{lv.vg}/{lv.name}")
             finally:
-                self.core.inv.invalidate()
+                self.store.inv.invalidate()
         log.info("deleted volume %s", volume_id)
 
     async def expand_volume(self, volume_id: str, size: int) -> Volume:
-        cls, lv, view = await self.core.must_find(volume_id, fresh=True)
+        cls, lv, view = await self.store.must_find(volume_id, fresh=True)
         if lv.size >= size:
             return model.to_volume(lv, volume_id)
         if lv.is_origin:
@@ -190,23 +172,23 @@ class LvmBackend:
             gone = [x for x in view.in_vg(lv.vg) if x.origin == lv.name and x.has(model.WIPE)]
             if gone:
                 await self.wiper.finish(view, gone)
-                cls, lv, view = await self.core.must_find(volume_id, fresh=True)
-        target = cap.round_up(size, self.core.extent(view, cls))
+                cls, lv, view = await self.store.must_find(volume_id, fresh=True)
+        target = cap.round_up(size, self.store.extent(view, cls))
         copies = 2 if lv.segtype == "raid1" else 1
-        async with self.core.reserve(cls, target - lv.size, f"growing volume {volume_id}", copies):
+        async with self.store.reserve(cls, target - lv.size, f"growing volume {volume_id}", copies):
             try:
-                await self.core.lvm.change("lvextend", "-L", f"{target}b", f"{lv.vg}/{lv.name}")
+                await self.store.lvm.change("lvextend", "-L", f"{target}b", f"{lv.vg}/{lv.name}")
             except CommandError as e:
                 raise classify(e, f"growing volume {volume_id} to {target} bytes") from e
-        _, grown, _ = await self.core.must_find(volume_id, fresh=True)
+        _, grown, _ = await self.store.must_find(volume_id, fresh=True)
         log.info("expanded volume %s to %d bytes", volume_id, grown.size)
         return model.to_volume(grown, volume_id)
 
     async def capacity(self, parameters: Mapping[str, str]) -> Capacity:
         cls = self.settings.pick(parameters)
         layout = params.layout(parameters, cls)
-        view = await self.core.view()
-        avail = self.core.available(view, cls, layout.copies)
+        view = await self.store.view()
+        avail = self.store.available(view, cls, layout.copies)
         extent = view.vgs[cls.vg].extent_size if cls.vg in view.vgs else MiB
         return Capacity(available=avail, maximum_volume_size=avail, minimum_volume_size=extent)
 
@@ -219,16 +201,16 @@ class LvmBackend:
         if not args:
             return lv
         try:
-            await self.core.lvm.change("lvchange", *args, f"{lv.vg}/{lv.name}")
+            await self.store.lvm.change("lvchange", *args, f"{lv.vg}/{lv.name}")
         except BaseException:
-            self.core.inv.invalidate()
+            self.store.inv.invalidate()
             raise
         changed = lv.with_tags(add, remove)
-        self.core.inv.apply(view, changed)
+        self.store.inv.apply(view, changed)
         return changed
 
     async def set_attachment(self, volume_id: str, node_id: str, readonly: bool | None) -> Volume:
-        _, lv, view = await self.core.must_find(volume_id, fresh=True)
+        _, lv, view = await self.store.must_find(volume_id, fresh=True)
         mine = model.node_attachment_tags(lv, node_id)
         add = [] if readonly is None else [model.attachment_tag(node_id, readonly)]
         if sorted(mine) != sorted(add):
@@ -236,7 +218,7 @@ class LvmBackend:
         return model.to_volume(lv, volume_id)
 
     async def modify_volume(self, volume_id: str, mutable: Mapping[str, str]) -> Volume:
-        _, lv, _ = await self.core.must_find(volume_id, fresh=True)
+        _, lv, _ = await self.store.must_find(volume_id, fresh=True)
         return model.to_volume(lv, volume_id)
 
     async def proven_blank(self, volume_id: str) -> bool:
@@ -246,7 +228,7 @@ class LvmBackend:
 
     async def mark_formatted(self, volume_id: str, fs_type: str, *, complete: bool = True) -> None:
         """``elv.formatting=<fs>`` before mkfs, ``elv.formatted=<fs>`` after it (one lvchange each)."""
-        _, lv, view = await self.core.must_find(volume_id, fresh=True)
+        _, lv, view = await self.store.must_find(volume_id, fresh=True)
         key = model.FORMATTED if complete else model.FORMATTING
         stale = [t for t in lv.tags if t.startswith((model.FORMATTED + "=", model.FORMATTING + "="))]
         want = model.tag(key, fs_type)
@@ -255,7 +237,7 @@ class LvmBackend:
             await self._retag(lv, view, [want] if want not in lv.tags else [], drop)
 
     async def pool_stats(self) -> list[PoolStats]:
-        view = await self.core.view()
+        view = await self.store.view()
         vols = await self.list_volumes()
         snaps = await self.snaps.all()
         out = []
@@ -273,7 +255,7 @@ class LvmBackend:
                     pool=cls.name,
                     size_bytes=size,
                     used_bytes=used,
-                    available_bytes=self.core.available(view, cls),
+                    available_bytes=self.store.available(view, cls),
                     volumes=sum(1 for v in vols if prefix in v.id),
                     snapshots=sum(1 for s in snaps if prefix in s.id),
                     thin_data_percent=pool.data_percent if pool else None,
@@ -290,7 +272,7 @@ class LvmBackend:
     async def list_snapshots(self) -> list[Snapshot]:
         return await self.snaps.all()
 
-    async def create_snapshot(self, name: str, source_volume_id: str, group_id: str | None = None) -> Snapshot:
+    async def create_snapshot(self, name: str, source_volume_id: str) -> Snapshot:
         return await self.snaps.create(name, source_volume_id)
 
     async def delete_snapshot(self, snapshot_id: str) -> None:

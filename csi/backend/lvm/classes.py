@@ -35,15 +35,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from csi.backend.lvm.report import valid_name
-from csi.errors import InvalidArgument
+from csi.backend.lvm.selector import parse_selector
+from csi.errors import ConfigError, InvalidArgument
+from csi.model import DEVICE_CLASS
 
-CLASS_KEY = "elv.csi.dev/device-class"
 _CLASS = re.compile(r"\A[a-z][a-z0-9]{0,15}\Z")
 _POOL_SIZE = re.compile(r"\A[1-9][0-9]?%(FREE|VG)\Z|\A100%(FREE|VG)\Z")
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -71,11 +68,11 @@ class LvmSettings:
 
     def pick(self, parameters: Mapping[str, str]) -> DeviceClass:
         """The class a StorageClass's parameters ask for (InvalidArgument if unknown)."""
-        name = parameters.get(CLASS_KEY) or self.default
+        name = parameters.get(DEVICE_CLASS) or self.default
         cls = self.classes.get(name)
         if cls is None:
             known = ", ".join(sorted(self.classes))
-            raise InvalidArgument(f"{CLASS_KEY}={name!r} is not a configured device class; configured: {known}")
+            raise InvalidArgument(f"{DEVICE_CLASS}={name!r} is not a configured device class; configured: {known}")
         return cls
 
     @property
@@ -108,8 +105,6 @@ def make_class(
     if not _POOL_SIZE.match(thin_pool_size):
         raise ConfigError(f"device class {name}: thin-pool-size must look like 90%FREE or 50%VG")
     if devices is not None:
-        from csi.backend.lvm.disks import parse_selector
-
         parse_selector(devices)  # fail at startup, not when the disks are looked at
     return DeviceClass(name, vg, thin_pool, overprovision_ratio, full_threshold, devices, thin_pool_size)
 
@@ -122,7 +117,7 @@ def from_flags(vg: str | None, thin_pool: str | None, devices: str | None, overp
     return LvmSettings({cls.name: cls}, cls.name)
 
 
-_CLASS_KEYS = {
+_DEVICE_CLASSS = {
     "name", "vg", "thin-pool", "overprovision-ratio", "full-threshold", "devices", "thin-pool-size",
 }  # fmt: skip
 _TOP_KEYS = {"default-class", "udev", "monitoring", "freeze-dir", "device-class"}
@@ -140,7 +135,7 @@ def parse_config(text: str) -> LvmSettings:
     for entry in doc.get("device-class", []):
         if not isinstance(entry, dict):
             raise ConfigError("each [[device-class]] must be a table")
-        bad = sorted(set(entry) - _CLASS_KEYS)
+        bad = sorted(set(entry) - _DEVICE_CLASSS)
         if bad:
             raise ConfigError(f"unknown device-class key {bad[0]!r}")
         try:

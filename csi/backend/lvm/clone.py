@@ -20,16 +20,17 @@ import mmap
 import os
 import time
 
+from csi.backend.base import check_source_fits
 from csi.backend.lvm import capacity as cap
 from csi.backend.lvm import model
 from csi.backend.lvm.classes import DeviceClass
-from csi.backend.lvm.core import Core, classify
 from csi.backend.lvm.params import Layout
-from csi.backend.lvm.report import LvInfo
+from csi.backend.lvm.report import LvInfo, classify
 from csi.backend.lvm.snapshots import cow_size
+from csi.backend.lvm.store import LvStore
 from csi.backend.lvm.wipe import Wiper
-from csi.errors import CommandError, FailedPrecondition, NotFound, OutOfRange
-from csi.model import AccessType, Volume, VolumeSpec, ids
+from csi.errors import CommandError, FailedPrecondition, NotFound
+from csi.model import Volume, VolumeSpec, ids
 
 log = logging.getLogger(__name__)
 CHUNK = 4 * 1024 * 1024
@@ -69,16 +70,16 @@ def copy_blocks(src: str, dst: str, size: int, label: str) -> None:
 
 
 class Cloner:
-    def __init__(self, core: Core, wiper: Wiper) -> None:
-        self.core = core
+    def __init__(self, store: LvStore, wiper: Wiper) -> None:
+        self.store = store
         self.wiper = wiper
 
-    async def _source(self, spec: VolumeSpec) -> tuple[LvInfo, int, AccessType, str | None]:
-        """(source LV, source size, access type, filesystem) after checking the request fits it."""
+    async def _source(self, spec: VolumeSpec) -> tuple[LvInfo, int, str | None]:
+        """(source LV, source size, filesystem) after checking the request fits it."""
         src = spec.source
         assert src is not None
         if src.kind == "snapshot":
-            found = await self.core.find(src.id, "s", fresh=True)
+            found = await self.store.find(src.id, "s", fresh=True)
             if found is None:
                 raise NotFound(f"source snapshot {src.id} does not exist")
             snap = model.to_snapshot(found[1], src.id)
@@ -86,44 +87,36 @@ class Cloner:
                 raise FailedPrecondition(f"snapshot {src.id} overflowed its copy-on-write store and is invalid")
             lv, size, access, fs = found[1], snap.size, snap.access, snap.fs_type
         else:
-            found = await self.core.find(src.id, "v", fresh=True)
+            found = await self.store.find(src.id, "v", fresh=True)
             if found is None:
                 raise NotFound(f"source volume {src.id} does not exist")
             vol = model.to_volume(found[1], src.id)
             lv, size, access, fs = found[1], vol.size, vol.access, vol.formatted or vol.fs_type
-        if access != spec.access:
-            raise FailedPrecondition(
-                f"the source is a {access.value} volume; the new volume must be {access.value} too"
-            )
-        if spec.access == AccessType.MOUNT and fs and spec.fs_type and fs != spec.fs_type:
-            raise FailedPrecondition(f"the source holds {fs}; a clone of it cannot be {spec.fs_type}")
-        if spec.size < size:
-            raise OutOfRange(f"the new volume ({spec.size} bytes) is smaller than its source ({size} bytes)")
-        return lv, size, access, fs
+        check_source_fits(spec, access, fs, size)
+        return lv, size, fs
 
     async def create(self, spec: VolumeSpec, cls: DeviceClass, oid: ids.ObjectId, layout: Layout) -> Volume:
-        src, src_size, _, fs = await self._source(spec)
-        view = await self.core.view(fresh=True)
-        size = cap.round_up(spec.size, self.core.extent(view, cls))
+        src, src_size, fs = await self._source(spec)
+        view = await self.store.view(fresh=True)
+        size = cap.round_up(spec.size, self.store.extent(view, cls))
         name = model.lv_name(oid)
         instant = cls.thin_pool is not None and src.thin and src.vg == cls.vg and src.pool == cls.thin_pool
         pending = not instant or size > src.size
-        tags = model.volume_tags(self.core.owner, spec.name, spec.size, spec.access, spec.fs_type, spec.parameters,
-                                 time.time_ns(), source=spec.source, formatted=fs, pending=pending)  # fmt: skip
+        tags = model.volume_tags(self.store.owner, spec, time.time_ns(), formatted=fs, pending=pending)
         what = f"volume {spec.name!r} from {spec.source.id if spec.source else '?'}"
         path = f"{cls.vg}/{name}"
         try:
-            async with self.core.reserve(cls, size, what, layout.copies):
+            async with self.store.reserve(cls, size, what, layout.copies):
                 if instant:
-                    await self.core.lvm.change("lvcreate", "-s", "-n", name, "--setactivationskip", "n", "-y",
+                    await self.store.lvm.change("lvcreate", "-s", "-n", name, "--setactivationskip", "n", "-y",
                                                *model.addtags(tags), f"{src.vg}/{src.name}")  # fmt: skip
                     if size > src.size:
-                        await self.core.lvm.change("lvextend", "-L", f"{size}b", path)
+                        await self.store.lvm.change("lvextend", "-L", f"{size}b", path)
                 elif cls.thin_pool is not None:
-                    await self.core.lvm.change("lvcreate", "-n", name, "-V", f"{size}b", "--thinpool",
+                    await self.store.lvm.change("lvcreate", "-n", name, "-V", f"{size}b", "--thinpool",
                                                cls.thin_pool, "-y", *model.addtags(tags), cls.vg)  # fmt: skip
                 else:
-                    await self.core.lvm.change("lvcreate", "-n", name, "-L", f"{size}b", "-W", "y", "-Z", "y",
+                    await self.store.lvm.change("lvcreate", "-n", name, "-L", f"{size}b", "-W", "y", "-Z", "y",
                                                "-y", *layout.args, *model.addtags(tags), cls.vg)  # fmt: skip
         except CommandError as e:
             await self._discard(cls, name)
@@ -132,13 +125,13 @@ class Cloner:
             if not instant:
                 await self._copy(src, src_size, cls, name, oid)
             if pending:
-                await self.core.lvm.change("lvchange", "--deltag", model.PENDING, path)
+                await self.store.lvm.change("lvchange", "--deltag", model.PENDING, path)
         except BaseException:
             await self._discard(cls, name)
             raise
         finally:
-            self.core.inv.invalidate()
-        found = await self.core.find(str(oid), "v", fresh=True)
+            self.store.inv.invalidate()
+        found = await self.store.find(str(oid), "v", fresh=True)
         if found is None:
             raise NotFound(f"volume {oid} vanished right after it was made")
         log.info("created volume %s from %s (%s)", oid, spec.source.id if spec.source else "?",
@@ -147,9 +140,9 @@ class Cloner:
 
     async def _discard(self, cls: DeviceClass, name: str) -> None:
         """Quarantine what a failed clone left (it may hold part of the source)."""
-        view = await self.core.view(fresh=True)
+        view = await self.store.view(fresh=True)
         lv = view.lv(cls.vg, name)
-        if lv is not None and model.owned(lv, self.core.owner):
+        if lv is not None and model.owned(lv, self.store.owner):
             await self.wiper.quarantine(lv)
 
     async def _copy(self, src: LvInfo, src_size: int, cls: DeviceClass, name: str, oid: ids.ObjectId) -> None:
@@ -157,15 +150,15 @@ class Cloner:
         was_active = src.active
         try:
             reading = src
-            if src.open or await self.core.mounts_of(src):
+            if src.open or await self.store.mounts_of(src):
                 temp = await self._temp_snapshot(src, oid)
                 reading = temp
-            src_dev = await self.core.activate(reading)
-            view = await self.core.view(fresh=True)
+            src_dev = await self.store.activate(reading)
+            view = await self.store.view(fresh=True)
             target = view.lv(cls.vg, name)
             if target is None:
                 raise NotFound(f"the new LV {cls.vg}/{name} vanished before the copy")
-            dst_dev = await self.core.activate(target)
+            dst_dev = await self.store.activate(target)
             await asyncio.to_thread(copy_blocks, src_dev.path, dst_dev.path, src_size, f"{src.name} -> {name}")
         finally:
             if temp is not None:
@@ -173,23 +166,23 @@ class Cloner:
             elif not was_active and src.thin:
                 # Leave an unstaged thin source as it was (a COW origin stays
                 # active with its snapshot; deactivating it is the node's call).
-                view = await self.core.view(fresh=True)
+                view = await self.store.view(fresh=True)
                 again = view.lv(src.vg, src.name)
                 if again is not None and not again.open:
-                    await self.core.deactivate(again)
+                    await self.store.deactivate(again)
 
     async def _temp_snapshot(self, src: LvInfo, oid: ids.ObjectId) -> LvInfo:
         name = model.temp_name(oid)
-        tags = [model.tag(model.OWNER, self.core.owner), model.tag(model.KIND, "t")]
+        tags = [model.tag(model.OWNER, self.store.owner), model.tag(model.KIND, "t")]
         args = ["-s", "-n", name, "-y", *model.addtags(tags)]
         if not src.thin:
-            view = await self.core.view(fresh=True)
+            view = await self.store.view(fresh=True)
             args += ["-L", f"{cow_size(src.size, 100, view.vgs[src.vg].extent_size)}b"]
         try:
-            await self.core.lvm.change("lvcreate", *args, f"{src.vg}/{src.name}")
+            await self.store.lvm.change("lvcreate", *args, f"{src.vg}/{src.name}")
         finally:
-            self.core.inv.invalidate()
-        view = await self.core.view(fresh=True)
+            self.store.inv.invalidate()
+        view = await self.store.view(fresh=True)
         temp = view.lv(src.vg, name)
         if temp is None:
             raise NotFound(f"the temporary snapshot {src.vg}/{name} vanished")

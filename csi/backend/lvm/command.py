@@ -77,10 +77,7 @@ class Lvm:
             err = CommandError(res.argv, res.returncode, res.stdout, res.stderr)
             if not report.not_found(err):
                 raise err
-            found = {lv.vg for lv in lvs}
-            missing = {
-                vg for vg in vgs if vg not in found and f'"{vg}" not found' in err.stderr.decode("utf-8", "replace")
-            }
+            missing = report.missing_vgs(err, vgs, {lv.vg for lv in lvs})
         return lvs, missing
 
     async def vgs(self, vgs: Sequence[str]) -> list[VgInfo]:

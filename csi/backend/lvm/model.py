@@ -24,8 +24,9 @@ import secrets
 from collections.abc import Mapping
 from typing import Literal
 
+from csi.backend.base import split_parameters, stored_parameters
 from csi.backend.lvm.report import LvInfo, hex_decode, hex_encode
-from csi.model import AccessType, Snapshot, Source, Volume, ids
+from csi.model import AccessType, Snapshot, Source, Volume, VolumeSpec, ids
 
 OWNER = "elv.owner"
 KIND = "elv.kind"
@@ -100,30 +101,26 @@ def decode_params(value: str | None) -> dict[str, str]:
 
 def volume_tags(
     owner: str,
-    name: str,
-    size: int,
-    access: AccessType,
-    fs_type: str | None,
-    params: Mapping[str, str],
+    spec: VolumeSpec,
     created_ns: int,
-    source: Source | None = None,
     formatted: str | None = None,
     pending: bool = False,
 ) -> list[str]:
     tags = [
         tag(OWNER, owner),
         tag(KIND, "v"),
-        tag(NAME, hex_encode(name)),
-        tag(SIZE, size),
-        tag(ACCESS, access.value),
+        tag(NAME, hex_encode(spec.name)),
+        tag(SIZE, spec.size),
+        tag(ACCESS, spec.access.value),
         tag(CREATED, created_ns),
     ]
-    if fs_type:
-        tags.append(tag(FS, fs_type))
+    if spec.fs_type:
+        tags.append(tag(FS, spec.fs_type))
+    params = stored_parameters(spec.parameters, spec.mutable)
     if params:
         tags.append(tag(PARAMS, encode_params(params)))
-    if source is not None:
-        tags.append(tag(SOURCE, f"{source.kind}:{source.id}"))
+    if spec.source is not None:
+        tags.append(tag(SOURCE, f"{spec.source.kind}:{spec.source.id}"))
     if formatted:
         tags.append(tag(FORMATTED, formatted))
     if pending:
@@ -192,6 +189,7 @@ def _access(value: str | None) -> AccessType:
 
 
 def to_volume(lv: LvInfo, volume_id: str) -> Volume:
+    parameters, mutable = split_parameters(decode_params(lv.tag(PARAMS)))
     return Volume(
         id=volume_id,
         name=hex_decode(lv.tag(NAME) or "") or "",
@@ -200,11 +198,12 @@ def to_volume(lv: LvInfo, volume_id: str) -> Volume:
         fs_type=lv.tag(FS) or None,
         thick=not lv.thin,
         source=_source(lv.tag(SOURCE)),
-        parameters=decode_params(lv.tag(PARAMS)),
+        parameters=parameters,
         created_ns=int(lv.tag(CREATED) or 0),
         formatted=lv.tag(FORMATTED) or None,
         formatting=lv.tag(FORMATTING) or None,
         attachments=attachments(lv),
+        mutable=mutable,
     )
 
 

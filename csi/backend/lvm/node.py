@@ -11,22 +11,22 @@ import asyncio
 
 from csi.backend.lvm import capacity as cap
 from csi.backend.lvm import devnode, model
-from csi.backend.lvm.core import Core
+from csi.backend.lvm.store import LvStore
 from csi.errors import FailedPrecondition, NotFound
 from csi.host.fs import device_size
 from csi.model import Device, Health
 
 
 class LvmNode:
-    def __init__(self, core: Core) -> None:
-        self.core = core
+    def __init__(self, store: LvStore) -> None:
+        self.store = store
 
     async def attach(self, volume_id: str) -> Device:
-        found = await self.core.find(volume_id, "v", fresh=True)
+        found = await self.store.find(volume_id, "v", fresh=True)
         if found is None:
             raise NotFound(f"volume {volume_id} does not exist")
         _, lv, _ = found
-        return await self.core.activate(lv)
+        return await self.store.activate(lv)
 
     def _active_disk(self, volume_id: str) -> tuple[tuple[str, int, int] | None, bool]:
         """The volume's device-mapper disk if the kernel has it, read from sysfs,
@@ -36,7 +36,7 @@ class LvmNode:
         reading it costs no ``lvs`` (about 0.1-0.4 s on metal, 0.9 s under
         emulation): kubelet and csi-sanity unstage volumes that were never
         staged, and those answers then need no LVM call at all."""
-        parsed = self.core.oid(volume_id, "v")
+        parsed = self.store.oid(volume_id, "v")
         if parsed is None:
             return None, True
         cls, oid = parsed
@@ -48,17 +48,17 @@ class LvmNode:
             return  # not active: nothing to do, and nothing to ask LVM
         # "Open" is not read from the report (the unmount that just happened in
         # this RPC is no LVM change): lvchange -an refuses an open LV by itself.
-        found = await self.core.find(volume_id, "v", fresh=True)
+        found = await self.store.find(volume_id, "v", fresh=True)
         if found is None or not found[1].active:
             return
-        await self.core.deactivate(found[1])
+        await self.store.deactivate(found[1])
 
     async def find_device(self, volume_id: str) -> Device | None:
         disk, sure = await asyncio.to_thread(self._active_disk, volume_id)
         if disk is None and sure:
             return None
         # The report (possibly a second old) confirms the LV is ELV's and live.
-        found = await self.core.find(volume_id, "v", fresh=disk is None)
+        found = await self.store.find(volume_id, "v", fresh=disk is None)
         if found is None:
             return None
         if disk is None:
@@ -82,8 +82,8 @@ class LvmNode:
     async def health(self, volume_id: str, *, node: bool = True) -> Health:
         """Abnormal when the LV is missing, degraded or (on the node) inactive,
         or when its thin pool's data or metadata is nearly full."""
-        parsed = self.core.oid(volume_id, "v")
-        found = await self.core.find(volume_id, "v") if parsed else None
+        parsed = self.store.oid(volume_id, "v")
+        found = await self.store.find(volume_id, "v") if parsed else None
         if found is None:
             return Health(True, "the volume's LV is missing")
         cls, lv, view = found

@@ -1,9 +1,11 @@
 """StorageClass parameters of the LVM backend: an allow-list with closed value sets.
 
-The value sets live in csi.services.validation.VALUES, so the controller service refuses
-anything else before the backend sees it; only the device class (whose names
-come from the configuration) is checked here. Nothing from a parameter is
-ever passed to LVM as text: each value maps to fixed argv pieces.
+:data:`PARAMETERS` is the backend's declaration: the controller service
+validates every request against it before the backend sees one, and
+:func:`layout` reads the same value sets. Only the device class (whose
+names come from the configuration) is checked elsewhere, by the settings.
+Nothing from a parameter is ever passed to LVM as text: each value maps to
+fixed argv pieces.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from csi.backend.lvm.classes import CLASS_KEY, DeviceClass
+from csi.backend.base import Parameters, check_values
+from csi.backend.lvm.classes import DeviceClass
 from csi.errors import InvalidArgument
+from csi.model import DEVICE_CLASS
 
 TYPE = "elv.csi.dev/lvm-type"
 STRIPES = "elv.csi.dev/lvm-stripes"
@@ -20,16 +24,18 @@ STRIPE_SIZE = "elv.csi.dev/lvm-stripe-size"
 MIRRORS = "elv.csi.dev/lvm-mirrors"
 SNAPSHOT_RESERVE = "elv.csi.dev/lvm-snapshot-reserve"
 
-KEYS = frozenset({CLASS_KEY, TYPE, STRIPES, STRIPE_SIZE, MIRRORS, SNAPSHOT_RESERVE})
-
-#: Closed value sets (also registered in csi.services.validation.VALUES).
-VALUES: dict[str, frozenset[str]] = {
-    TYPE: frozenset({"linear", "striped", "raid1"}),
-    STRIPES: frozenset({"2", "3", "4", "5", "6", "7", "8"}),
-    STRIPE_SIZE: frozenset({"64Ki", "128Ki", "256Ki", "512Ki", "1Mi"}),
-    MIRRORS: frozenset({"1", "2", "3"}),
-    SNAPSHOT_RESERVE: frozenset({"10%", "25%", "50%", "100%"}),
-}
+PARAMETERS = Parameters(
+    values={
+        DEVICE_CLASS: None,  # one of the configured classes: LvmSettings.pick checks it
+        TYPE: frozenset({"linear", "striped", "raid1"}),
+        STRIPES: frozenset({"2", "3", "4", "5", "6", "7", "8"}),
+        STRIPE_SIZE: frozenset({"64Ki", "128Ki", "256Ki", "512Ki", "1Mi"}),
+        MIRRORS: frozenset({"1", "2", "3"}),
+        SNAPSHOT_RESERVE: frozenset({"10%", "25%", "50%", "100%"}),
+    },
+    # The class is part of the volume's ID already.
+    placement=frozenset({DEVICE_CLASS}),
+)
 _STRIPE_SIZE_ARG = {"64Ki": "64k", "128Ki": "128k", "256Ki": "256k", "512Ki": "512k", "1Mi": "1m"}
 
 
@@ -44,10 +50,7 @@ class Layout:
 
 
 def layout(parameters: Mapping[str, str], cls: DeviceClass) -> Layout:
-    for k, allowed in VALUES.items():
-        v = parameters.get(k)
-        if v is not None and v not in allowed:
-            raise InvalidArgument(f"parameter {k}={v!r} is not one of: {', '.join(sorted(allowed))}")
+    check_values(parameters, PARAMETERS.values, "parameter")
     kind = parameters.get(TYPE, "linear")
     reserve = int(parameters.get(SNAPSHOT_RESERVE, "100%").rstrip("%"))
     if cls.thin and (kind != "linear" or SNAPSHOT_RESERVE in parameters):

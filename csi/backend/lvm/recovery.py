@@ -16,16 +16,16 @@ import logging
 
 from csi.backend import freeze
 from csi.backend.lvm import model
-from csi.backend.lvm.core import Core
+from csi.backend.lvm.store import LvStore
 from csi.backend.lvm.wipe import Wiper
 from csi.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
 
-async def check_classes(core: Core) -> None:
-    view = await core.view(fresh=True)
-    for cls in core.settings.classes.values():
+async def check_classes(store: LvStore) -> None:
+    view = await store.view(fresh=True)
+    for cls in store.settings.classes.values():
         if cls.vg in view.missing or cls.vg not in view.vgs:
             raise Unavailable(f"volume group {cls.vg} of device class {cls.name} does not exist")
         if cls.thin_pool is None:
@@ -41,28 +41,28 @@ async def check_classes(core: Core) -> None:
             )  # fmt: skip
 
 
-async def build_from_disks(core: Core) -> None:
+async def build_from_disks(store: LvStore) -> None:
     """Classes with a device selector make or grow their VG (and pool) first."""
-    for cls in sorted(core.settings.classes.values(), key=lambda c: c.name):
+    for cls in sorted(store.settings.classes.values(), key=lambda c: c.name):
         if cls.devices is None:
             continue
         from csi.backend.lvm.disks import build_vg
 
-        view = await core.view(fresh=True)
+        view = await store.view(fresh=True)
         pool = view.lv(cls.vg, cls.thin_pool) if cls.thin_pool else None
-        await build_vg(core, cls, cls.vg in view.vgs, pool is not None)
+        await build_vg(store, cls, cls.vg in view.vgs, pool is not None)
 
 
-async def recover(core: Core, wiper: Wiper) -> None:
-    for mp in await freeze.thaw_leftovers(core.fs, core.settings.freeze_dir):
+async def recover(store: LvStore, wiper: Wiper) -> None:
+    for mp in await freeze.thaw_leftovers(store.fs, store.settings.freeze_dir):
         log.warning("recovery: thawed %s", mp)
-    await build_from_disks(core)
-    await check_classes(core)
-    view = await core.view(fresh=True)
+    await build_from_disks(store)
+    await check_classes(store)
+    view = await store.view(fresh=True)
     quarantined = 0
     for lv in view.all():
-        if not model.owned(lv, core.owner) or lv.has(model.WIPE):
-            quarantined += lv.has(model.WIPE) and model.owned(lv, core.owner)
+        if not model.owned(lv, store.owner) or lv.has(model.WIPE):
+            quarantined += lv.has(model.WIPE) and model.owned(lv, store.owner)
             continue
         if lv.has(model.PENDING) or lv.tag(model.KIND) == "t":
             log.warning("recovery: quarantining %s/%s, left half-made by an interrupted operation", lv.vg, lv.name)
@@ -70,5 +70,5 @@ async def recover(core: Core, wiper: Wiper) -> None:
             quarantined += 1
     log.info(
         "lvm backend: %d device classes (%s), %d LVs to wipe",
-        len(core.settings.classes), ", ".join(sorted(core.settings.classes)), quarantined,
+        len(store.settings.classes), ", ".join(sorted(store.settings.classes)), quarantined,
     )  # fmt: skip

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from csi.errors import CommandError, CorruptState
+from csi.errors import AlreadyExists, CommandError, CorruptState, FailedPrecondition, ResourceExhausted
 
 #: Columns ELV reads from ``lvs``; the parser below expects exactly these.
 LV_FIELDS = (
@@ -239,6 +239,10 @@ _NO_SPACE = (
 )
 _EXISTS = (re.compile(r"Logical [Vv]olume \"[^\"]*\" already exists"),)
 _ORIGIN_ACTIVE = (re.compile(r"Snapshot origin volumes can be resized only while inactive"),)
+#: The layout needs more PVs (stripes, mirrors) than the VG has.
+_TOO_FEW_PVS = (re.compile(r"must not exceed the number of physical volumes"), re.compile(r"Insufficient suitable"))
+#: lvchange -an on an LV a mount (or anything else) holds.
+_OPEN = (re.compile(r"in use"), re.compile(r"open"))
 
 
 def _matches(err: CommandError, patterns: tuple[re.Pattern[str], ...]) -> bool:
@@ -261,3 +265,36 @@ def already_exists(err: CommandError) -> bool:
 
 def origin_must_be_inactive(err: CommandError) -> bool:
     return _matches(err, _ORIGIN_ACTIVE)
+
+
+def too_few_pvs(err: CommandError) -> bool:
+    return _matches(err, _TOO_FEW_PVS)
+
+
+def still_open(err: CommandError) -> bool:
+    """A deactivation refused because the LV is open."""
+    return _matches(err, _OPEN)
+
+
+def missing_vgs(err: CommandError, asked: Iterable[str], reported: set[str]) -> set[str]:
+    """The VGs of a report that exited 5 because they do not exist (the report
+    still holds the rest, so one missing VG never hides the others)."""
+    text = err.stderr.decode("utf-8", "replace")
+    return {vg for vg in asked if vg not in reported and f'"{vg}" not found' in text}
+
+
+def classify(err: CommandError, what: str) -> Exception:
+    """LVM failures a caller can act on, as the driver's errors; others stay Internal."""
+    if already_exists(err):
+        # The report just said the name was free: someone else made it since.
+        return AlreadyExists(f"{what}: an LV of that name appeared meanwhile; refusing to touch it")
+    if no_space(err):
+        return ResourceExhausted(f"not enough space for {what}: {err.message}")
+    if too_few_pvs(err):
+        return ResourceExhausted(f"this node's volume group cannot hold {what}: {err.message}")
+    if origin_must_be_inactive(err):
+        return FailedPrecondition(
+            f"{what}: the volume has thick snapshots, and LVM grows a snapshot origin only while it is "
+            "not staged; unstage it or delete its snapshots"
+        )
+    return err

@@ -28,22 +28,17 @@ import math
 import time
 
 from csi.backend import freeze
+from csi.backend.base import member_name
 from csi.backend.lvm import capacity as cap
 from csi.backend.lvm import model, params
-from csi.backend.lvm.core import Core, classify
 from csi.backend.lvm.inventory import View
-from csi.backend.lvm.report import LvInfo, hex_decode, not_found
+from csi.backend.lvm.report import LvInfo, classify, hex_decode, not_found
+from csi.backend.lvm.store import LvStore
 from csi.backend.lvm.wipe import Wiper
 from csi.errors import AlreadyExists, CommandError, NotFound
 from csi.model import GroupSnapshot, Snapshot, Volume, ids
 
 log = logging.getLogger(__name__)
-
-
-def member_name(group_name: str, volume_id: str) -> str:
-    """The internal name of a group member's snapshot. U+0001 cannot occur in a
-    CSI name, so it never collides with a user's snapshot."""
-    return f"\x01group\x01{group_name}\x01{volume_id}"
 
 
 def cow_size(origin: int, percent: int, extent: int) -> int:
@@ -55,41 +50,41 @@ def cow_size(origin: int, percent: int, extent: int) -> int:
 
 
 class LvmSnapshots:
-    def __init__(self, core: Core, wiper: Wiper) -> None:
-        self.core = core
+    def __init__(self, store: LvStore, wiper: Wiper) -> None:
+        self.store = store
         self.wiper = wiper
 
     def _snapshots(self, view: View) -> list[Snapshot]:
         out = []
         for lv in view.all():
             oid = model.parse_lv_name(lv.name)
-            if oid and oid.kind == "s" and self.core.class_of(lv) and model.live(lv, self.core.owner, "s"):
+            if oid and oid.kind == "s" and self.store.class_of(lv) and model.live(lv, self.store.owner, "s"):
                 out.append(model.to_snapshot(lv, str(oid)))
         return sorted(out, key=lambda s: s.id)
 
     async def get(self, snapshot_id: str) -> Snapshot | None:
-        found = await self.core.find(snapshot_id, "s")
+        found = await self.store.find(snapshot_id, "s")
         return model.to_snapshot(found[1], snapshot_id) if found else None
 
     async def all(self) -> list[Snapshot]:
-        return self._snapshots(await self.core.view())
+        return self._snapshots(await self.store.view())
 
     async def create(self, name: str, source_volume_id: str) -> Snapshot:
         return (await self._create([(name, source_volume_id)], None))[0]
 
     async def _create(self, pairs: list[tuple[str, str]], group: tuple[str, str, int] | None) -> list[Snapshot]:
-        view = await self.core.view(fresh=True)
+        view = await self.store.view(fresh=True)
         done: dict[str, Snapshot] = {}
         todo: list[tuple[ids.ObjectId, str, LvInfo, Volume]] = []
         for name, vid in pairs:
-            parsed = self.core.oid(vid, "v")
+            parsed = self.store.oid(vid, "v")
             if parsed is None:
                 raise NotFound(f"source volume {vid} does not exist")
             cls, void = parsed
             sid = ids.make("s", cls.name, name)
             lv = view.lv(cls.vg, model.lv_name(sid))
             if lv is not None:
-                if not model.owned(lv, self.core.owner):
+                if not model.owned(lv, self.store.owner):
                     raise AlreadyExists(f"LV {lv.vg}/{lv.name} exists but is not ELV's; refusing to touch it")
                 if lv.has(model.PENDING) or lv.has(model.WIPE):
                     await self.wiper.quarantine(lv)
@@ -99,16 +94,16 @@ class LvmSnapshots:
                     done[name] = model.to_snapshot(lv, str(sid))
                     continue
             src = view.lv(cls.vg, model.lv_name(void))
-            if src is None or not model.live(src, self.core.owner, "v"):
+            if src is None or not model.live(src, self.store.owner, "v"):
                 raise NotFound(f"source volume {vid} does not exist")
             todo.append((sid, name, src, model.to_volume(src, vid)))
         if todo:
             points: list[str] = []  # per member: its mount point, or "" (not mounted)
             if group is not None:
                 for _, _, src, _ in todo:
-                    mounts = await self.core.mounts_of(src)
+                    mounts = await self.store.mounts_of(src)
                     points.append(mounts[0].mount_point if mounts else "")
-            async with freeze.frozen(self.core.fs, [mp for mp in points if mp], self.core.settings.freeze_dir,
+            async with freeze.frozen(self.store.fs, [mp for mp in points if mp], self.store.settings.freeze_dir,
                                      "lvm-group"):  # fmt: skip
                 for (sid, name, src, vol), mp in zip(todo, points or [""] * len(todo), strict=True):
                     done[name] = await self._take_thawed(sid, name, src, vol, group, mp)
@@ -125,64 +120,64 @@ class LvmSnapshots:
         frozen throughout."""
         if not mp:
             return await self._take(sid, name, src, vol, group)
-        await self.core.fs.thaw(mp)
+        await self.store.fs.thaw(mp)
         try:
             return await self._take(sid, name, src, vol, group)
         finally:
-            await self.core.fs.freeze(mp)
+            await self.store.fs.freeze(mp)
 
     async def _take(
         self, sid: ids.ObjectId, name: str, src: LvInfo, vol: Volume, group: tuple[str, str, int] | None
     ) -> Snapshot:
-        cls = self.core.settings.classes[sid.pool]
+        cls = self.store.settings.classes[sid.pool]
         created = time.time_ns()
-        tags = model.snapshot_tags(self.core.owner, name, vol, created, group)
+        tags = model.snapshot_tags(self.store.owner, name, vol, created, group)
         lvname = model.lv_name(sid)
         what = f"snapshot {name!r} of {vol.id}"
         try:
             if src.thin:
                 # A thin snapshot promises its origin's size again (capacity.py explains why).
-                async with self.core.reserve(cls, src.size, what):
-                    await self.core.lvm.change("lvcreate", "-s", "-n", lvname, "--setactivationskip", "y", "-y",
+                async with self.store.reserve(cls, src.size, what):
+                    await self.store.lvm.change("lvcreate", "-s", "-n", lvname, "--setactivationskip", "y", "-y",
                                                *model.addtags(tags), f"{src.vg}/{src.name}")  # fmt: skip
             else:
-                view = await self.core.view(fresh=True)
+                view = await self.store.view(fresh=True)
                 reserve = params.layout(vol.parameters, cls).snapshot_reserve
-                size = cow_size(src.size, reserve, self.core.extent(view, cls))
-                await self.core.lvm.change("lvcreate", "-s", "-n", lvname, "-L", f"{size}b", "-y",
+                size = cow_size(src.size, reserve, self.store.extent(view, cls))
+                await self.store.lvm.change("lvcreate", "-s", "-n", lvname, "-L", f"{size}b", "-y",
                                            *model.addtags(tags), f"{src.vg}/{src.name}")  # fmt: skip
         except CommandError as e:
             raise classify(e, what) from e
         finally:
-            self.core.inv.invalidate()
+            self.store.inv.invalidate()
         log.info("created snapshot %s of %s (%s)", sid, vol.id, "thin" if src.thin else "copy-on-write")
         # The tags are exactly what ListSnapshots will read back.
         return Snapshot(str(sid), name, vol.id, vol.size, created, True, group[0] if group else None,
                         vol.access, vol.formatted or vol.fs_type)  # fmt: skip
 
     async def delete(self, snapshot_id: str) -> None:
-        parsed = self.core.oid(snapshot_id, "s")
+        parsed = self.store.oid(snapshot_id, "s")
         if parsed is None:
             return
         cls, sid = parsed
-        view = await self.core.view(fresh=True)
+        view = await self.store.view(fresh=True)
         lv = view.lv(cls.vg, model.lv_name(sid))
-        if lv is None or not model.owned(lv, self.core.owner):
+        if lv is None or not model.owned(lv, self.store.owner):
             return
         await self._remove(view, lv)
         log.info("deleted snapshot %s", snapshot_id)
 
     async def _remove(self, view: View, lv: LvInfo) -> None:
-        if self.core.wipe_needed(view, lv):
+        if self.store.wipe_needed(view, lv):
             await self.wiper.quarantine(lv, rename=False)
             return
         try:
-            await self.core.lvm.change("lvremove", "-y", f"{lv.vg}/{lv.name}")
+            await self.store.lvm.change("lvremove", "-y", f"{lv.vg}/{lv.name}")
         except CommandError as e:
             if not not_found(e):
                 raise
         finally:
-            self.core.inv.invalidate()
+            self.store.inv.invalidate()
         self.wiper.kick()  # a deleted thick origin may have been waiting for this
 
     # -- groups ---------------------------------------------------------------------------
@@ -191,7 +186,7 @@ class LvmSnapshots:
         out = []
         for lv in view.all():
             oid = model.parse_lv_name(lv.name)
-            if oid and oid.kind == "s" and model.live(lv, self.core.owner, "s") and lv.tag(model.GROUP) == group_id:
+            if oid and oid.kind == "s" and model.live(lv, self.store.owner, "s") and lv.tag(model.GROUP) == group_id:
                 out.append((lv, model.to_snapshot(lv, str(oid))))
         return out
 
@@ -200,11 +195,14 @@ class LvmSnapshots:
         snaps = tuple(sorted((s for _, s in members), key=lambda s: s.id))
         return GroupSnapshot(group_id, name, snaps, min(s.created_ns for s in snaps))
 
+    def group_id(self, name: str) -> str:
+        # The group's ID names the default class: its members may live in several.
+        return str(ids.make("g", self.store.settings.default, name))
+
     async def create_group(self, name: str, volume_ids: list[str]) -> GroupSnapshot:
         members = sorted(set(volume_ids))
-        # The group's ID names the default class: its members may live in several.
-        gid = str(ids.make("g", self.core.settings.default, name))
-        view = await self.core.view(fresh=True)
+        gid = self.group_id(name)
+        view = await self.store.view(fresh=True)
         existing = self._members(view, gid)
         if existing:
             sources = sorted(s.source_volume_id for _, s in existing)
@@ -214,21 +212,21 @@ class LvmSnapshots:
             if sources == members:
                 return self._group(gid, existing)
         for vid in members:
-            if await self.core.find(vid, "v") is None:
+            if await self.store.find(vid, "v") is None:
                 raise NotFound(f"source volume {vid} does not exist")
         pairs = [(member_name(name, vid), vid) for vid in members]
         await self._create(pairs, (gid, name, len(members)))
-        return self._group(gid, self._members(await self.core.view(fresh=True), gid))
+        return self._group(gid, self._members(await self.store.view(fresh=True), gid))
 
     async def get_group(self, group_id: str) -> GroupSnapshot | None:
         if ids.parse(group_id, "g") is None:
             return None
-        members = self._members(await self.core.view(), group_id)
+        members = self._members(await self.store.view(), group_id)
         return self._group(group_id, members) if members else None
 
     async def delete_group(self, group_id: str) -> None:
         if ids.parse(group_id, "g") is None:
             return
-        view = await self.core.view(fresh=True)
+        view = await self.store.view(fresh=True)
         for lv, _ in self._members(view, group_id):
             await self._remove(view, lv)

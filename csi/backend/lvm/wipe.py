@@ -31,9 +31,9 @@ import os
 import struct
 
 from csi.backend.lvm import devnode, model
-from csi.backend.lvm.core import Core
 from csi.backend.lvm.inventory import View
 from csi.backend.lvm.report import LvInfo, not_found
+from csi.backend.lvm.store import LvStore
 from csi.errors import CommandError, ElvError
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ RETRY_SECONDS = 30.0
 
 
 class Wiper:
-    def __init__(self, core: Core) -> None:
-        self.core = core
+    def __init__(self, store: LvStore) -> None:
+        self.store = store
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()
@@ -55,7 +55,7 @@ class Wiper:
         The tag alone is the commit point (one lvchange, so DeleteVolume costs
         one LVM call); the rename that frees the CSI name happens only when a
         new volume wants that name back (``rename``) or before the wipe."""
-        run = self.core.lvm.change
+        run = self.store.lvm.change
         try:
             if not lv.has(model.WIPE):
                 await run("lvchange", "--addtag", model.WIPE, f"{lv.vg}/{lv.name}")
@@ -66,7 +66,7 @@ class Wiper:
             if not not_found(e):
                 raise
         finally:
-            self.core.inv.invalidate()
+            self.store.inv.invalidate()
         self.kick()
 
     def kick(self) -> None:
@@ -104,9 +104,9 @@ class Wiper:
         remain and how many were removed. LVM is called once per step for the
         whole batch (one activation, one removal): each call costs seconds
         under emulation and a deleted volume holds its extents until then."""
-        self.core.inv.forget_task_view()  # this task lives on: never reuse an old pass's view
-        view = await self.core.view(fresh=True)
-        todo = [lv for lv in view.all() if model.owned(lv, self.core.owner) and lv.has(model.WIPE)]
+        self.store.inv.forget_task_view()  # this task lives on: never reuse an old pass's view
+        view = await self.store.view(fresh=True)
+        todo = [lv for lv in view.all() if model.owned(lv, self.store.owner) and lv.has(model.WIPE)]
         return await self.finish(view, todo)
 
     async def finish(self, view: View, todo: list[LvInfo]) -> tuple[int, int]:
@@ -114,7 +114,7 @@ class Wiper:
         needs them gone, e.g. growing an origin whose deleted snapshots wait)."""
         ready = [lv for lv in todo if not lv.is_origin]  # an origin's snapshots still need its blocks
         left = len(todo) - len(ready)
-        zero = [lv for lv in ready if self.core.wipe_needed(view, lv)]
+        zero = [lv for lv in ready if self.store.wipe_needed(view, lv)]
         # A COW snapshot is activated through its origin (LVM activates them together).
         inactive = sorted({f"{lv.vg}/{lv.origin if lv.cow_snapshot else lv.name}" for lv in zero if not lv.active})
         if inactive:
@@ -132,23 +132,23 @@ class Wiper:
 
     async def _activate(self, paths: list[str]) -> None:
         try:
-            await self.core.lvm.change("lvchange", "-ay", "-K", *paths)
+            await self.store.lvm.change("lvchange", "-ay", "-K", *paths)
         except CommandError:
             # One bad LV must not hold up the rest: one by one, and what still
             # fails is retried on the next pass (its wipe finds no device).
             for path in paths:
                 try:
-                    await self.core.lvm.change("lvchange", "-ay", "-K", path)
+                    await self.store.lvm.change("lvchange", "-ay", "-K", path)
                 except CommandError as e:
                     log.warning("activating %s to wipe it failed (will retry): %s", path, e.message)
         finally:
-            self.core.inv.invalidate()
+            self.store.inv.invalidate()
 
     async def _remove(self, lvs: list[LvInfo]) -> int:
         if not lvs:
             return 0
         try:
-            await self.core.lvm.change("lvremove", "-y", *(f"{lv.vg}/{lv.name}" for lv in lvs))
+            await self.store.lvm.change("lvremove", "-y", *(f"{lv.vg}/{lv.name}" for lv in lvs))
             done = lvs
         except CommandError as e:
             if not not_found(e):
@@ -157,13 +157,13 @@ class Wiper:
             done = []
             for lv in lvs:
                 try:
-                    await self.core.lvm.change("lvremove", "-y", f"{lv.vg}/{lv.name}")
+                    await self.store.lvm.change("lvremove", "-y", f"{lv.vg}/{lv.name}")
                     done.append(lv)
                 except CommandError as e1:
                     if not not_found(e1):
                         raise
         finally:
-            self.core.inv.invalidate()
+            self.store.inv.invalidate()
         for lv in done:
             log.info("%s %s/%s (%d bytes)", "wiped and removed" if not lv.thin else "removed", lv.vg, lv.name, lv.size)
         return len(done)
@@ -176,7 +176,7 @@ class Wiper:
         found = await asyncio.to_thread(devnode.find_dm_by_name, name)
         if found is None:
             raise ElvError(f"the device {name} of quarantined {lv.vg}/{lv.name} is not active")
-        dev = await devnode.wait_for_device(found[1], found[2], make_nodes=self.core.make_nodes)
+        dev = await devnode.wait_for_device(found[1], found[2], make_nodes=self.store.make_nodes)
         if lv.cow_snapshot:
             # The active snapshot target holds its store open exclusively, so
             # blkdiscard (which opens with O_EXCL) gets EBUSY: zero it directly.
@@ -184,7 +184,7 @@ class Wiper:
             return
         # A slow disk zeroes at tens of MiB/s; never kill a wipe for being slow.
         timeout = 600 + lv.size / (20 * MiB)
-        await self.core.lvm_tool(["blkdiscard", "-z", dev.path], timeout)
+        await self.store.lvm_tool(["blkdiscard", "-z", dev.path], timeout)
 
 
 BLKZEROOUT = 0x127F  # _IO(0x12, 127): the kernel's zero-out, as blkdiscard -z uses

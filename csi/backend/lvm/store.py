@@ -1,5 +1,10 @@
-"""What the LVM backend's parts share: settings, the lvm wrapper, the view,
-ID parsing, activation, and the per-class capacity bookkeeping."""
+"""ELV's LVs, the LVM backend's only store: what its parts (volumes,
+snapshots, clones, the node side, the wiper) share.
+
+:class:`LvStore` finds the live LV behind a volume or snapshot ID through
+the cached view of the configured VGs, activates and deactivates LVs, and
+holds the per-class capacity bookkeeping, with the settings, the lvm wrapper
+and the owner tag they all need."""
 
 from __future__ import annotations
 
@@ -9,12 +14,12 @@ import logging
 from collections.abc import AsyncIterator
 
 from csi.backend.lvm import capacity as cap
-from csi.backend.lvm import devnode, model
+from csi.backend.lvm import devnode, model, report
 from csi.backend.lvm.classes import DeviceClass, LvmSettings
 from csi.backend.lvm.command import Lvm
 from csi.backend.lvm.inventory import Inventory, View
 from csi.backend.lvm.report import LvInfo
-from csi.errors import AlreadyExists, CommandError, FailedPrecondition, InUse, NotFound, ResourceExhausted, Unavailable
+from csi.errors import CommandError, FailedPrecondition, InUse, NotFound, ResourceExhausted, Unavailable
 from csi.host.fs import FsTool
 from csi.host.mountinfo import Mount, MountTable
 from csi.host.runner import Runner
@@ -23,7 +28,9 @@ from csi.model import Device, ids
 log = logging.getLogger(__name__)
 
 
-class Core:
+class LvStore:
+    """ELV's LVs in the configured device classes (there is no other state)."""
+
     def __init__(
         self, settings: LvmSettings, lvm: Lvm, runner: Runner, fs: FsTool, owner: str, *, make_nodes: bool
     ) -> None:
@@ -112,7 +119,7 @@ class Core:
             try:
                 await self.lvm.change("lvchange", "-an", f"{lv.vg}/{lv.name}")
             except CommandError as e:
-                if b"in use" in e.stderr or b"open" in e.stderr:
+                if report.still_open(e):
                     raise InUse(f"LV {lv.vg}/{lv.name} is still open on this node; unmount it first") from e
                 raise
             finally:
@@ -179,22 +186,3 @@ class Core:
         finally:
             self._reserved[cls.name] -= size * copies
             self.inv.invalidate()
-
-
-def classify(err: CommandError, what: str) -> Exception:
-    """LVM failures a caller can act on, as the driver's errors; others stay Internal."""
-    from csi.backend.lvm import report
-
-    if report.already_exists(err):
-        # The report just said the name was free: someone else made it since.
-        return AlreadyExists(f"{what}: an LV of that name appeared meanwhile; refusing to touch it")
-    if report.no_space(err):
-        return ResourceExhausted(f"not enough space for {what}: {err.message}")
-    if b"must not exceed the number of physical volumes" in err.stderr or b"Insufficient suitable" in err.stderr:
-        return ResourceExhausted(f"this node's volume group cannot hold {what}: {err.message}")
-    if report.origin_must_be_inactive(err):
-        return FailedPrecondition(
-            f"{what}: the volume has thick snapshots, and LVM grows a snapshot origin only while it is "
-            "not staged; unstage it or delete its snapshots"
-        )
-    return err
