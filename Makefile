@@ -24,6 +24,7 @@ lint: setup
 	.venv/bin/ruff check csi tests
 	.venv/bin/ruff format --check csi tests
 	.venv/bin/mypy csi
+	.venv/bin/lint-imports
 
 sanity: setup tools
 	.venv/bin/python -m pytest -q -s tests/conformance/test_sanity.py

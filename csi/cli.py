@@ -20,26 +20,39 @@ def _env(name: str, default: str) -> str:
 
 def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="serve CSI on a unix socket")
-    p.add_argument("--endpoint", default=_env("CSI_ENDPOINT", "unix:///run/elv/csi.sock"),
-                   help="unix:///absolute/path of the socket (env CSI_ENDPOINT)")  # fmt: skip
-    p.add_argument("--node-id", default=_env("NODE_ID", socket.gethostname()),
-                   help="this node's ID, usually the Kubernetes node name (env NODE_ID)")  # fmt: skip
+    p.add_argument(
+        "--endpoint",
+        default=_env("CSI_ENDPOINT", "unix:///run/elv/csi.sock"),
+        help="unix:///absolute/path of the socket (env CSI_ENDPOINT)",
+    )
+    p.add_argument(
+        "--node-id",
+        default=_env("NODE_ID", socket.gethostname()),
+        help="this node's ID, usually the Kubernetes node name (env NODE_ID)",
+    )
     p.add_argument("--backend", choices=["loop", "lvm"], default="loop", help="storage backend")
     p.add_argument("--mode", choices=[m.value for m in Mode], default="all", help="which CSI services to serve")
     p.add_argument("--driver-name", default=DRIVER_NAME, help="CSI driver name")
     p.add_argument("--loop-dir", default="/var/lib/elv/loop", help="directory of the loop backend's pool")
-    p.add_argument("--kubelet-dir", default="/var/lib/kubelet",
-                   help="staging and target paths must lie beneath this directory")  # fmt: skip
+    p.add_argument(
+        "--kubelet-dir", default="/var/lib/kubelet", help="staging and target paths must lie beneath this directory"
+    )
     lvm = p.add_argument_group("lvm backend")
     lvm.add_argument("--lvm-config", default=None, help="device-class file (see the README's LVM section)")
     lvm.add_argument("--lvm-vg", default=None, help="volume group of the single default device class")
     lvm.add_argument("--lvm-thin-pool", default=None, help="thin pool (in --lvm-vg) of the default device class")
-    lvm.add_argument("--lvm-devices", default=None,
-                     help="device selector to build or extend the VG from empty disks")  # fmt: skip
-    p.add_argument("--overprovision-ratio", type=float, default=1.0,
-                   help="sparse volumes may promise this many times the pool's space (default 1.0: never)")  # fmt: skip
-    p.add_argument("--node-expansion-only", action="store_true",
-                   help="grow volumes in NodeExpandVolume only (the per-node DaemonSet sets this)")  # fmt: skip
+    lvm.add_argument("--lvm-devices", default=None, help="device selector to build or extend the VG from empty disks")
+    p.add_argument(
+        "--overprovision-ratio",
+        type=float,
+        default=1.0,
+        help="sparse volumes may promise this many times the pool's space (default 1.0: never)",
+    )
+    p.add_argument(
+        "--node-expansion-only",
+        action="store_true",
+        help="grow volumes in NodeExpandVolume only (the per-node DaemonSet sets this)",
+    )
     p.add_argument("--max-volumes-per-node", type=int, default=0, help="reported to the scheduler; 0 = no limit")
     p.add_argument("--socket-group", default=None, help="group allowed to use the socket (mode 0660)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
@@ -52,8 +65,7 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--max-concurrent-rpcs", type=int, default=256, help="RPCs served at once; more get RESOURCE_EXHAUSTED"
     )
     p.add_argument("--xfs-config", default=None, help="mkfs.xfs options file (-c options=FILE), e.g. an lts_*.conf")
-    p.add_argument("--state-dir", default=None,
-                   help="per-boot state (default /run/elv/<hash of the endpoint>)")  # fmt: skip
+    p.add_argument("--state-dir", default=None, help="per-boot state (default /run/elv/<hash of the endpoint>)")
     p.add_argument(
         "--tool-path", default=Config.tool_path, help="PATH searched for external tools (mkfs, losetup, ...)"
     )
@@ -62,8 +74,11 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="walk one volume through its whole life and clean up")
-    p.add_argument("--endpoint", default=None,
-                   help="use a running driver at this endpoint; by default start a private one in a temp dir")  # fmt: skip
+    p.add_argument(
+        "--endpoint",
+        default=None,
+        help="use a running driver at this endpoint; by default start a private one in a temp dir",
+    )
     p.add_argument("--kubelet-dir", default="/var/lib/kubelet", help="the running driver's --kubelet-dir")
     p.add_argument("--loop-dir", default=None, help="the running driver's --loop-dir (to check for leftovers)")
 

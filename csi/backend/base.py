@@ -232,6 +232,57 @@ class NodeBackend(Common, Protocol):
         ``complete=False``, record that mkfs is about to start (the intent)."""
 
 
+class SnapshotPart(Protocol):
+    """A backend's snapshots and group snapshots, kept in a part of their own."""
+
+    def group_id(self, name: str) -> str: ...
+
+    async def get(self, snapshot_id: str) -> Snapshot | None: ...
+
+    async def all(self) -> list[Snapshot]: ...
+
+    async def create(self, name: str, source_volume_id: str) -> Snapshot: ...
+
+    async def delete(self, snapshot_id: str) -> None: ...
+
+    async def create_group(self, name: str, volume_ids: list[str]) -> GroupSnapshot: ...
+
+    async def delete_group(self, group_id: str) -> None: ...
+
+    async def get_group(self, group_id: str) -> GroupSnapshot | None: ...
+
+
+class SnapshotsByPart:
+    """ControllerBackend's snapshot methods, each handed to the backend's
+    :class:`SnapshotPart` (``snaps``); their contracts are documented there."""
+
+    snaps: SnapshotPart
+
+    def group_snapshot_id(self, name: str) -> str:
+        return self.snaps.group_id(name)
+
+    async def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
+        return await self.snaps.get(snapshot_id)
+
+    async def list_snapshots(self) -> list[Snapshot]:
+        return await self.snaps.all()
+
+    async def create_snapshot(self, name: str, source_volume_id: str) -> Snapshot:
+        return await self.snaps.create(name, source_volume_id)
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        await self.snaps.delete(snapshot_id)
+
+    async def create_group_snapshot(self, name: str, volume_ids: list[str]) -> GroupSnapshot:
+        return await self.snaps.create_group(name, volume_ids)
+
+    async def delete_group_snapshot(self, group_id: str) -> None:
+        await self.snaps.delete_group(group_id)
+
+    async def get_group_snapshot(self, group_id: str) -> GroupSnapshot | None:
+        return await self.snaps.get_group(group_id)
+
+
 class Backend(ControllerBackend, NodeBackend, Protocol):
     """Both halves, as a backend module's ``build(config, runner)`` makes them."""
 

@@ -17,20 +17,6 @@ from csi.host import scratch as scratch_dirs
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
 MiB = 1024 * 1024
-SNW = csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
-
-
-def mount_cap(fs: str = "ext4") -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs),
-        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=SNW),
-    )
-
-
-def block_cap() -> csi_pb2.VolumeCapability:
-    return csi_pb2.VolumeCapability(
-        block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=csi_pb2.VolumeCapability.AccessMode(mode=SNW)
-    )
 
 
 class Target:
@@ -50,22 +36,17 @@ class Target:
     @classmethod
     def elv(cls, base: str, *extra: str) -> Target:
         sock, kubelet, pool = os.path.join(base, "elv.sock"), os.path.join(base, "kubelet"), os.path.join(base, "pool")
-        argv = [
-            sys.executable, "-m", "csi", "serve", "--loop-dir", pool, "--kubelet-dir", kubelet, "--node-id", "bench",
-            "--endpoint", "unix://" + sock, "--state-dir", os.path.join(base, "run"), "--log-level", "warning",
-            "--max-concurrent-rpcs", "1024", *extra,
-        ]  # fmt: skip
+        argv = [sys.executable, "-m", "csi", "serve", "--loop-dir", pool, "--kubelet-dir", kubelet]
+        argv += ["--node-id", "bench"]
+        argv += ["--endpoint", "unix://" + sock, "--state-dir", os.path.join(base, "run"), "--log-level", "warning"]
+        argv += ["--max-concurrent-rpcs", "1024", *extra]
         return cls("elv", base, argv, sock, kubelet, pool)
 
     @classmethod
     def hostpath(cls, base: str, binary: str) -> Target:
-        sock, kubelet, state = (
-            os.path.join(base, "hp.sock"),
-            os.path.join(base, "kubelet"),
-            os.path.join(base, "hpstate"),
-        )
-        argv = [binary, "--endpoint", "unix://" + sock, "--nodeid", "bench", "--drivername", "hostpath.csi.k8s.io",
-                "--statedir", state, "--v", "0"]  # fmt: skip
+        sock, kubelet, state = (os.path.join(base, x) for x in ("hp.sock", "kubelet", "hpstate"))
+        argv = [binary, "--endpoint", "unix://" + sock, "--nodeid", "bench", "--drivername", "hostpath.csi.k8s.io"]
+        argv += ["--statedir", state, "--v", "0"]
         return cls("hostpath", base, argv, sock, kubelet, state)
 
     async def start(self) -> float:

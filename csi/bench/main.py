@@ -88,9 +88,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 async def peer(elv: Target, binary: str, quick: bool) -> dict[str, Any]:
     if not os.access(binary, os.X_OK):
-        return {"error": f"no peer binary at {binary}: csi-driver-host-path is not served by the Go module proxy "
-                         "(403 for every version), so it cannot be built by `go install`; pass --peer PATH to one "
-                         "built from a local checkout"}  # fmt: skip
+        return {
+            "error": f"no peer binary at {binary}: csi-driver-host-path is not served by the Go module proxy "
+            "(403 for every version), so it cannot be built by `go install`; pass --peer PATH to one "
+            "built from a local checkout"
+        }
     out: dict[str, Any] = {}
     n, clients = (5, 16) if quick else (20, 16)
     with scratch("bench-peer") as base:
@@ -104,15 +106,24 @@ async def peer(elv: Target, binary: str, quick: bool) -> dict[str, Any]:
                 # The drivers split the work differently between RPCs (the peer attaches
                 # a block volume's loop device at create, ELV at stage), so the whole
                 # sequence is the fair comparison; the per-RPC ratios show where time goes.
-                life = ("CreateVolume", "NodeStageVolume", "NodePublishVolume", "NodeUnpublishVolume",
-                        "NodeUnstageVolume", "DeleteVolume")  # fmt: skip
+                life = (
+                    "CreateVolume",
+                    "NodeStageVolume",
+                    "NodePublishVolume",
+                    "NodeUnpublishVolume",
+                    "NodeUnstageVolume",
+                    "DeleteVolume",
+                )
                 seq = sum(mine["latency"][op]["p50"] for op in life) / sum(theirs["latency"][op]["p50"] for op in life)
                 out[kind] = {
-                    "elv": mine, "hostpath": theirs,
-                    "latency_ratio_p50": {op: mine["latency"][op]["p50"] / theirs["latency"][op]["p50"] for op in shared},
+                    "elv": mine,
+                    "hostpath": theirs,
+                    "latency_ratio_p50": {
+                        op: mine["latency"][op]["p50"] / theirs["latency"][op]["p50"] for op in shared
+                    },
                     "life_sequence_ratio": seq,
                     "throughput_ratio": mine["per_second"] / theirs["per_second"],
-                }  # fmt: skip
+                }
         finally:
             await hp.stop()
     return out
@@ -155,39 +166,72 @@ def verdict(key: str, value: float) -> str:
     return f"{'meets' if ok else 'MISSES'} {'>=' if higher_is_better else '<='} {target:g}"
 
 
+MS = 1000.0
+
+
 def print_table(r: dict[str, Any]) -> None:
-    ms = 1000.0
     print(f"ELV {r['version']} benchmark on {r['machine']['cpus']} CPUs, kernel {r['machine']['kernel']}")
-    for fs in ("ext4", "xfs", "xfs-extra"):
-        for op, v in r.get("latency", {}).get(fs, {}).items():
-            print(f"  latency {fs:<9} {op:<24} p50 {v['p50'] * ms:8.1f} ms   p99 {v['p99'] * ms:8.1f} ms")
-    if "overhead" in r:
-        o = r["overhead"]
-        print(f"  whole life: ELV {o['elv_s'] * ms:.1f} ms, raw tools {o['raw_s'] * ms:.1f} ms, ratio {o['ratio']:.3f}")
-    for c, v in r.get("throughput", {}).items():
-        print(
-            f"  throughput {c:>2} clients: {v['per_second']:6.1f} volumes/s (create+stage+publish p99 {v['p99'] * ms:.0f} ms)"
-        )
-    for k, v in r.get("scale", {}).items():
-        if k.isdigit():
-            print(f"  scale {k:>6}: create p99 {v['create_p99'] * ms:6.1f} ms, list {v['list_s'] * ms:7.1f} ms, "
-                  f"capacity {v['capacity_s'] * ms:5.1f} ms, restart {v['restart_to_ready_s']:.2f} s, "
-                  f"RSS {v['rss_bytes'] / 2**20:.0f} MB")  # fmt: skip
-    for k, v in r.get("datapath", {}).items():
-        if isinstance(v, dict):
-            print(
-                f"  fio {k:<13} volume {v['volume']['iops']:9.0f} IOPS, pool fs {v['pool_fs']['iops']:9.0f} IOPS, ratio {v['iops_ratio']:.3f}"
-            )
-    for kind, v in r.get("peer", {}).items():
-        if isinstance(v, dict) and "throughput_ratio" in v:
-            lat = ", ".join(f"{op} {x:.2f}" for op, x in v["latency_ratio_p50"].items())
-            print(f"  vs hostpath ({kind}): whole-life sequence ratio {v['life_sequence_ratio']:.2f}, "
-                  f"throughput ratio {v['throughput_ratio']:.2f}; per-RPC p50 ratios: {lat}")  # fmt: skip
-        elif kind == "error":
-            print(f"  peer: {v}")
+    for section in (_latency_lines, _overhead_lines, _throughput_lines, _scale_lines, _datapath_lines, _peer_lines):
+        for line in section(r):
+            print("  " + line)
     print("summary:")
     for k, v in r["summary"].items():
         print(f"  {k:<32} {v:10.3f}  {verdict(k, v)}")
+
+
+def _latency_lines(r: dict[str, Any]) -> list[str]:
+    return [
+        f"latency {fs:<9} {op:<24} p50 {v['p50'] * MS:8.1f} ms   p99 {v['p99'] * MS:8.1f} ms"
+        for fs in ("ext4", "xfs", "xfs-extra")
+        for op, v in r.get("latency", {}).get(fs, {}).items()
+    ]
+
+
+def _overhead_lines(r: dict[str, Any]) -> list[str]:
+    if "overhead" not in r:
+        return []
+    o = r["overhead"]
+    return [f"whole life: ELV {o['elv_s'] * MS:.1f} ms, raw tools {o['raw_s'] * MS:.1f} ms, ratio {o['ratio']:.3f}"]
+
+
+def _throughput_lines(r: dict[str, Any]) -> list[str]:
+    return [
+        f"throughput {c:>2} clients: {v['per_second']:6.1f} volumes/s (create+stage+publish p99 {v['p99'] * MS:.0f} ms)"
+        for c, v in r.get("throughput", {}).items()
+    ]
+
+
+def _scale_lines(r: dict[str, Any]) -> list[str]:
+    return [
+        f"scale {k:>6}: create p99 {v['create_p99'] * MS:6.1f} ms, list {v['list_s'] * MS:7.1f} ms, "
+        f"capacity {v['capacity_s'] * MS:5.1f} ms, restart {v['restart_to_ready_s']:.2f} s, "
+        f"RSS {v['rss_bytes'] / 2**20:.0f} MB"
+        for k, v in r.get("scale", {}).items()
+        if k.isdigit()
+    ]
+
+
+def _datapath_lines(r: dict[str, Any]) -> list[str]:
+    return [
+        f"fio {k:<13} volume {v['volume']['iops']:9.0f} IOPS, pool fs {v['pool_fs']['iops']:9.0f} IOPS, "
+        f"ratio {v['iops_ratio']:.3f}"
+        for k, v in r.get("datapath", {}).items()
+        if isinstance(v, dict)
+    ]
+
+
+def _peer_lines(r: dict[str, Any]) -> list[str]:
+    out = []
+    for kind, v in r.get("peer", {}).items():
+        if isinstance(v, dict) and "throughput_ratio" in v:
+            lat = ", ".join(f"{op} {x:.2f}" for op, x in v["latency_ratio_p50"].items())
+            out.append(
+                f"vs hostpath ({kind}): whole-life sequence ratio {v['life_sequence_ratio']:.2f}, "
+                f"throughput ratio {v['throughput_ratio']:.2f}; per-RPC p50 ratios: {lat}"
+            )
+        elif kind == "error":
+            out.append(f"peer: {v}")
+    return out
 
 
 def plot(r: dict[str, Any], path: str) -> str | None:

@@ -14,7 +14,8 @@ import subprocess
 import time
 from typing import Any
 
-from csi.bench.harness import MiB, Target, block_cap, mount_cap, pct
+from csi.bench.harness import MiB, Target, pct
+from csi.cmd.client import block_capability, mount_capability
 from csi.model import PROVISIONING
 from csi.v1 import csi_pb2
 
@@ -30,7 +31,7 @@ class Volume:
 
     def __init__(self, t: Target, fs: str | None, size: int, times: dict[str, list[float]] | None = None) -> None:
         self.t = t
-        self.cap = block_cap() if fs is None else mount_cap(fs)
+        self.cap = block_capability() if fs is None else mount_capability(fs)
         self.size = size
         self.name = uniq("bench")
         self.vid = ""
@@ -56,35 +57,65 @@ class Volume:
 
     async def stage(self, op: str = "NodeStageVolume") -> None:
         os.makedirs(self.staging, exist_ok=True)
-        await self._timed(op, self.t.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
-            volume_id=self.vid, staging_target_path=self.staging, volume_capability=self.cap)))  # fmt: skip
+        await self._timed(
+            op,
+            self.t.node.NodeStageVolume(
+                csi_pb2.NodeStageVolumeRequest(
+                    volume_id=self.vid, staging_target_path=self.staging, volume_capability=self.cap
+                )
+            ),
+        )
 
     async def publish(self) -> None:
         os.makedirs(os.path.dirname(self.target), exist_ok=True)
-        await self._timed("NodePublishVolume", self.t.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
-            volume_id=self.vid, staging_target_path=self.staging, target_path=self.target,
-            volume_capability=self.cap)))  # fmt: skip
+        await self._timed(
+            "NodePublishVolume",
+            self.t.node.NodePublishVolume(
+                csi_pb2.NodePublishVolumeRequest(
+                    volume_id=self.vid,
+                    staging_target_path=self.staging,
+                    target_path=self.target,
+                    volume_capability=self.cap,
+                )
+            ),
+        )
 
     async def unpublish(self) -> None:
-        await self._timed("NodeUnpublishVolume", self.t.node.NodeUnpublishVolume(
-            csi_pb2.NodeUnpublishVolumeRequest(volume_id=self.vid, target_path=self.target)))  # fmt: skip
+        await self._timed(
+            "NodeUnpublishVolume",
+            self.t.node.NodeUnpublishVolume(
+                csi_pb2.NodeUnpublishVolumeRequest(volume_id=self.vid, target_path=self.target)
+            ),
+        )
 
     async def unstage(self) -> None:
-        await self._timed("NodeUnstageVolume", self.t.node.NodeUnstageVolume(
-            csi_pb2.NodeUnstageVolumeRequest(volume_id=self.vid, staging_target_path=self.staging)))  # fmt: skip
+        await self._timed(
+            "NodeUnstageVolume",
+            self.t.node.NodeUnstageVolume(
+                csi_pb2.NodeUnstageVolumeRequest(volume_id=self.vid, staging_target_path=self.staging)
+            ),
+        )
 
     async def delete(self) -> None:
         await self._timed(
             "DeleteVolume", self.t.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=self.vid))
         )
 
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        req = csi_pb2.DeleteSnapshotRequest(snapshot_id=snapshot_id)
+        await self._timed("DeleteSnapshot", self.t.controller.DeleteSnapshot(req))
+
+    async def teardown(self) -> None:
+        """Unpublish, unstage, delete: the end of every life."""
+        await self.unpublish()
+        await self.unstage()
+        await self.delete()
+
     async def life(self) -> None:
         await self.create()
         await self.stage()
         await self.publish()
-        await self.unpublish()
-        await self.unstage()
-        await self.delete()
+        await self.teardown()
 
 
 def summary(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
@@ -109,25 +140,36 @@ async def latency(t: Target, n: int) -> dict[str, Any]:
         with open(os.path.join(v.target, "data"), "wb") as f:
             f.write(os.urandom(4 * MiB))
         rng = csi_pb2.CapacityRange(required_bytes=448 * MiB)
-        await v._timed("ControllerExpandVolume", t.controller.ControllerExpandVolume(
-            csi_pb2.ControllerExpandVolumeRequest(volume_id=v.vid, capacity_range=rng)))  # fmt: skip
-        await v._timed("NodeExpandVolume", t.node.NodeExpandVolume(
-            csi_pb2.NodeExpandVolumeRequest(volume_id=v.vid, volume_path=v.target, capacity_range=rng)))  # fmt: skip
-        snap = await v._timed("CreateSnapshot", t.controller.CreateSnapshot(
-            csi_pb2.CreateSnapshotRequest(name=uniq("snap"), source_volume_id=v.vid)))  # fmt: skip
+        await v._timed(
+            "ControllerExpandVolume",
+            t.controller.ControllerExpandVolume(
+                csi_pb2.ControllerExpandVolumeRequest(volume_id=v.vid, capacity_range=rng)
+            ),
+        )
+        await v._timed(
+            "NodeExpandVolume",
+            t.node.NodeExpandVolume(
+                csi_pb2.NodeExpandVolumeRequest(volume_id=v.vid, volume_path=v.target, capacity_range=rng)
+            ),
+        )
+        snap = await v._timed(
+            "CreateSnapshot",
+            t.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name=uniq("snap"), source_volume_id=v.vid)),
+        )
         clone = Volume(t, "xfs", 448 * MiB, times)
-        src = csi_pb2.VolumeContentSource(snapshot=csi_pb2.VolumeContentSource.SnapshotSource(
-            snapshot_id=snap.snapshot.snapshot_id))  # fmt: skip
+        src = csi_pb2.VolumeContentSource(
+            snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snap.snapshot.snapshot_id)
+        )
         await clone.create(src, op="CreateVolume (clone)")
         await clone.delete()
-        await v._timed("DeleteSnapshot", t.controller.DeleteSnapshot(
-            csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot.snapshot_id)))  # fmt: skip
-        await v.unpublish()
-        await v.unstage()
-        await v.delete()
-    out["xfs-extra"] = {k: val for k, val in summary(times).items()
-                        if k in ("ControllerExpandVolume", "NodeExpandVolume", "CreateSnapshot",
-                                 "CreateVolume (clone)", "DeleteSnapshot")}  # fmt: skip
+        await v.delete_snapshot(snap.snapshot.snapshot_id)
+        await v.teardown()
+    out["xfs-extra"] = {
+        k: val
+        for k, val in summary(times).items()
+        if k
+        in ("ControllerExpandVolume", "NodeExpandVolume", "CreateSnapshot", "CreateVolume (clone)", "DeleteSnapshot")
+    }
     return out
 
 
@@ -191,9 +233,7 @@ async def _teardown(vols: list[Volume], parallel: int = 16) -> None:
 
     async def one(v: Volume) -> None:
         async with sem:
-            await v.unpublish()
-            await v.unstage()
-            await v.delete()
+            await v.teardown()
 
     await asyncio.gather(*(one(v) for v in vols))
 
@@ -250,9 +290,14 @@ async def scale(t: Target, levels: list[int], sample: int) -> dict[str, Any]:
         await t.stop(signal.SIGKILL)
         ready = await t.start()
         out[str(level)] = {
-            "create_p50": pct(lat, 50), "create_p99": pct(lat, 99), "list_s": list_s, "capacity_s": cap_s,
-            "restart_to_ready_s": ready, "rss_bytes": rss, "rss_after_restart_bytes": t.rss_bytes(),
-        }  # fmt: skip
+            "create_p50": pct(lat, 50),
+            "create_p99": pct(lat, 99),
+            "list_s": list_s,
+            "capacity_s": cap_s,
+            "restart_to_ready_s": ready,
+            "rss_bytes": rss,
+            "rss_after_restart_bytes": t.rss_bytes(),
+        }
     sem = asyncio.Semaphore(32)
 
     async def drop(vid: str) -> None:
@@ -272,8 +317,8 @@ FIO_JOBS = {
 
 
 def _fio(directory: str, job: list[str], runtime: int) -> dict[str, float]:
-    argv = ["fio", "--name=bench", f"--directory={directory}", "--size=256m", "--direct=1", "--ioengine=libaio",
-            "--time_based", f"--runtime={runtime}", "--ramp_time=1", "--output-format=json", *job]  # fmt: skip
+    argv = ["fio", "--name=bench", f"--directory={directory}", "--size=256m", "--direct=1", "--ioengine=libaio"]
+    argv += ["--time_based", f"--runtime={runtime}", "--ramp_time=1", "--output-format=json", *job]
     r = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=runtime + 120)
     j = json.loads(r.stdout)["jobs"][0]
     side = j["read"] if j["read"]["io_bytes"] else j["write"]
@@ -288,8 +333,12 @@ async def datapath(t: Target, runtime: int, rounds: int = 3, thick: bool = True)
         return {"error": "fio is not installed (apt-get install fio)"}
     v = Volume(t, "ext4", 1024 * MiB)
     req_params = {PROVISIONING: "thick"} if thick else {}
-    req = csi_pb2.CreateVolumeRequest(name=v.name, volume_capabilities=[v.cap], parameters=req_params,
-                                      capacity_range=csi_pb2.CapacityRange(required_bytes=v.size))  # fmt: skip
+    req = csi_pb2.CreateVolumeRequest(
+        name=v.name,
+        volume_capabilities=[v.cap],
+        parameters=req_params,
+        capacity_range=csi_pb2.CapacityRange(required_bytes=v.size),
+    )
     v.vid = (await t.controller.CreateVolume(req)).volume.volume_id
     await v.stage()
     await v.publish()
@@ -309,9 +358,7 @@ async def datapath(t: Target, runtime: int, rounds: int = 3, thick: bool = True)
             out[name] = {"volume": vol, "pool_fs": raw, "iops_ratio": vol["iops"] / raw["iops"]}
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
-        await v.unpublish()
-        await v.unstage()
-        await v.delete()
+        await v.teardown()
     return out
 
 
@@ -327,13 +374,12 @@ async def peer_sequences(t: Target, n: int, clients: int, fs: str | None) -> dic
         await v.create()
         await v.stage()
         await v.publish()
-        snap = await v._timed("CreateSnapshot", t.controller.CreateSnapshot(
-            csi_pb2.CreateSnapshotRequest(name=uniq("ps"), source_volume_id=v.vid)))  # fmt: skip
-        await v._timed("DeleteSnapshot", t.controller.DeleteSnapshot(
-            csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot.snapshot_id)))  # fmt: skip
-        await v.unpublish()
-        await v.unstage()
-        await v.delete()
+        snap = await v._timed(
+            "CreateSnapshot",
+            t.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name=uniq("ps"), source_volume_id=v.vid)),
+        )
+        await v.delete_snapshot(snap.snapshot.snapshot_id)
+        await v.teardown()
     res: dict[str, Any] = {"latency": summary(times)}
     total = max(32, clients * 2)
     vols = [Volume(t, fs, size) for _ in range(total)]

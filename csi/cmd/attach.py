@@ -97,8 +97,12 @@ def _safe_inode(pid: int) -> int | None:
 def _helper(*args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "csi.host.nsmount", *args],
-        pass_fds=pass_fds, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        pass_fds=pass_fds,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 async def attach(args: argparse.Namespace) -> int:
@@ -121,11 +125,26 @@ async def attach(args: argparse.Namespace) -> int:
             print(f"{args.name} is already attached at {args.path} in the mount namespace of pid {args.pid}")
             return 0
         os.makedirs(staging, mode=0o750, exist_ok=True)
-        await call(ep, lambda: client.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
-            volume_id=vid, staging_target_path=staging, volume_capability=cap), timeout=600))  # fmt: skip
-        await call(ep, lambda: client.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
-            volume_id=vid, staging_target_path=staging, target_path=anchor, volume_capability=cap,
-            readonly=args.readonly), timeout=600))  # fmt: skip
+        await call(
+            ep,
+            lambda: client.node.NodeStageVolume(
+                csi_pb2.NodeStageVolumeRequest(volume_id=vid, staging_target_path=staging, volume_capability=cap),
+                timeout=600,
+            ),
+        )
+        await call(
+            ep,
+            lambda: client.node.NodePublishVolume(
+                csi_pb2.NodePublishVolumeRequest(
+                    volume_id=vid,
+                    staging_target_path=staging,
+                    target_path=anchor,
+                    volume_capability=cap,
+                    readonly=args.readonly,
+                ),
+                timeout=600,
+            ),
+        )
         fd = open_tree_clone(anchor)
         try:
             argv = ["attach", "--pid", str(args.pid), "--path", args.path, "--fd", str(fd)] + (
@@ -147,13 +166,24 @@ async def attach(args: argparse.Namespace) -> int:
 async def _release(client: Client, vid: str, staging: str, anchor: str) -> None:
     """Unpublish the anchor, and unstage when no other namespace uses the volume."""
     ep = client.endpoint
-    await call(ep, lambda: client.node.NodeUnpublishVolume(
-        csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=anchor), timeout=600))  # fmt: skip
-    others = [m for m in MountTable.load().under(os.path.realpath(os.path.dirname(anchor)))
-              if os.path.basename(m.mount_point).startswith("ns-")]  # fmt: skip
+    await call(
+        ep,
+        lambda: client.node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=anchor), timeout=600
+        ),
+    )
+    others = [
+        m
+        for m in MountTable.load().under(os.path.realpath(os.path.dirname(anchor)))
+        if os.path.basename(m.mount_point).startswith("ns-")
+    ]
     if not others:
-        await call(ep, lambda: client.node.NodeUnstageVolume(
-            csi_pb2.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging), timeout=600))  # fmt: skip
+        await call(
+            ep,
+            lambda: client.node.NodeUnstageVolume(
+                csi_pb2.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging), timeout=600
+            ),
+        )
 
 
 async def detach(args: argparse.Namespace) -> int:
@@ -169,8 +199,11 @@ async def detach(args: argparse.Namespace) -> int:
         if args.path:
             anchors = [os.path.join(base, _anchor_name(inode, args.path))]
         else:
-            anchors = [m.mount_point for m in table.under(os.path.realpath(base))
-                       if os.path.basename(m.mount_point).startswith(f"ns-{inode}-")]  # fmt: skip
+            anchors = [
+                m.mount_point
+                for m in table.under(os.path.realpath(base))
+                if os.path.basename(m.mount_point).startswith(f"ns-{inode}-")
+            ]
         anchors = [a for a in anchors if table.top(os.path.realpath(a)) is not None]
         if not anchors:
             raise CliError(

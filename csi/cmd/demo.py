@@ -74,20 +74,42 @@ class Demo:
         info = await c.wait_ready()
         self.out(f"ELV demo: driver {info.name} {info.vendor_version} on {c.endpoint}")
 
-        vol = await self.step("CreateVolume 512 MiB xfs", lambda: c.controller.CreateVolume(
-            csi_pb2.CreateVolumeRequest(name=f"demo-{tag}", volume_capabilities=[cap],
-                                        capacity_range=csi_pb2.CapacityRange(required_bytes=512 * MiB))))  # fmt: skip
+        vol = await self.step(
+            "CreateVolume 512 MiB xfs",
+            lambda: c.controller.CreateVolume(
+                csi_pb2.CreateVolumeRequest(
+                    name=f"demo-{tag}",
+                    volume_capabilities=[cap],
+                    capacity_range=csi_pb2.CapacityRange(required_bytes=512 * MiB),
+                )
+            ),
+        )
         vid = vol.volume.volume_id
         self.undo("volume", lambda: c.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid)))
-        self.undo("stage", lambda: c.node.NodeUnstageVolume(
-            csi_pb2.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging)))  # fmt: skip
-        await self.step("NodeStageVolume (attach loop, mkfs, mount)", lambda: c.node.NodeStageVolume(
-            csi_pb2.NodeStageVolumeRequest(volume_id=vid, staging_target_path=staging, volume_capability=cap)))  # fmt: skip
-        self.undo("publish", lambda: c.node.NodeUnpublishVolume(
-            csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target)))  # fmt: skip
-        await self.step("NodePublishVolume (bind mount)", lambda: c.node.NodePublishVolume(
-            csi_pb2.NodePublishVolumeRequest(volume_id=vid, staging_target_path=staging, target_path=target,
-                                             volume_capability=cap)))  # fmt: skip
+        self.undo(
+            "stage",
+            lambda: c.node.NodeUnstageVolume(
+                csi_pb2.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging)
+            ),
+        )
+        await self.step(
+            "NodeStageVolume (attach loop, mkfs, mount)",
+            lambda: c.node.NodeStageVolume(
+                csi_pb2.NodeStageVolumeRequest(volume_id=vid, staging_target_path=staging, volume_capability=cap)
+            ),
+        )
+        self.undo(
+            "publish",
+            lambda: c.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target)),
+        )
+        await self.step(
+            "NodePublishVolume (bind mount)",
+            lambda: c.node.NodePublishVolume(
+                csi_pb2.NodePublishVolumeRequest(
+                    volume_id=vid, staging_target_path=staging, target_path=target, volume_capability=cap
+                )
+            ),
+        )
 
         payload = f"hello from ELV {tag}\n"
 
@@ -104,31 +126,59 @@ class Demo:
         before = shutil.disk_usage(target).total
 
         async def expand() -> None:
-            await c.controller.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
-                volume_id=vid, capacity_range=csi_pb2.CapacityRange(required_bytes=1024 * MiB)))  # fmt: skip
-            await c.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
-                volume_id=vid, volume_path=target, staging_target_path=staging,
-                capacity_range=csi_pb2.CapacityRange(required_bytes=1024 * MiB)))  # fmt: skip
+            await c.controller.ControllerExpandVolume(
+                csi_pb2.ControllerExpandVolumeRequest(
+                    volume_id=vid, capacity_range=csi_pb2.CapacityRange(required_bytes=1024 * MiB)
+                )
+            )
+            await c.node.NodeExpandVolume(
+                csi_pb2.NodeExpandVolumeRequest(
+                    volume_id=vid,
+                    volume_path=target,
+                    staging_target_path=staging,
+                    capacity_range=csi_pb2.CapacityRange(required_bytes=1024 * MiB),
+                )
+            )
 
         await self.step("expand online to 1 GiB (controller + node)", expand)
         after = shutil.disk_usage(target).total
         self.out(f"      filesystem size while mounted: {before / MiB:.0f} MiB -> {after / MiB:.0f} MiB")
 
-        snap = await self.step("CreateSnapshot (fsfreeze + copy)", lambda: c.controller.CreateSnapshot(
-            csi_pb2.CreateSnapshotRequest(name=f"demo-snap-{tag}", source_volume_id=vid)))  # fmt: skip
+        snap = await self.step(
+            "CreateSnapshot (fsfreeze + copy)",
+            lambda: c.controller.CreateSnapshot(
+                csi_pb2.CreateSnapshotRequest(name=f"demo-snap-{tag}", source_volume_id=vid)
+            ),
+        )
         sid = snap.snapshot.snapshot_id
         self.undo("snapshot", lambda: c.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=sid)))
 
         src = csi_pb2.VolumeContentSource(snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=sid))
-        clone = await self.step("CreateVolume from the snapshot (clone)", lambda: c.controller.CreateVolume(
-            csi_pb2.CreateVolumeRequest(name=f"demo-clone-{tag}", volume_capabilities=[cap], volume_content_source=src,
-                                        capacity_range=csi_pb2.CapacityRange(required_bytes=1024 * MiB))))  # fmt: skip
+        clone = await self.step(
+            "CreateVolume from the snapshot (clone)",
+            lambda: c.controller.CreateVolume(
+                csi_pb2.CreateVolumeRequest(
+                    name=f"demo-clone-{tag}",
+                    volume_capabilities=[cap],
+                    volume_content_source=src,
+                    capacity_range=csi_pb2.CapacityRange(required_bytes=1024 * MiB),
+                )
+            ),
+        )
         cid = clone.volume.volume_id
         self.undo("clone", lambda: c.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=cid)))
-        self.undo("clone-stage", lambda: c.node.NodeUnstageVolume(
-            csi_pb2.NodeUnstageVolumeRequest(volume_id=cid, staging_target_path=clone_staging)))  # fmt: skip
-        self.undo("clone-publish", lambda: c.node.NodeUnpublishVolume(
-            csi_pb2.NodeUnpublishVolumeRequest(volume_id=cid, target_path=clone_target)))  # fmt: skip
+        self.undo(
+            "clone-stage",
+            lambda: c.node.NodeUnstageVolume(
+                csi_pb2.NodeUnstageVolumeRequest(volume_id=cid, staging_target_path=clone_staging)
+            ),
+        )
+        self.undo(
+            "clone-publish",
+            lambda: c.node.NodeUnpublishVolume(
+                csi_pb2.NodeUnpublishVolumeRequest(volume_id=cid, target_path=clone_target)
+            ),
+        )
         await self.step("stage + publish the clone", lambda: self._stage_publish(cid, clone_staging, clone_target, cap))
         with open(os.path.join(clone_target, "hello.txt"), encoding="utf-8") as f:
             got = f.read()
@@ -175,11 +225,9 @@ def leftovers(workdir: str, pool: str | None) -> list[str]:
 async def spawned_server(base: str) -> AsyncIterator[str]:
     """Start ``elv serve`` on the loop backend in ``base``; yield its endpoint."""
     sock = os.path.join(base, "csi.sock")
-    argv = [
-        sys.executable, "-m", "csi", "serve", "--backend", "loop", "--loop-dir", os.path.join(base, "pool"),
-        "--node-id", "demo-node", "--endpoint", "unix://" + sock, "--kubelet-dir", os.path.join(base, "kubelet"),
-        "--state-dir", os.path.join(base, "run"),
-    ]  # fmt: skip
+    argv = [sys.executable, "-m", "csi", "serve", "--backend", "loop", "--loop-dir", os.path.join(base, "pool")]
+    argv += ["--node-id", "demo-node", "--endpoint", "unix://" + sock, "--kubelet-dir", os.path.join(base, "kubelet")]
+    argv += ["--state-dir", os.path.join(base, "run")]
     os.makedirs(os.path.join(base, "kubelet"), exist_ok=True)
     proc = await asyncio.create_subprocess_exec(*argv)
     try:

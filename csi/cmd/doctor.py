@@ -60,8 +60,14 @@ def kernel(backend: str) -> list[Check]:
         Check(loop, "loop devices (/dev/loop-control)", "load the module: modprobe loop", warn=backend != "loop")
     )
     dm = "device-mapper" in _read("/proc/misc") or os.path.exists("/dev/mapper/control")
-    out.append(Check(dm, "device-mapper", "load it (modprobe dm_mod) or use a kernel with CONFIG_BLK_DEV_DM; "
-                     "without it only the loop backend works", warn=backend != "lvm"))  # fmt: skip
+    out.append(
+        Check(
+            dm,
+            "device-mapper",
+            "load it (modprobe dm_mod) or use a kernel with CONFIG_BLK_DEV_DM; without it only the loop backend works",
+            warn=backend != "lvm",
+        )
+    )
     for name in ("ext4", "xfs"):
         out.append(Check(name in fs, f"{name} filesystem", f"modprobe {name}"))
     return out
@@ -103,10 +109,20 @@ def pool(args: argparse.Namespace) -> list[Check]:
     if args.backend == "lvm":
         if not args.lvm_vg:
             return [Check(False, "no volume group given", "pass --lvm-vg VG", warn=True)]
-        r = subprocess.run(["vgs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", "vg_free,vg_size",
-                            args.lvm_vg], capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
-        return [Check(r.returncode == 0, f"volume group {args.lvm_vg}: {r.stdout.strip()[:120] or r.stderr.strip()[:120]}",
-                      f"create it: vgcreate {args.lvm_vg} /dev/DISK")]  # fmt: skip
+        r = subprocess.run(
+            ["vgs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", "vg_free,vg_size", args.lvm_vg],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        return [
+            Check(
+                r.returncode == 0,
+                f"volume group {args.lvm_vg}: {r.stdout.strip()[:120] or r.stderr.strip()[:120]}",
+                f"create it: vgcreate {args.lvm_vg} /dev/DISK",
+            )
+        ]
     d = args.loop_dir
     probe = d
     while not os.path.exists(probe):

@@ -64,44 +64,56 @@ def join(
     driver: str = DRIVER_NAME,
 ) -> list[Row]:
     """Join PVs, per-node inventories and per-PVC usage into rows (pure)."""
-    rows: list[Row] = []
     by_handle: dict[str, Mapping[str, Any]] = {}
     for pv in pvs:
         csi = (pv.get("spec") or {}).get("csi") or {}
         if csi.get("driver") == driver and csi.get("volumeHandle"):
             by_handle[str(csi["volumeHandle"])] = pv
-    seen: set[str] = set()
-    for node, vols in sorted(inventories.items()):
-        for v in vols:
-            vid = str(v.get("id", ""))
-            seen.add(vid)
-            row = Row(node, vid, str(v.get("name", "")), int(v.get("size", 0)), condition=str(v.get("condition", "")))
-            if v.get("used") is not None:
-                row.used = int(v["used"])
-            found = by_handle.get(vid)
-            if found is None:
-                row.problem = "orphan: no PersistentVolume"
-            else:
-                row.pv = str(found["metadata"]["name"])
-                claim = (found.get("spec") or {}).get("claimRef") or {}
-                if claim:
-                    row.pvc = f"{claim.get('namespace')}/{claim.get('name')}"
-                    row.used = usage.get(node, {}).get(row.pvc, row.used)
-                want = pv_node(found, driver)
-                if want and want != node:
-                    row.problem = f"PV says node {want}"
-            rows.append(row)
-    for vid, pv in sorted(by_handle.items()):
-        if vid in seen:
-            continue
-        node = pv_node(pv, driver)
-        claim = (pv.get("spec") or {}).get("claimRef") or {}
-        pvc = f"{claim.get('namespace')}/{claim.get('name')}" if claim else ""
-        size = _quantity(((pv.get("spec") or {}).get("capacity") or {}).get("storage", "0"))
-        known = node in inventories
-        rows.append(Row(node or "?", vid, "", size, str(pv["metadata"]["name"]), pvc,
-                        problem="lost: volume missing on its node" if known else "node not inspected"))  # fmt: skip
+    rows = [
+        _inventory_row(node, v, by_handle, usage, driver) for node, vols in sorted(inventories.items()) for v in vols
+    ]
+    seen = {r.volume_id for r in rows}
+    rows += [_lost_row(vid, pv, inventories, driver) for vid, pv in sorted(by_handle.items()) if vid not in seen]
     return rows
+
+
+def _claim(pv: Mapping[str, Any]) -> str:
+    claim = (pv.get("spec") or {}).get("claimRef") or {}
+    return f"{claim.get('namespace')}/{claim.get('name')}" if claim else ""
+
+
+def _inventory_row(
+    node: str,
+    v: Mapping[str, Any],
+    by_handle: Mapping[str, Mapping[str, Any]],
+    usage: Mapping[str, Mapping[str, int]],
+    driver: str,
+) -> Row:
+    """A volume a node's driver reports, with the PV that points to it (if any)."""
+    vid = str(v.get("id", ""))
+    row = Row(node, vid, str(v.get("name", "")), int(v.get("size", 0)), condition=str(v.get("condition", "")))
+    if v.get("used") is not None:
+        row.used = int(v["used"])
+    found = by_handle.get(vid)
+    if found is None:
+        row.problem = "orphan: no PersistentVolume"
+        return row
+    row.pv = str(found["metadata"]["name"])
+    row.pvc = _claim(found)
+    if row.pvc:
+        row.used = usage.get(node, {}).get(row.pvc, row.used)
+    want = pv_node(found, driver)
+    if want and want != node:
+        row.problem = f"PV says node {want}"
+    return row
+
+
+def _lost_row(vid: str, pv: Mapping[str, Any], inventories: Mapping[str, Any], driver: str) -> Row:
+    """A PV whose volume no inspected node reports."""
+    node = pv_node(pv, driver)
+    size = _quantity(((pv.get("spec") or {}).get("capacity") or {}).get("storage", "0"))
+    problem = "lost: volume missing on its node" if node in inventories else "node not inspected"
+    return Row(node or "?", vid, "", size, str(pv["metadata"]["name"]), _claim(pv), problem=problem)
 
 
 def usage_from_summary(summary: Mapping[str, Any]) -> dict[str, int]:
@@ -147,9 +159,17 @@ def _inventory_via_exec(client: Any, node: str, namespace: str, selector: str, c
     pods = core.list_namespaced_pod(namespace, label_selector=selector, field_selector=f"spec.nodeName={node}").items
     if not pods:
         return None
-    out = stream(core.connect_get_namespaced_pod_exec, pods[0].metadata.name, namespace, container=container,
-                 command=["elv", "volume", "list", "--json", "--endpoint", "unix:///csi/csi.sock"],
-                 stderr=False, stdin=False, stdout=True, tty=False)  # fmt: skip
+    out = stream(
+        core.connect_get_namespaced_pod_exec,
+        pods[0].metadata.name,
+        namespace,
+        container=container,
+        command=["elv", "volume", "list", "--json", "--endpoint", "unix:///csi/csi.sock"],
+        stderr=False,
+        stdin=False,
+        stdout=True,
+        tty=False,
+    )
     return list(json.loads(out))
 
 
@@ -220,8 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--namespace", default="kube-system", help="namespace of the ELV DaemonSet")
     p.add_argument("--selector", default="app.kubernetes.io/name=elv", help="label selector of its pods")
     p.add_argument("--container", default="elv")
-    p.add_argument("--endpoint", action="append", default=[], metavar="NODE=unix:///path",
-                   help="a node whose driver runs as a host process: ask its socket directly")  # fmt: skip
+    p.add_argument(
+        "--endpoint",
+        action="append",
+        default=[],
+        metavar="NODE=unix:///path",
+        help="a node whose driver runs as a host process: ask its socket directly",
+    )
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     args = p.parse_args(argv)
     rows = collect(args)
@@ -231,10 +256,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.output == "json":
         print(json.dumps([r.__dict__ for r in rows], indent=2))
         return status
-    print(table([[r.node, r.pvc or "-", r.pv or "-", r.name or "-", human(r.size),
-                  human(r.used) if r.used is not None else "-", r.condition or "-", r.problem or "", r.volume_id]
-                 for r in rows],
-                ["NODE", "PVC", "PV", "NAME", "SIZE", "USED", "CONDITION", "PROBLEM", "VOLUME"]))  # fmt: skip
+    print(
+        table(
+            [
+                [
+                    r.node,
+                    r.pvc or "-",
+                    r.pv or "-",
+                    r.name or "-",
+                    human(r.size),
+                    human(r.used) if r.used is not None else "-",
+                    r.condition or "-",
+                    r.problem or "",
+                    r.volume_id,
+                ]
+                for r in rows
+            ],
+            ["NODE", "PVC", "PV", "NAME", "SIZE", "USED", "CONDITION", "PROBLEM", "VOLUME"],
+        )
+    )
     return status
 
 

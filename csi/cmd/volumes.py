@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+from collections.abc import Awaitable, Callable
 
 from csi.cmd import attach
 from csi.cmd.client import Client, block_capability, mount_capability
@@ -77,77 +78,122 @@ def _row(e: csi_pb2.ListVolumesResponse.Entry) -> dict[str, object]:
 
 async def run(args: argparse.Namespace) -> int:
     async with Client(args.endpoint) as client:
-        return await _dispatch(client, args)
+        if args.verb == "list":
+            return await _list(client, args)
+        if args.verb == "create":
+            return await _create(client, args)
+        entry = await find_volume(client, args.name)
+        verb = _VERBS.get(args.verb)
+        if verb is None:
+            raise CliError(f"unknown verb {args.verb}")
+        return await verb(client, args, entry)
 
 
-async def _dispatch(client: Client, args: argparse.Namespace) -> int:
-    ep = client.endpoint
-    if args.verb == "list":
-        rows = [_row(e) for e in await all_volumes(client)]
-        if args.json:
-            emit_json(rows)
-        else:
-            print(table([[str(r["name"]), human(int(str(r["size"]))), str(r["access"]), str(r["fs"]), str(r["condition"]),
-                          str(r["id"])] for r in rows], ["NAME", "SIZE", "ACCESS", "FS", "CONDITION", "ID"]))  # fmt: skip
+Entry = csi_pb2.ListVolumesResponse.Entry
+
+
+async def _list(client: Client, args: argparse.Namespace) -> int:
+    rows = [_row(e) for e in await all_volumes(client)]
+    if args.json:
+        emit_json(rows)
         return 0
-    if args.verb == "create":
-        return await _create(client, args)
-    entry = await find_volume(client, args.name)
+    header = ["NAME", "SIZE", "ACCESS", "FS", "CONDITION", "ID"]
+    cells = [
+        [str(r["name"]), human(int(str(r["size"]))), str(r["access"]), str(r["fs"]), str(r["condition"]), str(r["id"])]
+        for r in rows
+    ]
+    print(table(cells, header))
+    return 0
+
+
+async def _show(client: Client, args: argparse.Namespace, entry: Entry) -> int:
     vid = entry.volume.volume_id
-    if args.verb == "show":
-        info = _row(entry)
-        snaps = await call(ep, lambda: client.controller.ListSnapshots(
-            csi_pb2.ListSnapshotsRequest(source_volume_id=vid), timeout=30))  # fmt: skip
-        info["snapshots"] = [{"id": s.snapshot.snapshot_id, "size": s.snapshot.size_bytes,
-                              "created": s.snapshot.creation_time.ToDatetime(datetime.UTC).isoformat()}
-                             for s in snaps.entries]  # fmt: skip
-        info["attached"] = await attach.attachments(client, vid)
-        if args.json:
-            emit_json(info)
+    info = _row(entry)
+    req = csi_pb2.ListSnapshotsRequest(source_volume_id=vid)
+    snaps = await call(client.endpoint, lambda: client.controller.ListSnapshots(req, timeout=30))
+    info["snapshots"] = [
+        {
+            "id": s.snapshot.snapshot_id,
+            "size": s.snapshot.size_bytes,
+            "created": s.snapshot.creation_time.ToDatetime(datetime.UTC).isoformat(),
+        }
+        for s in snaps.entries
+    ]
+    info["attached"] = await attach.attachments(client, vid)
+    if args.json:
+        emit_json(info)
+        return 0
+    for k, val in info.items():
+        if isinstance(val, list):
+            print(f"{k + ':':<11} {len(val) or 'none'}")
+            for item in val:
+                print("  - " + ", ".join(f"{ik}={iv}" for ik, iv in item.items()))
         else:
-            for k, val in info.items():
-                if isinstance(val, list):
-                    print(f"{k + ':':<11} {len(val) or 'none'}")
-                    for item in val:
-                        print("  - " + ", ".join(f"{ik}={iv}" for ik, iv in item.items()))
-                else:
-                    print(f"{k + ':':<11} {human(int(str(val))) if k == 'size' else val or '-'}")
+            print(f"{k + ':':<11} {human(int(str(val))) if k == 'size' else val or '-'}")
+    return 0
+
+
+async def _delete(client: Client, args: argparse.Namespace, entry: Entry) -> int:
+    req = csi_pb2.DeleteVolumeRequest(volume_id=entry.volume.volume_id)
+    await call(client.endpoint, lambda: client.controller.DeleteVolume(req, timeout=300))
+    print(f"deleted volume {args.name}")
+    return 0
+
+
+async def _expand(client: Client, args: argparse.Namespace, entry: Entry) -> int:
+    vid = entry.volume.volume_id
+    wanted = csi_pb2.CapacityRange(required_bytes=parse_size(args.size))
+    req = csi_pb2.ControllerExpandVolumeRequest(volume_id=vid, capacity_range=wanted)
+    resp = await call(client.endpoint, lambda: client.controller.ControllerExpandVolume(req, timeout=300))
+    staging = await attach.staged_path(client, vid)
+    if staging and resp.node_expansion_required:
+        node_req = csi_pb2.NodeExpandVolumeRequest(volume_id=vid, volume_path=staging, capacity_range=wanted)
+        await call(client.endpoint, lambda: client.node.NodeExpandVolume(node_req, timeout=600))
+    print(f"volume {args.name} is now {human(resp.capacity_bytes)}" + (" (grown online)" if staging else ""))
+    return 0
+
+
+async def _snapshot(client: Client, args: argparse.Namespace, entry: Entry) -> int:
+    ep = client.endpoint
+    if args.delete:
+        snap = await find_snapshot(client, args.snapshot)
+        req = csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id)
+        await call(ep, lambda: client.controller.DeleteSnapshot(req, timeout=300))
+        print(f"deleted snapshot {args.snapshot}")
         return 0
-    if args.verb == "delete":
-        await call(ep, lambda: client.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid), timeout=300))
-        print(f"deleted volume {args.name}")
-        return 0
-    if args.verb == "expand":
-        size = parse_size(args.size)
-        resp = await call(ep, lambda: client.controller.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
-            volume_id=vid, capacity_range=csi_pb2.CapacityRange(required_bytes=size)), timeout=300))  # fmt: skip
-        staging = await attach.staged_path(client, vid)
-        if staging and resp.node_expansion_required:
-            await call(ep, lambda: client.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
-                volume_id=vid, volume_path=staging, capacity_range=csi_pb2.CapacityRange(required_bytes=size)),
-                timeout=600))  # fmt: skip
-        print(f"volume {args.name} is now {human(resp.capacity_bytes)}" + (" (grown online)" if staging else ""))
-        return 0
-    if args.verb == "snapshot":
-        if args.delete:
-            snap = await find_snapshot(client, args.snapshot)
-            await call(ep, lambda: client.controller.DeleteSnapshot(
-                csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id), timeout=300))  # fmt: skip
-            print(f"deleted snapshot {args.snapshot}")
-            return 0
-        req = csi_pb2.CreateSnapshotRequest(name=args.snapshot, source_volume_id=vid)
-        snap = (await with_progress(f"snapshotting {args.name}", call(ep, lambda: client.controller.CreateSnapshot(
-            req, timeout=3600)))).snapshot  # fmt: skip
-        print(f"created snapshot {args.snapshot} ({snap.snapshot_id}) of {args.name}")
-        return 0
-    if args.verb == "clone":
-        cargs = argparse.Namespace(**{**vars(args), "name": args.new_name, "from_volume": vid, "from_snapshot": None,
-                                      "size": args.size or str(entry.volume.capacity_bytes), "thick": False,
-                                      "device_class": None,
-                                      "block": entry.volume.volume_context.get(ACCESS_KEY) == "block",
-                                      "fs": entry.volume.volume_context.get(FS_KEY) or "ext4"})  # fmt: skip
-        return await _create(client, cargs)
-    raise CliError(f"unknown verb {args.verb}")
+    create = csi_pb2.CreateSnapshotRequest(name=args.snapshot, source_volume_id=entry.volume.volume_id)
+    work = call(ep, lambda: client.controller.CreateSnapshot(create, timeout=3600))
+    made = (await with_progress(f"snapshotting {args.name}", work)).snapshot
+    print(f"created snapshot {args.snapshot} ({made.snapshot_id}) of {args.name}")
+    return 0
+
+
+async def _clone(client: Client, args: argparse.Namespace, entry: Entry) -> int:
+    context = entry.volume.volume_context
+    cargs = argparse.Namespace(
+        **{
+            **vars(args),
+            "name": args.new_name,
+            "from_volume": entry.volume.volume_id,
+            "from_snapshot": None,
+            "size": args.size or str(entry.volume.capacity_bytes),
+            "thick": False,
+            "device_class": None,
+            "block": context.get(ACCESS_KEY) == "block",
+            "fs": context.get(FS_KEY) or "ext4",
+        }
+    )
+    return await _create(client, cargs)
+
+
+#: The verbs that act on one existing volume.
+_VERBS: dict[str, Callable[[Client, argparse.Namespace, Entry], Awaitable[int]]] = {
+    "show": _show,
+    "delete": _delete,
+    "expand": _expand,
+    "snapshot": _snapshot,
+    "clone": _clone,
+}
 
 
 async def _create(client: Client, args: argparse.Namespace) -> int:
@@ -158,9 +204,11 @@ async def _create(client: Client, args: argparse.Namespace) -> int:
     if args.thick:
         params[PROVISIONING] = "thick"
     req = csi_pb2.CreateVolumeRequest(
-        name=args.name, volume_capabilities=[cap], parameters=params,
+        name=args.name,
+        volume_capabilities=[cap],
+        parameters=params,
         capacity_range=csi_pb2.CapacityRange(required_bytes=parse_size(args.size)),
-    )  # fmt: skip
+    )
     if args.from_snapshot:
         req.volume_content_source.snapshot.snapshot_id = (await find_snapshot(client, args.from_snapshot)).snapshot_id
     elif args.from_volume:

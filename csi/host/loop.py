@@ -163,8 +163,9 @@ class LoopTool:
         if name is None:
             return None
         try:
-            with open(os.path.join(self._sys_block, name, "loop", "backing_file"), encoding="utf-8",
-                      errors="surrogateescape") as f:  # fmt: skip
+            with open(
+                os.path.join(self._sys_block, name, "loop", "backing_file"), encoding="utf-8", errors="surrogateescape"
+            ) as f:
                 path, deleted = parse_backing_file(f.read())
         except OSError:
             path, deleted = "", True

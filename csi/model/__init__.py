@@ -51,6 +51,11 @@ class Capability:
         return self.mode == Mode.SINGLE_NODE_READER_ONLY
 
 
+def round_up(n: int, unit: int) -> int:
+    """``n`` rounded up to a multiple of ``unit`` (a size to a granularity or an extent)."""
+    return -(-n // unit) * unit
+
+
 # -- the filesystem policy --------------------------------------------------------------
 
 SUPPORTED_FS = ("ext4", "xfs")

@@ -32,8 +32,8 @@ from csi.host import syscalls
 from csi.host.fs import FsTool, device_size, read_fs_size
 from csi.host.mountinfo import Mount, MountTable
 from csi.host.paths import PathGuard
-from csi.model import DEFAULT_FS, AccessType, Capability, Device, Health, Mode, Volume
-from csi.services.validation import round_up
+from csi.model import DEFAULT_FS, AccessType, Capability, Device, Health, Mode, Volume, round_up
+from csi.node.mounts import bind_bits, mount_options, shows
 
 log = logging.getLogger(__name__)
 
@@ -41,54 +41,6 @@ log = logging.getLogger(__name__)
 #: mount point after that (umount says EINVAL but mountinfo lists it, e.g. a
 #: mount hidden under another) is reported instead of retried forever.
 MAX_STACKED = 16
-
-FLAG_BITS = {
-    "ro": syscalls.MS_RDONLY,
-    "rw": 0,
-    "noatime": syscalls.MS_NOATIME,
-    "nodiratime": syscalls.MS_NODIRATIME,
-    "relatime": syscalls.MS_RELATIME,
-    "strictatime": syscalls.MS_STRICTATIME,
-    "lazytime": syscalls.MS_LAZYTIME,
-    "nodev": syscalls.MS_NODEV,
-    "noexec": syscalls.MS_NOEXEC,
-    "nosuid": syscalls.MS_NOSUID,
-    "sync": syscalls.MS_SYNCHRONOUS,
-    "dirsync": syscalls.MS_DIRSYNC,
-}
-#: Options bind mounts can carry (per-mount flags; the rest belong to the filesystem).
-BIND_BITS = ("ro", "nodev", "noexec", "nosuid", "noatime", "nodiratime", "relatime", "strictatime")
-FS_ONLY_OPTIONS = {
-    "ext4": {"data=ordered", "data=writeback", "data=journal", "errors=remount-ro", "errors=continue", "nobarrier"},
-    "xfs": {"inode64", "largeio", "noquota"},
-}
-
-
-def mount_options(flags: tuple[str, ...], fs_type: str) -> tuple[int, str | None]:
-    """Split allow-listed flags into mount(2) bits and the filesystem data string."""
-    bits = 0
-    data: list[str] = []
-    for f in flags:
-        if f in FLAG_BITS:
-            bits |= FLAG_BITS[f]
-            continue
-        for other, opts in FS_ONLY_OPTIONS.items():
-            if f in opts and other != fs_type:
-                raise InvalidArgument(f"mount flag {f!r} does not apply to {fs_type}")
-        data.append(f)
-    if fs_type == "xfs" and "nouuid" not in data:
-        # Clones and snapshots of an xfs volume share its UUID; xfs refuses to
-        # mount a second filesystem with a UUID it already has mounted.
-        data.append("nouuid")
-    return bits, ",".join(data) or None
-
-
-def bind_bits(flags: tuple[str, ...], readonly: bool) -> int:
-    bits = syscalls.MS_RDONLY if readonly else 0
-    for f in flags:
-        if f in BIND_BITS:
-            bits |= FLAG_BITS[f]
-    return bits
 
 
 @dataclass(frozen=True)
@@ -171,7 +123,7 @@ class NodeOps:
         table = await self._table()
         top = table.top(real)
         if top is not None:
-            if (top.major, top.minor) != (dev.major, dev.minor):
+            if not shows(top, dev, node_bind=False):
                 raise AlreadyExists(f"another device is already mounted at {staging}")
             if cap.mount_flags and ("ro" in cap.mount_flags) != top.readonly:
                 raise AlreadyExists(f"volume {vol.id} is staged at {staging} with other mount flags")
@@ -212,9 +164,7 @@ class NodeOps:
             return False  # restage: the superblock we recorded is there (a cheap check; blkid otherwise)
         if not vol.formatted and not vol.formatting and await self.backend.proven_blank(vol.id):
             # Nothing was ever written to it: every byte reads zero, no probe needed.
-            await self.backend.mark_formatted(vol.id, fs_type, complete=False)
-            await self.fs.mkfs(dev.path, fs_type)
-            await self.backend.mark_formatted(vol.id, fs_type)
+            await self._mkfs(vol, dev, fs_type)
             log.info("formatted %s as %s", vol.id, fs_type)
             return True
         probe = await self.fs.probe(dev.path)
@@ -227,9 +177,7 @@ class NodeOps:
                     f"volume {vol.id} was formatted with {vol.formatted} but its device reads blank; "
                     "refusing to format it again"
                 )
-            await self.backend.mark_formatted(vol.id, fs_type, complete=False)
-            await self.fs.mkfs(dev.path, fs_type, force=interrupted and not probe.blank)
-            await self.backend.mark_formatted(vol.id, fs_type)
+            await self._mkfs(vol, dev, fs_type, force=interrupted and not probe.blank)
             log.info(
                 "formatted %s as %s%s", vol.id, fs_type, " (redone after an interrupted mkfs)" if interrupted else ""
             )
@@ -242,6 +190,13 @@ class NodeOps:
         if vol.formatted != fs_type:
             await self.backend.mark_formatted(vol.id, fs_type)
         return False
+
+    async def _mkfs(self, vol: Volume, dev: Device, fs_type: str, *, force: bool = False) -> None:
+        """mkfs between two durable records: the intent before (so a crash in
+        between is known to be our own half-made filesystem), the fact after."""
+        await self.backend.mark_formatted(vol.id, fs_type, complete=False)
+        await self.fs.mkfs(dev.path, fs_type, force=force)
+        await self.backend.mark_formatted(vol.id, fs_type)
 
     @staticmethod
     async def _smaller(fs_type: str, dev: Device) -> bool:
@@ -270,19 +225,7 @@ class NodeOps:
         users = self._users(table, dev, {real})
         if users:
             raise InUse(f"volume {volume_id} is still published at {users[0].mount_point}; unpublish it first")
-        for _ in range(MAX_STACKED):
-            if table.top(real) is None:
-                break
-            try:
-                await asyncio.to_thread(self.guard.umount, staging, "staging_target_path")
-            except OSError as e:
-                if e.errno == errno.EBUSY:
-                    raise InUse(f"the filesystem at {staging} is busy") from e
-                if e.errno != errno.EINVAL:
-                    raise Internal(f"unmounting {staging} failed: {e.strerror}") from e
-            table = await self._table()
-        else:
-            raise Internal(f"{staging} is still a mount point after {MAX_STACKED} unmounts; check the mount table")
+        await self._unmount_stack(staging, "staging_target_path", real, table, f"the filesystem at {staging} is busy")
         await self.backend.detach(volume_id)
         log.info("unstaged %s from %s", volume_id, staging)
 
@@ -300,19 +243,9 @@ class NodeOps:
         block = cap.access == AccessType.BLOCK
         if not block:
             top = table.top(real_staging)
-            if top is None or (top.major, top.minor) != (dev.major, dev.minor):
+            if top is None or not shows(top, dev, node_bind=False):
                 raise FailedPrecondition(f"volume {volume_id} is not staged at {staging}")
-        current = table.top(real_target)
-        if current is not None:
-            ours = (current.major, current.minor) == (dev.major, dev.minor) or (
-                block and current.fstype == "devtmpfs" and current.root == "/" + dev.name
-            )
-            if not ours:
-                raise AlreadyExists(f"something else is already mounted at {target}")
-            if current.readonly != readonly:
-                raise AlreadyExists(
-                    f"volume {volume_id} is already published at {target} with readonly={current.readonly}"
-                )
+        if self._published(table.top(real_target), dev, block, readonly, volume_id, target):
             return
         if cap.mode == Mode.SINGLE_NODE_SINGLE_WRITER:
             others = self._users(table, dev, {real_staging, real_target})
@@ -333,6 +266,20 @@ class NodeOps:
             raise _mount_error(e, f"publishing volume {volume_id}") from e
         log.info("published %s at %s%s", volume_id, target, " (ro)" if readonly else "")
 
+    @staticmethod
+    def _published(
+        current: Mount | None, dev: Device, block: bool, readonly: bool, volume_id: str, target: str
+    ) -> bool:
+        """Whether the volume is published at the target already, as asked
+        (a repeat); AlreadyExists if something else is, or it is otherwise."""
+        if current is None:
+            return False
+        if not shows(current, dev, node_bind=block):
+            raise AlreadyExists(f"something else is already mounted at {target}")
+        if current.readonly != readonly:
+            raise AlreadyExists(f"volume {volume_id} is already published at {target} with readonly={current.readonly}")
+        return True
+
     def _bind_device(self, dev: Device, target: str, bits: int) -> None:
         self.guard.mount(
             target, "target_path", want_dir=False, source=dev.path, fstype=None, flags=syscalls.MS_BIND, data=None
@@ -342,26 +289,30 @@ class NodeOps:
                 target, "target_path", want_dir=False, flags=syscalls.MS_REMOUNT | syscalls.MS_BIND | bits
             )
 
+    async def _unmount_stack(self, path: str, field: str, real: str, table: MountTable, busy: str) -> None:
+        """Unmount ``path`` until nothing is mounted there: mounts may stack
+        (a retried mount, a kubelet restart). EBUSY is InUse(``busy``); EINVAL
+        (not a mount point any more) is what a repeat finds, and is fine."""
+        for _ in range(MAX_STACKED):
+            if table.top(real) is None:
+                return
+            try:
+                await asyncio.to_thread(self.guard.umount, path, field)
+            except OSError as e:
+                if e.errno == errno.EBUSY:
+                    raise InUse(busy) from e
+                if e.errno != errno.EINVAL:
+                    raise Internal(f"unmounting {path} failed: {e.strerror}") from e
+            table = await self._table()
+        raise Internal(f"{path} is still a mount point after {MAX_STACKED} unmounts; check the mount table")
+
     # -- unpublish ----------------------------------------------------------------
 
     async def unpublish(self, volume_id: str, target: str) -> None:
         real = self.guard.real(target)
         if await asyncio.to_thread(self.guard.lstat, target, "target_path") is None:
             return  # already gone: kubelet retries teardown forever on any error
-        table = await self._table()
-        for _ in range(MAX_STACKED):
-            if table.top(real) is None:
-                break
-            try:
-                await asyncio.to_thread(self.guard.umount, target, "target_path")
-            except OSError as e:
-                if e.errno == errno.EBUSY:
-                    raise InUse(f"the mount at {target} is busy") from e
-                if e.errno != errno.EINVAL:
-                    raise Internal(f"unmounting {target} failed: {e.strerror}") from e
-            table = await self._table()
-        else:
-            raise Internal(f"{target} is still a mount point after {MAX_STACKED} unmounts; check the mount table")
+        await self._unmount_stack(target, "target_path", real, await self._table(), f"the mount at {target} is busy")
         await asyncio.to_thread(self.guard.remove, target, "target_path")
         log.info("unpublished %s from %s", volume_id, target)
 
@@ -378,10 +329,7 @@ class NodeOps:
         top = table.top(real)
         if dev is None or top is None:
             raise NotFound(f"volume {volume_id} is not staged or published at {path}")
-        ours = (top.major, top.minor) == (dev.major, dev.minor) or (
-            top.fstype == "devtmpfs" and top.root == "/" + dev.name
-        )
-        if not ours:
+        if not shows(top, dev, node_bind=True):
             raise NotFound(f"volume {volume_id} is not mounted at {path}")
         return vol, dev, top
 

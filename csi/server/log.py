@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from google.protobuf import json_format
@@ -40,35 +40,29 @@ def redact(msg: Message) -> dict[str, Any]:
     return out
 
 
+def _is_map(field: FieldDescriptor) -> bool:
+    return field.message_type is not None and bool(field.message_type.GetOptions().map_entry)
+
+
+def _blank(m: Any, keys: Iterable[str]) -> None:
+    for k in list(keys):
+        m[k] = REDACTED
+
+
 def _strip(msg: Message) -> None:
     for field, value in msg.ListFields():
         if _is_secret(field):
-            if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            if _is_map(field):
                 m = getattr(msg, field.name)
-                for k in list(m):
-                    m[k] = REDACTED
+                _blank(m, m)
             else:
                 msg.ClearField(field.name)
-            continue
-        if (
-            field.name == "volume_context"
-            and field.message_type is not None
-            and field.message_type.GetOptions().map_entry
-        ):
+        elif field.name == "volume_context" and _is_map(field):
             ctx = getattr(msg, field.name)
-            for k in list(ctx):
-                if k in SECRET_CONTEXT_KEYS:
-                    ctx[k] = REDACTED
-            continue
-        if field.type != FieldDescriptor.TYPE_MESSAGE or (
-            field.message_type is not None and field.message_type.GetOptions().map_entry
-        ):
-            continue
-        if field.is_repeated:
-            for item in value:
+            _blank(ctx, [k for k in ctx if k in SECRET_CONTEXT_KEYS])
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and not _is_map(field):
+            for item in value if field.is_repeated else [value]:
                 _strip(item)
-        else:
-            _strip(value)
 
 
 def _quote(v: object) -> str:

@@ -39,13 +39,18 @@ class Metrics:
             "elv_rpc_duration_seconds", "CSI RPC handling time", ["method"], buckets=BUCKETS, registry=self.registry
         )
         self.cmd_seconds = Histogram(
-            "elv_command_duration_seconds", "External command run time", ["command"], buckets=BUCKETS,
+            "elv_command_duration_seconds",
+            "External command run time",
+            ["command"],
+            buckets=BUCKETS,
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.cmd_failures = Counter(
-            "elv_command_failures_total", "External commands that failed or timed out", ["command", "reason"],
+            "elv_command_failures_total",
+            "External commands that failed or timed out",
+            ["command", "reason"],
             registry=self.registry,
-        )  # fmt: skip
+        )
         self._in_flight = in_flight
         self._sample = Snapshot()
         self.registry.register(_PoolCollector(self))

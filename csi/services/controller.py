@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -10,7 +11,7 @@ from google.protobuf import wrappers_pb2
 from csi.backend.base import ControllerBackend
 from csi.config import Config
 from csi.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from csi.model import DEFAULT_FS, PROVISIONING, AccessType, VolumeSpec, ids
+from csi.model import DEFAULT_FS, PROVISIONING, AccessType, Volume, VolumeSpec, ids
 from csi.services import Context, convert
 from csi.services import validation as v
 from csi.services.gate import Gate
@@ -72,6 +73,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def _mutable_parameters(self, params: dict[str, str]) -> dict[str, str]:
         return v.parameters(params, self._backend.parameters.mutable_values, "mutable_parameters")
 
+    async def _existing(self, volume_id: str) -> Volume:
+        vol = await self._backend.get_volume(volume_id)
+        if vol is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        return vol
+
     def _check_topology(self, req: csi_pb2.TopologyRequirement | None) -> None:
         if req is None or not req.requisite:
             return
@@ -102,8 +109,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise InvalidArgument(f"the capability asks for {from_caps} but {v.FSTYPE_KEY} says {from_params}")
             fs_type = from_caps or from_params or DEFAULT_FS
         minimum = max(self._backend.min_size, v.fs_minimum(fs_type))
-        size = v.size(request.capacity_range if request.HasField("capacity_range") else None,
-                      minimum=minimum, granularity=self._backend.granularity)  # fmt: skip
+        size = v.size(
+            request.capacity_range if request.HasField("capacity_range") else None,
+            minimum=minimum,
+            granularity=self._backend.granularity,
+        )
         self._check_topology(
             request.accessibility_requirements if request.HasField("accessibility_requirements") else None
         )
@@ -122,17 +132,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         )
         vid = self._backend.volume_id(name, shaping)
         keys = [vid] + ([source.id] if source else [])
-        vol = await self._gate.run("CreateVolume", keys, convert.fingerprint(request),
-                                   lambda: self._backend.create_volume(spec))  # fmt: skip
+        vol = await self._gate.rpc(request, keys, lambda: self._backend.create_volume(spec))
         return csi_pb2.CreateVolumeResponse(volume=convert.volume(vol, self._topology))
 
     async def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: Context
     ) -> csi_pb2.DeleteVolumeResponse:
         vid = v.required_id(request.volume_id, "volume_id")
-        await self._gate.run(
-            "DeleteVolume", [vid], convert.fingerprint(request), lambda: self._backend.delete_volume(vid)
-        )
+        await self._gate.rpc(request, [vid], lambda: self._backend.delete_volume(vid))
         return csi_pb2.DeleteVolumeResponse()
 
     async def ValidateVolumeCapabilities(
@@ -141,9 +148,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         vid = v.required_id(request.volume_id, "volume_id")
         if not request.volume_capabilities:
             raise InvalidArgument("volume_capabilities is required")
-        vol = await self._backend.get_volume(vid)
-        if vol is None:
-            raise NotFound(f"volume {vid} does not exist")
+        vol = await self._existing(vid)
         for cap in request.volume_capabilities:
             problem = v.capability_problem(cap)
             if problem is None:
@@ -185,9 +190,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self, request: csi_pb2.ControllerGetVolumeRequest, context: Context
     ) -> csi_pb2.ControllerGetVolumeResponse:
         vid = v.required_id(request.volume_id, "volume_id")
-        vol = await self._backend.get_volume(vid)
-        if vol is None:
-            raise NotFound(f"volume {vid} does not exist")
+        vol = await self._existing(vid)
         st = await self._status(vid)
         return csi_pb2.ControllerGetVolumeResponse(
             volume=convert.volume(vol, self._topology),
@@ -225,12 +228,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise InvalidArgument("capacity_range is required")
         if request.HasField("volume_capability"):
             v.capability(request.volume_capability)
-        vol = await self._backend.get_volume(vid)
-        if vol is None:
-            raise NotFound(f"volume {vid} does not exist")
+        vol = await self._existing(vid)
         size = v.size(request.capacity_range, minimum=vol.size, granularity=self._backend.granularity)
-        grown = await self._gate.run("ControllerExpandVolume", [vid], convert.fingerprint(request),
-                                     lambda: self._backend.expand_volume(vid, size))  # fmt: skip
+        grown = await self._gate.rpc(request, [vid], lambda: self._backend.expand_volume(vid, size))
         return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=grown.size, node_expansion_required=True)
 
     async def ControllerPublishVolume(
@@ -245,9 +245,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if not request.HasField("volume_capability"):
             raise InvalidArgument("volume_capability is required")
         cap = v.capability(request.volume_capability)
-        vol = await self._backend.get_volume(vid)
-        if vol is None:
-            raise NotFound(f"volume {vid} does not exist")
+        vol = await self._existing(vid)
         if node != self._config.node_id:
             raise NotFound(
                 f"node {node!r} is not served by this driver; volume {vid} lives on {self._config.node_id!r}"
@@ -263,8 +261,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             limit = self._config.max_volumes_per_node
             if limit and sum(1 for x in await self._backend.list_volumes() if node in x.attachments) >= limit:
                 raise ResourceExhausted(f"node {node!r} already has {limit} volumes published (--max-volumes-per-node)")
-            await self._gate.run("ControllerPublishVolume", [vid], convert.fingerprint(request),
-                                 lambda: self._backend.set_attachment(vid, node, request.readonly))  # fmt: skip
+            await self._gate.rpc(request, [vid], lambda: self._backend.set_attachment(vid, node, request.readonly))
         return csi_pb2.ControllerPublishVolumeResponse(publish_context={})
 
     async def ControllerUnpublishVolume(
@@ -275,8 +272,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if vol is not None:
             nodes = [request.node_id] if request.node_id else list(vol.attachments)
             for node in nodes:
-                await self._gate.run("ControllerUnpublishVolume", [vid], convert.fingerprint(request),
-                                     lambda n=node: self._backend.set_attachment(vid, n, None))  # type: ignore[misc]  # fmt: skip
+                await self._gate.rpc(request, [vid], functools.partial(self._backend.set_attachment, vid, node, None))
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
     async def ControllerModifyVolume(
@@ -284,10 +280,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.ControllerModifyVolumeResponse:
         vid = v.required_id(request.volume_id, "volume_id")
         mutable = self._mutable_parameters(dict(request.mutable_parameters))
-        if await self._backend.get_volume(vid) is None:
-            raise NotFound(f"volume {vid} does not exist")
-        await self._gate.run("ControllerModifyVolume", [vid], convert.fingerprint(request),
-                             lambda: self._backend.modify_volume(vid, mutable))  # fmt: skip
+        await self._existing(vid)
+        await self._gate.rpc(request, [vid], lambda: self._backend.modify_volume(vid, mutable))
         return csi_pb2.ControllerModifyVolumeResponse()
 
     # -- snapshots ------------------------------------------------------------------
@@ -299,8 +293,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         src = v.required_id(request.source_volume_id, "source_volume_id")
         v.parameters(dict(request.parameters), v.SNAPSHOT)
         sid = self._backend.snapshot_id(name, src)
-        snap = await self._gate.run("CreateSnapshot", [sid, src], convert.fingerprint(request),
-                                    lambda: self._backend.create_snapshot(name, src))  # fmt: skip
+        snap = await self._gate.rpc(request, [sid, src], lambda: self._backend.create_snapshot(name, src))
         return csi_pb2.CreateSnapshotResponse(snapshot=convert.snapshot(snap))
 
     async def DeleteSnapshot(
@@ -310,9 +303,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         snap = await self._backend.get_snapshot(sid)
         if snap is not None and snap.group_id:
             raise FailedPrecondition(f"snapshot {sid} belongs to group snapshot {snap.group_id}; delete the group")
-        await self._gate.run(
-            "DeleteSnapshot", [sid], convert.fingerprint(request), lambda: self._backend.delete_snapshot(sid)
-        )
+        await self._gate.rpc(request, [sid], lambda: self._backend.delete_snapshot(sid))
         return csi_pb2.DeleteSnapshotResponse()
 
     async def ListSnapshots(

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-
 from google.protobuf import timestamp_pb2
-from google.protobuf.message import Message
 
 from csi.errors import InvalidArgument
 from csi.model import ACCESS_KEY, FS_KEY, NAME_KEY, Snapshot, Source, Volume
@@ -55,13 +52,3 @@ def content_source(src: csi_pb2.VolumeContentSource) -> Source | None:
     if not src.volume.volume_id:
         raise InvalidArgument("volume_content_source.volume.volume_id is required")
     return Source("volume", src.volume.volume_id)
-
-
-def fingerprint(request: Message) -> bytes:
-    """Identity of a request for joining retries; secrets are left out."""
-    msg = request.__class__()
-    msg.CopyFrom(request)
-    if msg.DESCRIPTOR.fields_by_name.get("secrets") is not None:
-        msg.ClearField("secrets")
-    data: bytes = msg.SerializeToString(deterministic=True)
-    return hashlib.sha256(data).digest()

@@ -17,10 +17,13 @@ Every mutating RPC runs through :meth:`Gate.run` under the keys it touches
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from google.protobuf.message import Message
 
 from csi.errors import Aborted
 
@@ -78,3 +81,18 @@ class Gate:
 
         task.add_done_callback(_done)
         return await asyncio.shield(task)
+
+    async def rpc(self, request: Message, keys: Sequence[str], work: Callable[[], Awaitable[T]]) -> T:
+        """:meth:`run` for an RPC: named after it, and the same request again
+        (secrets aside, see :func:`fingerprint`) joins the one in flight."""
+        return await self.run(type(request).__name__.removesuffix("Request"), keys, fingerprint(request), work)
+
+
+def fingerprint(request: Message) -> bytes:
+    """Identity of a request for joining retries; secrets are left out."""
+    msg = request.__class__()
+    msg.CopyFrom(request)
+    if msg.DESCRIPTOR.fields_by_name.get("secrets") is not None:
+        msg.ClearField("secrets")
+    data: bytes = msg.SerializeToString(deterministic=True)
+    return hashlib.sha256(data).digest()

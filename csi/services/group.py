@@ -47,8 +47,7 @@ class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):
         vids = [v.required_id(x, "source_volume_ids") for x in request.source_volume_ids]
         v.parameters(dict(request.parameters), v.SNAPSHOT)
         gid = self._backend.group_snapshot_id(name)
-        group = await self._gate.run("CreateVolumeGroupSnapshot", [gid, *vids], convert.fingerprint(request),
-                                     lambda: self._backend.create_group_snapshot(name, vids))  # fmt: skip
+        group = await self._gate.rpc(request, [gid, *vids], lambda: self._backend.create_group_snapshot(name, vids))
         return csi_pb2.CreateVolumeGroupSnapshotResponse(group_snapshot=group_message(group))
 
     async def DeleteVolumeGroupSnapshot(
@@ -58,8 +57,7 @@ class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):
         group = await self._backend.get_group_snapshot(gid)
         if group is not None:
             _check_members(group, list(request.snapshot_ids))
-        await self._gate.run("DeleteVolumeGroupSnapshot", [gid], convert.fingerprint(request),
-                             lambda: self._backend.delete_group_snapshot(gid))  # fmt: skip
+        await self._gate.rpc(request, [gid], lambda: self._backend.delete_group_snapshot(gid))
         return csi_pb2.DeleteVolumeGroupSnapshotResponse()
 
     async def GetVolumeGroupSnapshot(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from csi.config import Config
 from csi.errors import FailedPrecondition, InvalidArgument
 from csi.node.ops import NodeOps
-from csi.services import Context, convert
+from csi.services import Context
 from csi.services import validation as v
 from csi.services.gate import Gate
 from csi.v1 import csi_pb2, csi_pb2_grpc
@@ -37,8 +37,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise InvalidArgument("volume_capability is required")
         cap = v.capability(request.volume_capability)
         v.string_map(request.secrets, "secrets")
-        await self._gate.run("NodeStageVolume", [vid], convert.fingerprint(request),
-                             lambda: self._ops.stage(vid, request.staging_target_path, cap))  # fmt: skip
+        await self._gate.rpc(request, [vid], lambda: self._ops.stage(vid, request.staging_target_path, cap))
         return csi_pb2.NodeStageVolumeResponse()
 
     async def NodeUnstageVolume(
@@ -46,8 +45,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     ) -> csi_pb2.NodeUnstageVolumeResponse:
         vid = v.required_id(request.volume_id, "volume_id")
         self._guard.relative(request.staging_target_path, "staging_target_path")
-        await self._gate.run("NodeUnstageVolume", [vid], convert.fingerprint(request),
-                             lambda: self._ops.unstage(vid, request.staging_target_path))  # fmt: skip
+        await self._gate.rpc(request, [vid], lambda: self._ops.unstage(vid, request.staging_target_path))
         return csi_pb2.NodeUnstageVolumeResponse()
 
     async def NodePublishVolume(
@@ -62,9 +60,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise FailedPrecondition("staging_target_path is required: this driver stages volumes first")
         self._guard.relative(request.staging_target_path, "staging_target_path")
         v.string_map(request.secrets, "secrets")
-        await self._gate.run("NodePublishVolume", [vid], convert.fingerprint(request),
-                             lambda: self._ops.publish(vid, request.staging_target_path, request.target_path,
-                                                       cap, request.readonly))  # fmt: skip
+        await self._gate.rpc(
+            request,
+            [vid],
+            lambda: self._ops.publish(vid, request.staging_target_path, request.target_path, cap, request.readonly),
+        )
         return csi_pb2.NodePublishVolumeResponse()
 
     async def NodeUnpublishVolume(
@@ -72,8 +72,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
         vid = v.required_id(request.volume_id, "volume_id")
         self._guard.relative(request.target_path, "target_path")
-        await self._gate.run("NodeUnpublishVolume", [vid], convert.fingerprint(request),
-                             lambda: self._ops.unpublish(vid, request.target_path))  # fmt: skip
+        await self._gate.rpc(request, [vid], lambda: self._ops.unpublish(vid, request.target_path))
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     async def NodeGetVolumeStats(
@@ -104,8 +103,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         required = request.capacity_range.required_bytes if request.HasField("capacity_range") else 0
         if required < 0:
             raise InvalidArgument("capacity_range values must not be negative")
-        size = await self._gate.run("NodeExpandVolume", [vid], convert.fingerprint(request),
-                                    lambda: self._ops.expand(vid, request.volume_path, required))  # fmt: skip
+        size = await self._gate.rpc(request, [vid], lambda: self._ops.expand(vid, request.volume_path, required))
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
 
     async def NodeGetCapabilities(

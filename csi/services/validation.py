@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from csi.backend.base import check_values
 from csi.errors import InvalidArgument, OutOfRange
-from csi.model import DEFAULT_FS, MIN_FS_BYTES, SUPPORTED_FS, AccessType, Capability, Mode
+from csi.model import DEFAULT_FS, MIN_FS_BYTES, SUPPORTED_FS, AccessType, Capability, Mode, round_up
 from csi.v1 import csi_pb2
 
 NAME_MAX_BYTES = 128
@@ -52,13 +52,10 @@ MULTI_NODE = frozenset(
 #: is allowed only exactly as written, so "data=ordered,dev=..." and other
 #: comma or option injections (CVE-2026-6437) cannot get through.
 MOUNT_FLAGS = frozenset(
-    {
-        "ro", "rw", "noatime", "nodiratime", "relatime", "strictatime", "lazytime",
-        "nodev", "noexec", "nosuid", "sync", "dirsync", "discard", "nodiscard",
-        "nobarrier", "data=ordered", "data=writeback", "data=journal",
-        "errors=remount-ro", "errors=continue", "inode64", "largeio", "noquota",
-    }
-)  # fmt: skip
+    {"ro", "rw", "noatime", "nodiratime", "relatime", "strictatime", "lazytime", "nodev", "noexec", "nosuid"}
+    | {"sync", "dirsync", "discard", "nodiscard", "nobarrier", "data=ordered", "data=writeback", "data=journal"}
+    | {"errors=remount-ro", "errors=continue", "inode64", "largeio", "noquota"}
+)
 
 
 def _utf8_len(s: str) -> int:
@@ -157,10 +154,6 @@ def capabilities(caps: Sequence[csi_pb2.VolumeCapability], field: str = "volume_
     if len({c.fs_type for c in out if c.fs_type}) > 1:
         raise InvalidArgument(f"{field} asks for more than one filesystem")
     return out
-
-
-def round_up(n: int, unit: int) -> int:
-    return -(-n // unit) * unit
 
 
 def size(

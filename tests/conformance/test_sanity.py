@@ -87,19 +87,27 @@ def test_csi_sanity(run: str) -> None:
         try:
             argv = [
                 SANITY,
-                "-csi.endpoint", driver.endpoint,
-                "-csi.stagingdir", os.path.join(driver.kubelet, "sanity-staging"),
-                "-csi.mountdir", os.path.join(driver.kubelet, "sanity-mount"),
-                "-csi.testvolumeaccesstype", access,
-                "-csi.testvolumesize", str(size),
-                "-csi.testvolumeexpandsize", str(expand),
-                "-csi.testvolumemutableparameters", _yaml_map(os.path.join(base, "mutable.yaml"),
-                                                              {"elv.csi.dev/provisioning": "thick"}),
+                "-csi.endpoint",
+                driver.endpoint,
+                "-csi.stagingdir",
+                os.path.join(driver.kubelet, "sanity-staging"),
+                "-csi.mountdir",
+                os.path.join(driver.kubelet, "sanity-mount"),
+                "-csi.testvolumeaccesstype",
+                access,
+                "-csi.testvolumesize",
+                str(size),
+                "-csi.testvolumeexpandsize",
+                str(expand),
+                "-csi.testvolumemutableparameters",
+                _yaml_map(os.path.join(base, "mutable.yaml"), {"elv.csi.dev/provisioning": "thick"}),
                 "-csi.testnodevolumeattachlimit",
-                "-ginkgo.json-report", report,
-                "-ginkgo.junit-report", os.path.join(OUT, f"sanity-{run}.xml"),
+                "-ginkgo.json-report",
+                report,
+                "-ginkgo.junit-report",
+                os.path.join(OUT, f"sanity-{run}.xml"),
                 "-ginkgo.no-color",
-            ]  # fmt: skip
+            ]
             if params:
                 argv += ["-csi.testvolumeparameters", _yaml_map(os.path.join(base, "params.yaml"), params)]
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=840, cwd=base, check=False)

@@ -22,8 +22,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_serve_offers_node_only_expansion() -> None:
-    p = subprocess.run([os.path.join(REPO, ".venv", "bin", "python"), "-m", "csi", "serve", "--help"],
-                       capture_output=True, text=True, check=False, timeout=60, cwd=REPO)  # fmt: skip
+    p = subprocess.run(
+        [os.path.join(REPO, ".venv", "bin", "python"), "-m", "csi", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        cwd=REPO,
+    )
     assert p.returncode == 0, p.stderr
     assert "--node-expansion-only" in p.stdout
 

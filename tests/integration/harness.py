@@ -71,11 +71,9 @@ class Driver:
         return "unix://" + self.socket
 
     def argv(self) -> list[str]:
-        return [
-            sys.executable, "-m", "csi", "serve", "--backend", "loop", "--loop-dir", self.pool,
-            "--node-id", "node-a", "--endpoint", self.endpoint, "--kubelet-dir", self.kubelet,
-            "--state-dir", os.path.join(self.base, "run"), *self.extra,
-        ]  # fmt: skip
+        argv = [sys.executable, "-m", "csi", "serve", "--backend", "loop", "--loop-dir", self.pool]
+        argv += ["--node-id", "node-a", "--endpoint", self.endpoint, "--kubelet-dir", self.kubelet]
+        return [*argv, "--state-dir", os.path.join(self.base, "run"), *self.extra]
 
     def start(self, wait: bool = True) -> Driver:
         if self.fork:

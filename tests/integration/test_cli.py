@@ -138,16 +138,24 @@ def test_attach_into_plain_namespace(driver: Driver, plain_ns: int) -> None:
     assert shown["attached"][0]["pids"] == [plain_ns]
     # Online growth while attached, visible inside the namespace.
     elv(driver, "volume", "expand", "hot", "--size", "640Mi")
-    df = subprocess.run(["nsenter", "-t", str(plain_ns), "-m", "df", "-B1", "--output=size", inside],
-                        capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    df = subprocess.run(
+        ["nsenter", "-t", str(plain_ns), "-m", "df", "-B1", "--output=size", inside],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert int(df[-1]) > 500 * 2**20, "grew from 448 MiB"
     elv(driver, "detach", "hot", "--pid", str(plain_ns))
     assert ns_mounts(plain_ns).top(inside) is None
     assert leftovers(driver.base) == []
     # The data survived: attach again, read-only this time.
     elv(driver, "attach", "hot", "--pid", str(plain_ns), "--path", inside, "--readonly")
-    r = subprocess.run(["nsenter", "-t", str(plain_ns), "-m", "sh", "-c", f"cat {inside}/f; touch {inside}/g"],
-                       capture_output=True, text=True, check=False)  # fmt: skip
+    r = subprocess.run(
+        ["nsenter", "-t", str(plain_ns), "-m", "sh", "-c", f"cat {inside}/f; touch {inside}/g"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.stdout.strip() == "hot" and r.returncode != 0 and "Read-only" in r.stderr
     elv(driver, "detach", "hot", "--pid", str(plain_ns), "--path", inside)
     elv(driver, "volume", "delete", "hot")
@@ -178,8 +186,12 @@ def test_attach_block_volume(driver: Driver, plain_ns: int) -> None:
     elv(driver, "volume", "create", "blk", "--size", "8Mi", "--block")
     inside = os.path.join(driver.base, "ns-dev")
     elv(driver, "attach", "blk", "--pid", str(plain_ns), "--path", inside)
-    out = subprocess.run(["nsenter", "-t", str(plain_ns), "-m", "blockdev", "--getsize64", inside],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        ["nsenter", "-t", str(plain_ns), "-m", "blockdev", "--getsize64", inside],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert int(out) == 8 * 2**20
     elv(driver, "detach", "blk", "--pid", str(plain_ns))
     elv(driver, "volume", "delete", "blk")

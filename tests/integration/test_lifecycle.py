@@ -274,9 +274,13 @@ def test_block_size_parameter(driver: Driver) -> None:
         driver.delete(clone)
         # ... and asking for another one is refused.
         other = "512" if sizes[name] == 4096 else "4096"
-        req = csi_pb2.CreateVolumeRequest(name=name + "-x", volume_capabilities=[mount_cap("xfs")], volume_content_source=src,
-                                          parameters={"elv.csi.dev/block-size": other},
-                                          capacity_range=csi_pb2.CapacityRange(required_bytes=320 * MiB))  # fmt: skip
+        req = csi_pb2.CreateVolumeRequest(
+            name=name + "-x",
+            volume_capabilities=[mount_cap("xfs")],
+            volume_content_source=src,
+            parameters={"elv.csi.dev/block-size": other},
+            capacity_range=csi_pb2.CapacityRange(required_bytes=320 * MiB),
+        )
         assert code_of(driver.controller.CreateVolume, req) == grpc.StatusCode.FAILED_PRECONDITION
         driver.delete(vid)
     assert sizes == {"bs-default": 4096, "bs-512": 512}

@@ -58,10 +58,21 @@ def test_live_socket_is_not_stolen(base: str) -> None:
 
 def test_csi_endpoint_environment(base: str) -> None:
     sock = os.path.join(base, "env.sock")
-    argv = [sys.executable, "-m", "csi", "serve", "--loop-dir", os.path.join(base, "pool"), "--node-id", "n",
-            "--kubelet-dir", base]  # fmt: skip
-    proc = subprocess.Popen(argv, env=dict(os.environ, CSI_ENDPOINT="unix://" + sock, PYTHONPATH=REPO), cwd=REPO,
-                            stderr=subprocess.PIPE)  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "csi",
+        "serve",
+        "--loop-dir",
+        os.path.join(base, "pool"),
+        "--node-id",
+        "n",
+        "--kubelet-dir",
+        base,
+    ]
+    proc = subprocess.Popen(
+        argv, env=dict(os.environ, CSI_ENDPOINT="unix://" + sock, PYTHONPATH=REPO), cwd=REPO, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 15
         while not os.path.exists(sock) and time.monotonic() < deadline:

@@ -56,9 +56,11 @@ def test_snapshot_of_mounted_volume_and_restore(driver: Driver) -> None:
 
     # A volume smaller than its source is OUT_OF_RANGE; a missing source NOT_FOUND.
     small = csi_pb2.CreateVolumeRequest(
-        name="small", volume_capabilities=[mount_cap()], volume_content_source=src,
+        name="small",
+        volume_capabilities=[mount_cap()],
+        volume_content_source=src,
         capacity_range=csi_pb2.CapacityRange(required_bytes=32 * MiB),
-    )  # fmt: skip
+    )
     assert code_of(driver.controller.CreateVolume, small) == grpc.StatusCode.OUT_OF_RANGE
     gone = csi_pb2.VolumeContentSource(snapshot=SnapSrc(snapshot_id="s-loop-" + "0" * 32))
     req = csi_pb2.CreateVolumeRequest(name="x", volume_capabilities=[mount_cap()], volume_content_source=gone)
@@ -226,8 +228,11 @@ def test_node_only_expansion_grows_the_volume(base: str) -> None:
         os.makedirs(os.path.dirname(target))
         d.stage(vid, staging, cap)
         d.publish(vid, staging, target, cap)
-        r = d.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
-            volume_id=vid, volume_path=target, capacity_range=csi_pb2.CapacityRange(required_bytes=640 * MiB)))  # fmt: skip
+        r = d.node.NodeExpandVolume(
+            csi_pb2.NodeExpandVolumeRequest(
+                volume_id=vid, volume_path=target, capacity_range=csi_pb2.CapacityRange(required_bytes=640 * MiB)
+            )
+        )
         assert r.capacity_bytes == 640 * MiB
         assert os.stat(os.path.join(d.pool, "volumes", vid + ".img")).st_size == 640 * MiB
         st = os.statvfs(target)

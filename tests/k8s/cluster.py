@@ -118,15 +118,13 @@ def missing_prerequisites() -> list[str]:
     out = []
     if os.geteuid() != 0:
         out.append("root (mounts, loop devices, containers)")
-    for b in K8S_BINS + SIDECAR_BINS:
-        if not os.access(os.path.join(BIN, b), os.X_OK):
-            out.append(f"{BIN}/{b} (build it with scripts/k8s-tools)")
-    for t in HOST_TOOLS:
-        if shutil.which(t) is None:
-            out.append(f"{t} (install it with scripts/setup-k8s)")
-    for p in ("bridge", "host-local", "loopback"):
-        if not os.access(os.path.join(CNI_DIR, p), os.X_OK):
-            out.append(f"{CNI_DIR}/{p} (containernetworking-plugins; scripts/setup-k8s)")
+    out += [f"{BIN}/{b} (build it with scripts/k8s-tools)" for b in K8S_BINS + SIDECAR_BINS if not _runnable(BIN, b)]
+    out += [f"{t} (install it with scripts/setup-k8s)" for t in HOST_TOOLS if shutil.which(t) is None]
+    out += [
+        f"{CNI_DIR}/{p} (containernetworking-plugins; scripts/setup-k8s)"
+        for p in ("bridge", "host-local", "loopback")
+        if not _runnable(CNI_DIR, p)
+    ]
     if not _static_busybox():
         out.append("a static /bin/busybox (busybox-static; scripts/setup-k8s)")
     if not os.access(PYTHON, os.X_OK):
@@ -134,6 +132,10 @@ def missing_prerequisites() -> list[str]:
     if not os.path.isdir(CRDS):
         out.append(CRDS)
     return out
+
+
+def _runnable(directory: str, name: str) -> bool:
+    return os.access(os.path.join(directory, name), os.X_OK)
 
 
 def _static_busybox() -> bool:
@@ -209,6 +211,10 @@ def image_set(extra: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[
 # ---------------------------------------------------------------- certificates
 
 
+#: openssl req: a new P-256 key, unencrypted.
+EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
 @dataclass
 class Pki:
     dir: str
@@ -218,9 +224,9 @@ class Pki:
 
     def ca(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
-        run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", self.path("ca.key"), "-out", self.path("ca.crt"), "-days", "2", "-subj", "/CN=elv-k8s-test-ca",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"])  # fmt: skip
+        argv = ["openssl", "req", "-x509", *EC_KEY, "-keyout", self.path("ca.key"), "-out", self.path("ca.crt")]
+        argv += ["-days", "2", "-subj", "/CN=elv-k8s-test-ca", "-addext", "basicConstraints=critical,CA:TRUE"]
+        run([*argv, "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
         # The service-account token signing key (RS256).
         run(
             ["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", self.path("sa.key")]
@@ -229,17 +235,19 @@ class Pki:
 
     def cert(self, name: str, subject: str, sans: str = "", server: bool = False) -> tuple[str, str]:
         key, csr, crt, ext = (self.path(f"{name}.{x}") for x in ("key", "csr", "crt", "ext"))
-        run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", key, "-out", csr, "-subj", subject])  # fmt: skip
+        run(["openssl", "req", "-new", *EC_KEY, "-keyout", key, "-out", csr, "-subj", subject])
         usage = "serverAuth" if server else "clientAuth"
-        lines = ["basicConstraints=CA:FALSE", "keyUsage=critical,digitalSignature,keyEncipherment",
-                 f"extendedKeyUsage={usage}"]  # fmt: skip
+        lines = [
+            "basicConstraints=CA:FALSE",
+            "keyUsage=critical,digitalSignature,keyEncipherment",
+            f"extendedKeyUsage={usage}",
+        ]
         if sans:
             lines.append(f"subjectAltName={sans}")
         with open(ext, "w") as f:
             f.write("\n".join(lines) + "\n")
-        run(["openssl", "x509", "-req", "-in", csr, "-CA", self.path("ca.crt"), "-CAkey", self.path("ca.key"),
-             "-CAcreateserial", "-out", crt, "-days", "2", "-extfile", ext])  # fmt: skip
+        argv = ["openssl", "x509", "-req", "-in", csr, "-CA", self.path("ca.crt"), "-CAkey", self.path("ca.key")]
+        run([*argv, "-CAcreateserial", "-out", crt, "-days", "2", "-extfile", ext])
         os.unlink(csr)
         os.unlink(ext)
         return crt, key
@@ -470,9 +478,19 @@ def pids_with(needle: str) -> list[int]:
 
 # Host paths outside the scratch root that kubelet, containerd or CNI may
 # create (hard-coded in them). Whatever did not exist before is removed after.
-HOST_PATHS = ("/var/run/netns", "/run/containerd", "/var/lib/cni", "/var/log/containers", "/var/log/pods",
-              "/etc/cni", "/opt/cni", "/opt/containerd", "/var/lib/kubelet", "/usr/libexec/kubernetes",
-              "/run/elv")  # fmt: skip
+HOST_PATHS = (
+    "/var/run/netns",
+    "/run/containerd",
+    "/var/lib/cni",
+    "/var/log/containers",
+    "/var/log/pods",
+    "/etc/cni",
+    "/opt/cni",
+    "/opt/containerd",
+    "/var/lib/kubelet",
+    "/usr/libexec/kubernetes",
+    "/run/elv",
+)
 
 
 # ---------------------------------------------------------------- the cluster
@@ -544,8 +562,13 @@ class Cluster:
     # -- state file (for down() from another process)
 
     def save(self) -> None:
-        state = {"root": self.root, "node": self.node, "ports": self.ports, "before": self.before,
-                 "procs": {k: vars(v) for k, v in self.procs.items()}}  # fmt: skip
+        state = {
+            "root": self.root,
+            "node": self.node,
+            "ports": self.ports,
+            "before": self.before,
+            "procs": {k: vars(v) for k, v in self.procs.items()},
+        }
         tmp = self.p("state.json.tmp")
         with open(tmp, "w") as f:
             json.dump(state, f, indent=1)
@@ -565,10 +588,21 @@ class Cluster:
         os.makedirs(self.p("logs"), exist_ok=True)
         path = self.p("logs", f"{name}.log")
         with open(path, "ab") as out:
-            e = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": self.root,
-                 "LC_ALL": "C.UTF-8", **(env or {})}  # fmt: skip
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=e,
-                                    cwd=self.root, start_new_session=True)  # fmt: skip
+            e = {
+                "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "HOME": self.root,
+                "LC_ALL": "C.UTF-8",
+                **(env or {}),
+            }
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=e,
+                cwd=self.root,
+                start_new_session=True,
+            )
         p = Proc(name, proc.pid, path)
         self.popens[proc.pid] = proc
         self.procs[name] = p
@@ -686,9 +720,13 @@ class Cluster:
     def _pki(self) -> None:
         pki = Pki(self.p("pki"))
         pki.ca()
-        pki.cert("apiserver", "/CN=kube-apiserver",
-                 "IP:127.0.0.1,IP:10.203.78.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
-                 "DNS:kubernetes.default.svc", server=True)  # fmt: skip
+        pki.cert(
+            "apiserver",
+            "/CN=kube-apiserver",
+            "IP:127.0.0.1,IP:10.203.78.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
+            "DNS:kubernetes.default.svc",
+            server=True,
+        )
         pki.cert("kubelet-serving", f"/CN={self.node}", "IP:127.0.0.1,DNS:localhost", server=True)
         clients = {
             "admin": "/O=system:masters/CN=elv-test-admin",
@@ -710,12 +748,13 @@ class Cluster:
         cfg = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "elv", "cluster": {"server": self.server,
-                                                     "certificate-authority": self.p("pki", "ca.crt")}}],
+            "clusters": [
+                {"name": "elv", "cluster": {"server": self.server, "certificate-authority": self.p("pki", "ca.crt")}}
+            ],
             "users": [{"name": name, "user": {"client-certificate": crt, "client-key": key}}],
             "contexts": [{"name": "elv", "context": {"cluster": "elv", "user": name}}],
             "current-context": "elv",
-        }  # fmt: skip
+        }
         with open(path, "w") as f:
             yaml.safe_dump(cfg, f)
         return path
@@ -723,11 +762,10 @@ class Cluster:
     def _etcd(self) -> None:
         self.ports["etcd"], self.ports["etcd-peer"] = free_port(), free_port()
         client, peer = f"http://127.0.0.1:{self.ports['etcd']}", f"http://127.0.0.1:{self.ports['etcd-peer']}"
-        self.start("etcd", [os.path.join(BIN, "etcd"), "--name", "elv", "--data-dir", self.p("etcd"),
-                            "--listen-client-urls", client, "--advertise-client-urls", client,
-                            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                            "--initial-cluster", f"elv={peer}", "--unsafe-no-fsync", "--log-level", "warn",
-                            "--listen-metrics-urls", ""])  # fmt: skip
+        argv = [os.path.join(BIN, "etcd"), "--name", "elv", "--data-dir", self.p("etcd")]
+        argv += ["--listen-client-urls", client, "--advertise-client-urls", client, "--listen-peer-urls", peer]
+        argv += ["--initial-advertise-peer-urls", peer, "--initial-cluster", f"elv={peer}", "--unsafe-no-fsync"]
+        self.start("etcd", [*argv, "--log-level", "warn", "--listen-metrics-urls", ""])
 
         def healthy() -> bool:
             self.check_alive()
@@ -738,25 +776,33 @@ class Cluster:
 
     def _apiserver(self) -> None:
         pki = Pki(self.p("pki"))
-        self.start("kube-apiserver", [
-            os.path.join(BIN, "kube-apiserver"),
-            f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-            f"--secure-port={self.ports['apiserver']}",
-            f"--tls-cert-file={pki.path('apiserver.crt')}", f"--tls-private-key-file={pki.path('apiserver.key')}",
-            f"--client-ca-file={pki.path('ca.crt')}",
-            f"--kubelet-client-certificate={pki.path('apiserver-kubelet.crt')}",
-            f"--kubelet-client-key={pki.path('apiserver-kubelet.key')}",
-            f"--kubelet-certificate-authority={pki.path('ca.crt')}",
-            "--kubelet-preferred-address-types=Hostname",
-            "--service-account-issuer=https://kubernetes.default.svc",
-            f"--service-account-key-file={pki.path('sa.pub')}",
-            f"--service-account-signing-key-file={pki.path('sa.key')}",
-            f"--service-cluster-ip-range={SERVICE_RANGE}",
-            "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
-            "--allow-privileged=true", "--endpoint-reconciler-type=none", "--profiling=false",
-            f"--cert-dir={self.p('pki', 'apiserver-certs')}",
-        ])  # fmt: skip
+        self.start(
+            "kube-apiserver",
+            [
+                os.path.join(BIN, "kube-apiserver"),
+                f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.ports['apiserver']}",
+                f"--tls-cert-file={pki.path('apiserver.crt')}",
+                f"--tls-private-key-file={pki.path('apiserver.key')}",
+                f"--client-ca-file={pki.path('ca.crt')}",
+                f"--kubelet-client-certificate={pki.path('apiserver-kubelet.crt')}",
+                f"--kubelet-client-key={pki.path('apiserver-kubelet.key')}",
+                f"--kubelet-certificate-authority={pki.path('ca.crt')}",
+                "--kubelet-preferred-address-types=Hostname",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                f"--service-account-key-file={pki.path('sa.pub')}",
+                f"--service-account-signing-key-file={pki.path('sa.key')}",
+                f"--service-cluster-ip-range={SERVICE_RANGE}",
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
+                "--allow-privileged=true",
+                "--endpoint-reconciler-type=none",
+                "--profiling=false",
+                f"--cert-dir={self.p('pki', 'apiserver-certs')}",
+            ],
+        )
         api = self.api()
 
         def ready() -> bool:
@@ -769,22 +815,39 @@ class Cluster:
         pki = Pki(self.p("pki"))
         kc = self.p("kubeconfig", "controller-manager.kubeconfig")
         self.ports["kcm"], self.ports["scheduler"] = free_port(), free_port()
-        self.start("kube-controller-manager", [
-            os.path.join(BIN, "kube-controller-manager"), f"--kubeconfig={kc}",
-            f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-            "--bind-address=127.0.0.1", f"--secure-port={self.ports['kcm']}", "--leader-elect=false",
-            f"--service-account-private-key-file={pki.path('sa.key')}", f"--root-ca-file={pki.path('ca.crt')}",
-            f"--cluster-signing-cert-file={pki.path('ca.crt')}", f"--cluster-signing-key-file={pki.path('ca.key')}",
-            "--use-service-account-credentials=true", f"--service-cluster-ip-range={SERVICE_RANGE}",
-            f"--cert-dir={self.p('pki', 'kcm-certs')}",
-        ])  # fmt: skip
+        self.start(
+            "kube-controller-manager",
+            [
+                os.path.join(BIN, "kube-controller-manager"),
+                f"--kubeconfig={kc}",
+                f"--authentication-kubeconfig={kc}",
+                f"--authorization-kubeconfig={kc}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self.ports['kcm']}",
+                "--leader-elect=false",
+                f"--service-account-private-key-file={pki.path('sa.key')}",
+                f"--root-ca-file={pki.path('ca.crt')}",
+                f"--cluster-signing-cert-file={pki.path('ca.crt')}",
+                f"--cluster-signing-key-file={pki.path('ca.key')}",
+                "--use-service-account-credentials=true",
+                f"--service-cluster-ip-range={SERVICE_RANGE}",
+                f"--cert-dir={self.p('pki', 'kcm-certs')}",
+            ],
+        )
         ks = self.p("kubeconfig", "scheduler.kubeconfig")
-        self.start("kube-scheduler", [
-            os.path.join(BIN, "kube-scheduler"), f"--kubeconfig={ks}", f"--authentication-kubeconfig={ks}",
-            f"--authorization-kubeconfig={ks}", "--bind-address=127.0.0.1",
-            f"--secure-port={self.ports['scheduler']}", "--leader-elect=false",
-            f"--cert-dir={self.p('pki', 'scheduler-certs')}",
-        ])  # fmt: skip
+        self.start(
+            "kube-scheduler",
+            [
+                os.path.join(BIN, "kube-scheduler"),
+                f"--kubeconfig={ks}",
+                f"--authentication-kubeconfig={ks}",
+                f"--authorization-kubeconfig={ks}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self.ports['scheduler']}",
+                "--leader-elect=false",
+                f"--cert-dir={self.p('pki', 'scheduler-certs')}",
+            ],
+        )
 
     def node_plugin_objects(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """What the cluster creates from deploy/: everything but the workloads, and the DaemonSet."""
@@ -817,12 +880,17 @@ class Cluster:
             "cniVersion": "0.4.0",
             "name": "elv-k8s",
             "plugins": [
-                {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": False, "hairpinMode": False,
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET}]],
-                          "dataDir": self.p("cni-ipam")}},
+                {
+                    "type": "bridge",
+                    "bridge": BRIDGE,
+                    "isGateway": True,
+                    "ipMasq": False,
+                    "hairpinMode": False,
+                    "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET}]], "dataDir": self.p("cni-ipam")},
+                },
                 {"type": "loopback"},
             ],
-        }  # fmt: skip
+        }
         # host-local's dataDir must exist; loopback is listed for clarity.
         with open(os.path.join(cni, "10-elv.conflist"), "w") as f:
             json.dump(conf, f, indent=1)
@@ -902,8 +970,11 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             "readOnlyPort": 0,
             "healthzBindAddress": "127.0.0.1",
             "healthzPort": self.ports["kubelet-healthz"],
-            "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": True},
-                               "x509": {"clientCAFile": pki.path("ca.crt")}},
+            "authentication": {
+                "anonymous": {"enabled": False},
+                "webhook": {"enabled": True},
+                "x509": {"clientCAFile": pki.path("ca.crt")},
+            },
             "authorization": {"mode": "Webhook"},
             "tlsCertFile": pki.path("kubelet-serving.crt"),
             "tlsPrivateKeyFile": pki.path("kubelet-serving.key"),
@@ -918,8 +989,12 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             "serializeImagePulls": False,
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
-            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%",
-                             "nodefs.inodesFree": "1%"},
+            "evictionHard": {
+                "memory.available": "100Mi",
+                "nodefs.available": "1%",
+                "imagefs.available": "1%",
+                "nodefs.inodesFree": "1%",
+            },
             "syncFrequency": "3s",
             # NodeGetVolumeStats every 5 s (default 1 min), so kubectl-elv sees use quickly.
             "volumeStatsAggPeriod": "5s",
@@ -927,15 +1002,21 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             "nodeStatusUpdateFrequency": "5s",
             "maxPods": 40,
             "protectKernelDefaults": False,
-        }  # fmt: skip
+        }
         path = self.p("kubelet-config.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(cfg, f)
-        self.start("kubelet", [
-            os.path.join(BIN, "kubelet"), f"--config={path}",
-            f"--kubeconfig={self.p('kubeconfig', 'kubelet.kubeconfig')}",
-            f"--root-dir={k}", f"--hostname-override={self.node}", "--v=2",
-        ])  # fmt: skip
+        self.start(
+            "kubelet",
+            [
+                os.path.join(BIN, "kubelet"),
+                f"--config={path}",
+                f"--kubeconfig={self.p('kubeconfig', 'kubelet.kubeconfig')}",
+                f"--root-dir={k}",
+                f"--hostname-override={self.node}",
+                "--v=2",
+            ],
+        )
 
     def _node_plugin(self) -> None:
         """The DaemonSet's containers, as host processes with the manifest's flags."""
@@ -972,9 +1053,14 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         sc = next(d for d in kustomize("deploy/snapshot-controller") if d["kind"] == "Deployment")
         args = sc["spec"]["template"]["spec"]["containers"][0]["args"]
         args = [a for a in args if not a.startswith("--leader-election")]
-        self.start("snapshot-controller", [os.path.join(BIN, "snapshot-controller"),
-                                           f"--kubeconfig={self.p('kubeconfig', 'snapshot-controller.kubeconfig')}",
-                                           *args])  # fmt: skip
+        self.start(
+            "snapshot-controller",
+            [
+                os.path.join(BIN, "snapshot-controller"),
+                f"--kubeconfig={self.p('kubeconfig', 'snapshot-controller.kubeconfig')}",
+                *args,
+            ],
+        )
 
     def _ready(self) -> None:
         api = self.api()
@@ -1027,10 +1113,19 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         if "kube-apiserver" in self.procs and self.alive("kube-apiserver") and self.alive("kubelet"):
             with contextlib.suppress(Exception):
                 self._drain()
-        order = ["kube-scheduler", "kube-controller-manager", "snapshot-controller", "csi-provisioner",
-                 "csi-resizer", "csi-snapshotter", "node-driver-registrar", "kubelet"]  # fmt: skip
-        for name in order + [n for n in self.procs if n not in order and n not in ("containerd", "elv", "etcd",
-                                                                                      "kube-apiserver")]:  # fmt: skip
+        order = [
+            "kube-scheduler",
+            "kube-controller-manager",
+            "snapshot-controller",
+            "csi-provisioner",
+            "csi-resizer",
+            "csi-snapshotter",
+            "node-driver-registrar",
+            "kubelet",
+        ]
+        for name in order + [
+            n for n in self.procs if n not in order and n not in ("containerd", "elv", "etcd", "kube-apiserver")
+        ]:
             self.stop(name)
         self._remove_containers()
         self.stop("containerd")
@@ -1062,8 +1157,9 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         for ns in api.get("/api/v1/namespaces")["items"]:
             name = ns["metadata"]["name"]
             for pod in api.get(f"/api/v1/namespaces/{name}/pods")["items"]:
-                api.request("DELETE", f"/api/v1/namespaces/{name}/pods/{pod['metadata']['name']}",
-                            {"gracePeriodSeconds": 0})  # fmt: skip
+                api.request(
+                    "DELETE", f"/api/v1/namespaces/{name}/pods/{pod['metadata']['name']}", {"gracePeriodSeconds": 0}
+                )
 
         def sandboxes_gone() -> bool:
             out = run(["ctr", "-a", self.containerd_sock, "-n", "k8s.io", "tasks", "ls", "-q"], check=False).stdout
@@ -1095,16 +1191,9 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
                     run(["umount", "-l", m], check=False)
 
     def _host_cleanup(self) -> list[str]:
-        problems = []
         before = self.before
-        # Network namespaces the CNI plugins made for our pods.
-        for ns in set(netns_list()) - set(before.get("netns", [])):
-            if ns.startswith("cni-"):
-                run(["ip", "netns", "delete", ns], check=False)
-        for v in veths_on(BRIDGE):
-            run(["ip", "link", "delete", v], check=False)
-        if link_exists(BRIDGE) and not before.get("bridge"):
-            run(["ip", "link", "delete", BRIDGE], check=False)
+        self._network_cleanup()
+        problems: list[str] = []
         for cmd, key in (("iptables", "iptables"), ("ip6tables", "ip6tables")):
             problems += restore_iptables(cmd, before.get(key, {}))
         for cg in sorted(set(kubepods_cgroups()) - set(before.get("cgroups", [])), reverse=True):
@@ -1115,12 +1204,30 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             if v is not None and read_sysctl(s) != v:
                 with contextlib.suppress(OSError), open(f"/proc/sys/{s}", "w") as f:
                     f.write(v)
-        old = set(before.get("var_log_containers", []))
+        self._files_cleanup()
+        return problems + self._paths_cleanup()
+
+    def _network_cleanup(self) -> None:
+        """Network namespaces the CNI plugins made for our pods, their veths, our bridge."""
+        for ns in set(netns_list()) - set(self.before.get("netns", [])):
+            if ns.startswith("cni-"):
+                run(["ip", "netns", "delete", ns], check=False)
+        for v in veths_on(BRIDGE):
+            run(["ip", "link", "delete", v], check=False)
+        if link_exists(BRIDGE) and not self.before.get("bridge"):
+            run(["ip", "link", "delete", BRIDGE], check=False)
+
+    def _files_cleanup(self) -> None:
+        old = set(self.before.get("var_log_containers", []))
         if os.path.isdir("/var/log/containers"):
             for e in set(os.listdir("/var/log/containers")) - old:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join("/var/log/containers", e))
-        for p, existed in before.get("paths", {}).items():
+
+    def _paths_cleanup(self) -> list[str]:
+        """Host paths the cluster made; what still has mounts under it is left, and reported."""
+        problems = []
+        for p, existed in self.before.get("paths", {}).items():
             if not existed and os.path.lexists(p):
                 if mounts_under(p):
                     problems.append(f"mounts under {p}")
@@ -1214,9 +1321,10 @@ def main(argv: list[str]) -> int:
         print(f"# root: {c.root}; logs in {c.p('logs')}; tear down with: scripts/k8s-cluster down {c.root}")
         return 0
     roots = argv[1:] or sorted(
-        os.path.join("/tmp", d) for d in os.listdir("/tmp") if d.startswith("elv-k8s-") and
-        os.path.exists(os.path.join("/tmp", d, "state.json"))
-    )  # fmt: skip
+        os.path.join("/tmp", d)
+        for d in os.listdir("/tmp")
+        if d.startswith("elv-k8s-") and os.path.exists(os.path.join("/tmp", d, "state.json"))
+    )
     rc = 0
     for root in roots:
         c = Cluster.load(root)

@@ -143,8 +143,17 @@ def capacity(api: Api) -> int | None:
 def parse_quantity(q: str) -> int:
     m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", q)
     assert m, q
-    mult = {None: 1, "Ki": 1024, "Mi": MiB, "Gi": 1024 * MiB, "Ti": MiB * MiB, "k": 10**3, "M": 10**6, "G": 10**9,
-            "T": 10**12}  # fmt: skip
+    mult = {
+        None: 1,
+        "Ki": 1024,
+        "Mi": MiB,
+        "Gi": 1024 * MiB,
+        "Ti": MiB * MiB,
+        "k": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+    }
     return int(m.group(1)) * mult[m.group(2)]
 
 
@@ -167,145 +176,179 @@ def test_manifests_server_side(cluster: Cluster) -> None:
     """Every kustomization in deploy/ passes server-side dry-run, strict field validation."""
     for path in ("deploy/snapshot-controller", "deploy/overlays/loop", "deploy/overlays/lvm"):
         doc = "\n---\n".join(yaml.safe_dump(o) for o in kustomize(path))
-        p = cluster.kubectl("apply", "--dry-run=server", "--server-side", "--force-conflicts",
-                            "--validate=strict", "-f", "-", input=doc, check=False)  # fmt: skip
+        p = cluster.kubectl(
+            "apply",
+            "--dry-run=server",
+            "--server-side",
+            "--force-conflicts",
+            "--validate=strict",
+            "-f",
+            "-",
+            input=doc,
+            check=False,
+        )
         assert p.returncode == 0, f"{path}: {p.stderr}"
         assert "Warning" not in p.stderr, f"{path}: {p.stderr}"
+
+
+class EndToEnd:
+    """The steps of the loop StorageClass's story, one method each; what a step
+    learns (latencies, the volume, capacity figures) is kept for the later ones."""
+
+    def __init__(self, cluster: Cluster, api: Api, payload: str) -> None:
+        self.cluster = cluster
+        self.api = api
+        self.payload = payload
+        self.state: dict[str, Any] = {}
+        self.caps: dict[str, int | None] = {}
+
+    def capacity_objects(self) -> None:
+        # (6) capacity is published for the loop class of our node.
+        self.caps["before"] = wait_for("a CSIStorageCapacity for elv-loop", lambda: capacity(self.api), 60, 0.25)
+        objs = [c for c in self.api.get(CAPS)["items"] if c.get("storageClassName") == SC]
+        assert len(objs) == 1, objs
+        terms = objs[0]["nodeTopology"]["matchLabels"]
+        assert terms == {f"topology.{DRIVER}/node": self.cluster.node}, terms
+
+    def create_write(self) -> None:
+        # (1) scheduled by capacity, bound, running, writes data.
+        lat = create_and_time(self.api, pvc("data", "300Mi"), pod("writer", "data"))
+        self.state["first"] = lat
+        p = self.api.get(f"{V1}/pods/writer")
+        assert p["spec"]["nodeName"] == self.cluster.node
+        claim = self.api.get(f"{V1}/persistentvolumeclaims/data")
+        assert claim["metadata"]["annotations"]["volume.kubernetes.io/selected-node"] == self.cluster.node
+        pv = self.api.get(f"/api/v1/persistentvolumes/{claim['spec']['volumeName']}")
+        assert pv["spec"]["csi"]["driver"] == DRIVER
+        assert pv["spec"]["csi"]["fsType"] == "xfs"
+        req = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]
+        assert req["key"] == f"topology.{DRIVER}/node" and req["values"] == [self.cluster.node], req
+        self.state["pv"] = pv["metadata"]["name"]
+        self.state["volume"] = pv["spec"]["csi"]["volumeHandle"]
+        exec_(
+            self.cluster,
+            "writer",
+            f"echo {self.payload} > /data/hello && mkdir -p /data/d && "
+            f"dd if=/dev/urandom of=/data/d/blob bs=64k count=16 2>/dev/null && sync",
+        )
+        self.state["sum"] = exec_(self.cluster, "writer", "sha256sum /data/d/blob").split()[0]
+        # fsGroup applied (fsGroupPolicy File): the files carry group 2000.
+        assert exec_(self.cluster, "writer", "stat -c %g /data/hello").strip() == "2000"
+
+    def capacity_drops(self) -> None:
+        # (6) ... and it changes when a volume is created.
+        before = self.caps["before"]
+        assert before is not None
+        self.caps["after_create"] = wait_for(
+            "capacity to drop by the new volume",
+            lambda: (c := capacity(self.api)) is not None and c < before and c,
+            60,
+            0.25,
+        )
+        drop = before - self.caps["after_create"]
+        assert 250 * MiB <= drop <= 400 * MiB, f"capacity dropped by {drop / MiB:.0f} MiB for a 300 MiB volume"
+
+    def recreate(self) -> None:
+        # (2) delete the pod, make it again: the data is still there.
+        self.api.request("DELETE", f"{V1}/pods/writer", {"gracePeriodSeconds": 0})
+        wait_gone(self.api, f"{V1}/pods/writer")
+        # kubelet unpublished and unstaged it: no mount of the volume is left.
+        wait_for("volume unmounted after the pod went", lambda: not node_state(self.cluster)["mounts"], 60, 0.1)
+        self.state["second"] = create_and_time(self.api, None, pod("writer", "data"))
+        assert exec_(self.cluster, "writer", "cat /data/hello").strip() == self.payload
+        assert exec_(self.cluster, "writer", "sha256sum /data/d/blob").split()[0] == self.state["sum"]
+
+    def expand(self) -> None:
+        # (3) grow online; df in the running pod sees it.
+        before = df_kib(self.cluster, "writer")
+        self.api.patch(f"{V1}/persistentvolumeclaims/data", {"spec": {"resources": {"requests": {"storage": "600Mi"}}}})
+
+        def grown() -> bool:
+            c = self.api.get(f"{V1}/persistentvolumeclaims/data")["status"].get("capacity", {}).get("storage")
+            return c == "600Mi" and df_kib(self.cluster, "writer") > before + 270 * 1024
+
+        wait_for("PVC capacity 600Mi and a bigger filesystem in the pod", grown, 120, 0.5)
+        self.state["df_kib"] = [before, df_kib(self.cluster, "writer")]
+        assert exec_(self.cluster, "writer", "cat /data/hello").strip() == self.payload
+
+    def snapshot_restore(self) -> None:
+        # (4) snapshot, restore into a new PVC, same data.
+        self.api.create(
+            SNAP,
+            {
+                "apiVersion": "snapshot.storage.k8s.io/v1",
+                "kind": "VolumeSnapshot",
+                "metadata": {"name": "snap"},
+                "spec": {"volumeSnapshotClassName": "elv-snapshots", "source": {"persistentVolumeClaimName": "data"}},
+            },
+        )
+        t = time.monotonic()
+        wait_for(
+            "snapshot readyToUse",
+            lambda: (self.api.maybe(f"{SNAP}/snap") or {}).get("status", {}).get("readyToUse"),
+            120,
+            0.1,
+        )
+        self.state["snapshot_ready_s"] = round(time.monotonic() - t, 3)
+        self.state["restore"] = create_and_time(
+            self.api, pvc("restored", "600Mi", source="snap"), pod("reader", "restored")
+        )
+        assert exec_(self.cluster, "reader", "cat /data/hello").strip() == self.payload
+        assert exec_(self.cluster, "reader", "sha256sum /data/d/blob").split()[0] == self.state["sum"]
+        # The restore is a volume of its own: writing there leaves the source alone.
+        exec_(self.cluster, "reader", "echo changed > /data/hello")
+        assert exec_(self.cluster, "writer", "cat /data/hello").strip() == self.payload
+
+    def delete_all(self) -> None:
+        # (5) delete everything; nothing is left on the node.
+        pvs = [self.api.get(f"{V1}/persistentvolumeclaims/{n}")["spec"]["volumeName"] for n in ("data", "restored")]
+        for p in ("writer", "reader"):
+            self.api.request("DELETE", f"{V1}/pods/{p}", {"gracePeriodSeconds": 0})
+        self.api.delete(f"{SNAP}/snap")
+        for p in ("writer", "reader"):
+            wait_gone(self.api, f"{V1}/pods/{p}")
+        for n in ("data", "restored"):
+            self.api.delete(f"{V1}/persistentvolumeclaims/{n}")
+        for n in ("data", "restored"):
+            wait_gone(self.api, f"{V1}/persistentvolumeclaims/{n}")
+        for pv in pvs:
+            wait_gone(self.api, f"/api/v1/persistentvolumes/{pv}")
+        wait_gone(self.api, f"{SNAP}/snap")
+
+        def contents_gone() -> bool:
+            items = self.api.get("/apis/snapshot.storage.k8s.io/v1/volumesnapshotcontents")["items"]
+            return not items
+
+        wait_for("VolumeSnapshotContents deleted", contents_gone, 60, 0.1)
+        wait_for("nothing on the node", lambda: not any(node_state(self.cluster).values()), 30, 0.1)
+        left = node_state(self.cluster)
+        assert not any(left.values()), left
+
+    def capacity_back(self) -> None:
+        # (6) ... and comes back when the volumes are gone.
+        after = self.caps["after_create"]
+        assert after is not None
+        self.caps["after_delete"] = wait_for(
+            "capacity to come back", lambda: (c := capacity(self.api)) is not None and c > after and c, 60, 0.25
+        )
 
 
 def test_loop_storage_class_end_to_end(cluster: Cluster, summary: Summary) -> None:
     api = cluster.api()
     steps = Steps(summary)
-    state: dict[str, Any] = {}
-    payload = secrets.token_hex(16)
-    caps: dict[str, int | None] = {}
+    e = EndToEnd(cluster, api, secrets.token_hex(16))
+    state, caps = e.state, e.caps
     api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
     wait_for("default ServiceAccount in the test namespace", lambda: api.maybe(f"{V1}/serviceaccounts/default"), 60)
-
-    def capacity_objects() -> None:
-        # (6) capacity is published for the loop class of our node.
-        caps["before"] = wait_for("a CSIStorageCapacity for elv-loop", lambda: capacity(api), 60, 0.25)
-        objs = [c for c in api.get(CAPS)["items"] if c.get("storageClassName") == SC]
-        assert len(objs) == 1, objs
-        terms = objs[0]["nodeTopology"]["matchLabels"]
-        assert terms == {f"topology.{DRIVER}/node": cluster.node}, terms
-
-    def create_write() -> None:
-        # (1) scheduled by capacity, bound, running, writes data.
-        lat = create_and_time(api, pvc("data", "300Mi"), pod("writer", "data"))
-        state["first"] = lat
-        p = api.get(f"{V1}/pods/writer")
-        assert p["spec"]["nodeName"] == cluster.node
-        claim = api.get(f"{V1}/persistentvolumeclaims/data")
-        assert claim["metadata"]["annotations"]["volume.kubernetes.io/selected-node"] == cluster.node
-        pv = api.get(f"/api/v1/persistentvolumes/{claim['spec']['volumeName']}")
-        assert pv["spec"]["csi"]["driver"] == DRIVER
-        assert pv["spec"]["csi"]["fsType"] == "xfs"
-        req = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]
-        assert req["key"] == f"topology.{DRIVER}/node" and req["values"] == [cluster.node], req
-        state["pv"] = pv["metadata"]["name"]
-        state["volume"] = pv["spec"]["csi"]["volumeHandle"]
-        exec_(cluster, "writer", f"echo {payload} > /data/hello && mkdir -p /data/d && "
-                                 f"dd if=/dev/urandom of=/data/d/blob bs=64k count=16 2>/dev/null && sync")  # fmt: skip
-        state["sum"] = exec_(cluster, "writer", "sha256sum /data/d/blob").split()[0]
-        # fsGroup applied (fsGroupPolicy File): the files carry group 2000.
-        assert exec_(cluster, "writer", "stat -c %g /data/hello").strip() == "2000"
-
-    def capacity_drops() -> None:
-        # (6) ... and it changes when a volume is created.
-        before = caps["before"]
-        assert before is not None
-        caps["after_create"] = wait_for(
-            "capacity to drop by the new volume",
-            lambda: (c := capacity(api)) is not None and c < before and c,
-            60,
-            0.25,
-        )
-        drop = before - caps["after_create"]
-        assert 250 * MiB <= drop <= 400 * MiB, f"capacity dropped by {drop / MiB:.0f} MiB for a 300 MiB volume"
-
-    def recreate() -> None:
-        # (2) delete the pod, make it again: the data is still there.
-        api.request("DELETE", f"{V1}/pods/writer", {"gracePeriodSeconds": 0})
-        wait_gone(api, f"{V1}/pods/writer")
-        # kubelet unpublished and unstaged it: no mount of the volume is left.
-        wait_for("volume unmounted after the pod went", lambda: not node_state(cluster)["mounts"], 60, 0.1)
-        state["second"] = create_and_time(api, None, pod("writer", "data"))
-        assert exec_(cluster, "writer", "cat /data/hello").strip() == payload
-        assert exec_(cluster, "writer", "sha256sum /data/d/blob").split()[0] == state["sum"]
-
-    def expand() -> None:
-        # (3) grow online; df in the running pod sees it.
-        before = df_kib(cluster, "writer")
-        api.patch(f"{V1}/persistentvolumeclaims/data", {"spec": {"resources": {"requests": {"storage": "600Mi"}}}})
-
-        def grown() -> bool:
-            c = api.get(f"{V1}/persistentvolumeclaims/data")["status"].get("capacity", {}).get("storage")
-            return c == "600Mi" and df_kib(cluster, "writer") > before + 270 * 1024
-
-        wait_for("PVC capacity 600Mi and a bigger filesystem in the pod", grown, 120, 0.5)
-        state["df_kib"] = [before, df_kib(cluster, "writer")]
-        assert exec_(cluster, "writer", "cat /data/hello").strip() == payload
-
-    def snapshot_restore() -> None:
-        # (4) snapshot, restore into a new PVC, same data.
-        api.create(SNAP, {"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
-                          "metadata": {"name": "snap"},
-                          "spec": {"volumeSnapshotClassName": "elv-snapshots",
-                                   "source": {"persistentVolumeClaimName": "data"}}})  # fmt: skip
-        t = time.monotonic()
-        wait_for("snapshot readyToUse", lambda: (api.maybe(f"{SNAP}/snap") or {}).get("status", {}).get("readyToUse"),
-                 120, 0.1)  # fmt: skip
-        state["snapshot_ready_s"] = round(time.monotonic() - t, 3)
-        state["restore"] = create_and_time(api, pvc("restored", "600Mi", source="snap"), pod("reader", "restored"))
-        assert exec_(cluster, "reader", "cat /data/hello").strip() == payload
-        assert exec_(cluster, "reader", "sha256sum /data/d/blob").split()[0] == state["sum"]
-        # The restore is a volume of its own: writing there leaves the source alone.
-        exec_(cluster, "reader", "echo changed > /data/hello")
-        assert exec_(cluster, "writer", "cat /data/hello").strip() == payload
-
-    def delete_all() -> None:
-        # (5) delete everything; nothing is left on the node.
-        pvs = [api.get(f"{V1}/persistentvolumeclaims/{n}")["spec"]["volumeName"] for n in ("data", "restored")]
-        for p in ("writer", "reader"):
-            api.request("DELETE", f"{V1}/pods/{p}", {"gracePeriodSeconds": 0})
-        api.delete(f"{SNAP}/snap")
-        for p in ("writer", "reader"):
-            wait_gone(api, f"{V1}/pods/{p}")
-        for n in ("data", "restored"):
-            api.delete(f"{V1}/persistentvolumeclaims/{n}")
-        for n in ("data", "restored"):
-            wait_gone(api, f"{V1}/persistentvolumeclaims/{n}")
-        for pv in pvs:
-            wait_gone(api, f"/api/v1/persistentvolumes/{pv}")
-        wait_gone(api, f"{SNAP}/snap")
-
-        def contents_gone() -> bool:
-            items = api.get("/apis/snapshot.storage.k8s.io/v1/volumesnapshotcontents")["items"]
-            return not items
-
-        wait_for("VolumeSnapshotContents deleted", contents_gone, 60, 0.1)
-        wait_for("nothing on the node", lambda: not any(node_state(cluster).values()), 30, 0.1)
-        left = node_state(cluster)
-        assert not any(left.values()), left
-
-    def capacity_back() -> None:
-        # (6) ... and comes back when the volumes are gone.
-        after = caps["after_create"]
-        assert after is not None
-        caps["after_delete"] = wait_for(
-            "capacity to come back", lambda: (c := capacity(api)) is not None and c > after and c, 60, 0.25
-        )
-
     try:
-        steps.run("6a. CSIStorageCapacity published", capacity_objects)
-        steps.run("1. PVC + pod: scheduled, bound, running, data written", create_write)
-        steps.run("6b. capacity drops after CreateVolume", capacity_drops)
-        steps.run("2. pod deleted and recreated: data still there", recreate)
-        steps.run("3. online expansion 300Mi -> 600Mi, seen by df", expand)
-        steps.run("4. snapshot restored into a new PVC: same data", snapshot_restore)
-        steps.run("5. everything deleted: no file, loop device or mount left", delete_all)
-        steps.run("6c. capacity back after DeleteVolume", capacity_back)
+        steps.run("6a. CSIStorageCapacity published", e.capacity_objects)
+        steps.run("1. PVC + pod: scheduled, bound, running, data written", e.create_write)
+        steps.run("6b. capacity drops after CreateVolume", e.capacity_drops)
+        steps.run("2. pod deleted and recreated: data still there", e.recreate)
+        steps.run("3. online expansion 300Mi -> 600Mi, seen by df", e.expand)
+        steps.run("4. snapshot restored into a new PVC: same data", e.snapshot_restore)
+        steps.run("5. everything deleted: no file, loop device or mount left", e.delete_all)
+        steps.run("6c. capacity back after DeleteVolume", e.capacity_back)
     except (AssertionError, ClusterError):
         for name in ("elv", "csi-provisioner", "csi-resizer", "csi-snapshotter", "kubelet"):
             print(f"--- {name} log tail\n{cluster.tail(name, 3000)}")

@@ -19,14 +19,29 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def kubectl_elv(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "csi.cmd.kubectl", *args, "--kubeconfig", cluster.kubeconfig,
-            "--endpoint", f"{cluster.node}=unix://{cluster.csi_socket}", "-o", "json"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "csi.cmd.kubectl",
+        *args,
+        "--kubeconfig",
+        cluster.kubeconfig,
+        "--endpoint",
+        f"{cluster.node}=unix://{cluster.csi_socket}",
+        "-o",
+        "json",
+    ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
 
 
 def elv(cluster: Cluster, *args: str) -> None:
-    subprocess.run([sys.executable, "-m", "csi", *args, "--endpoint", f"unix://{cluster.csi_socket}"],
-                   check=True, capture_output=True, timeout=120, cwd=REPO)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "csi", *args, "--endpoint", f"unix://{cluster.csi_socket}"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        cwd=REPO,
+    )
 
 
 def test_kubectl_elv_lists_volumes_and_orphans(cluster: Cluster) -> None:
@@ -62,7 +77,15 @@ def test_kubectl_elv_lists_volumes_and_orphans(cluster: Cluster) -> None:
         api.delete(f"{V1}/pods/lister")
         wait_for("the pod to go", lambda: api.maybe(f"{V1}/pods/lister") is None, 120)
         api.delete(f"{V1}/persistentvolumeclaims/listed")
-        wait_for("its volume to go", lambda: not [
-            pv for pv in api.get("/api/v1/persistentvolumes")["items"]
-            if (pv["spec"].get("claimRef") or {}).get("name") == "listed"], 120)  # fmt: skip
+        wait_for(
+            "its volume to go",
+            lambda: (
+                not [
+                    pv
+                    for pv in api.get("/api/v1/persistentvolumes")["items"]
+                    if (pv["spec"].get("claimRef") or {}).get("name") == "listed"
+                ]
+            ),
+            120,
+        )
         api.delete(f"/api/v1/namespaces/{NS}")

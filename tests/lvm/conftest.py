@@ -30,8 +30,7 @@ def dm_ready() -> None:
     subprocess.run(["modprobe", "-a", "loop", "dm_mod", "dm_snapshot", "dm_thin_pool"], check=False)
     subprocess.run(["modprobe", "-a", "dm_mirror", "dm_raid", "raid1"], check=False, capture_output=True)
     if not os.path.exists("/dev/mapper/control") and not os.path.exists("/sys/module/dm_mod"):
-        pytest.fail("this kernel has no device-mapper: run the LVM tests inside the VM (scripts/lvm-vm)",
-                    pytrace=False)  # fmt: skip
+        pytest.fail("this kernel has no device-mapper: run the LVM tests inside the VM (scripts/lvm-vm)", pytrace=False)
 
 
 @pytest.fixture(scope="session")

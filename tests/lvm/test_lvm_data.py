@@ -184,9 +184,12 @@ def test_restart_finishes_a_half_made_clone(driver: LvmDriver, vg: GuestVg) -> N
     src = csi_pb2.VolumeContentSource()
     src.volume.volume_id = vid
     req = csi_pb2.CreateVolumeRequest(
-        name="big-clone", volume_capabilities=[block_cap()], parameters={CLASS: "thick"},
-        capacity_range=csi_pb2.CapacityRange(required_bytes=size), volume_content_source=src,
-    )  # fmt: skip
+        name="big-clone",
+        volume_capabilities=[block_cap()],
+        parameters={CLASS: "thick"},
+        capacity_range=csi_pb2.CapacityRange(required_bytes=size),
+        volume_content_source=src,
+    )
     future = driver.controller.CreateVolume.future(req)
     # Kill the driver as soon as the half-made clone exists (it is tagged pending).
     wait_for(lambda: any("elv.pending" in r["lv_tags"] for r in lvs(vg.name)), 120, "the pending clone")

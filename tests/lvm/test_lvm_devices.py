@@ -23,8 +23,11 @@ def disks(base: str, vg: GuestVg) -> Iterator[list[str]]:
             path = os.path.join(base, f"disk{i}.img")
             with open(path, "wb") as f:
                 f.truncate(320 * MiB)
-            devs.append(subprocess.run(["losetup", "-f", "--show", path], capture_output=True, text=True,
-                                       check=True).stdout.strip())  # fmt: skip
+            devs.append(
+                subprocess.run(
+                    ["losetup", "-f", "--show", path], capture_output=True, text=True, check=True
+                ).stdout.strip()
+            )
         subprocess.run(["mkfs.ext4", "-q", devs[2]], check=True)
         yield devs
     finally:

@@ -62,18 +62,27 @@ def test_csi_sanity_lvm(run: str, vg: GuestVg) -> None:
             params = write_config(os.path.join(base, "params.yaml"), f'"elv.csi.dev/device-class": "{cls}"\n')
             argv = [
                 SANITY,
-                "-csi.endpoint", driver.endpoint,
-                "-csi.stagingdir", os.path.join(driver.kubelet, "sanity-staging"),
-                "-csi.mountdir", os.path.join(driver.kubelet, "sanity-mount"),
-                "-csi.testvolumeaccesstype", access,
-                "-csi.testvolumesize", str(64 * MiB),
-                "-csi.testvolumeexpandsize", str(128 * MiB),
-                "-csi.testvolumeparameters", params,
+                "-csi.endpoint",
+                driver.endpoint,
+                "-csi.stagingdir",
+                os.path.join(driver.kubelet, "sanity-staging"),
+                "-csi.mountdir",
+                os.path.join(driver.kubelet, "sanity-mount"),
+                "-csi.testvolumeaccesstype",
+                access,
+                "-csi.testvolumesize",
+                str(64 * MiB),
+                "-csi.testvolumeexpandsize",
+                str(128 * MiB),
+                "-csi.testvolumeparameters",
+                params,
                 "-csi.testnodevolumeattachlimit",
-                "-ginkgo.json-report", report,
-                "-ginkgo.junit-report", os.path.join(OUT, f"sanity-lvm-{run}.xml"),
+                "-ginkgo.json-report",
+                report,
+                "-ginkgo.junit-report",
+                os.path.join(OUT, f"sanity-lvm-{run}.xml"),
                 "-ginkgo.no-color",
-            ]  # fmt: skip
+            ]
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=1700, cwd=base, check=False)
             # Deleted thick volumes are wiped in the background; let that finish.
             try:
@@ -87,8 +96,12 @@ def test_csi_sanity_lvm(run: str, vg: GuestVg) -> None:
             with open(os.path.join(OUT, f"sanity-lvm-{run}.driver.log"), "w") as f:
                 f.write(log)
     states, lines, seconds = read_report(report)
-    summary = {"run": f"lvm-{run}", **{k: states.get(k, 0) for k in ("passed", "failed", "skipped", "pending")},
-               "seconds": round(seconds, 1), "not_passed": lines}  # fmt: skip
+    summary = {
+        "run": f"lvm-{run}",
+        **{k: states.get(k, 0) for k in ("passed", "failed", "skipped", "pending")},
+        "seconds": round(seconds, 1),
+        "not_passed": lines,
+    }
     with open(os.path.join(OUT, f"sanity-lvm-{run}.summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"csi-sanity lvm {run}: {summary}")

@@ -44,11 +44,41 @@ CALLS = [(svc, m) for svc, methods in SERVICES.items() for m in methods]
 def hostile_strings(d: Driver, known: list[str]) -> st.SearchStrategy[str]:
     k = d.kubelet
     fixed = [
-        "", " ", "../../etc", "/etc/passwd", "/", "//", "relative", "-rf", "a" * 129, "é" * 65, "\x00", "\n", "x,y=z",
-        "noatime,dev=/dev/sda", "v-loop-" + "0" * 32, "s-loop-" + "f" * 32, "g-loop-" + "1" * 32, "v-loop-../x",
-        k, k + "/", k + "/st", k + "/st/../..", k + "/t/x", k + "/st", "/proc/self/root", "ext4", "xfs", "btrfs",
-        "thick", "thin", "elv.csi.dev/provisioning", "csi.storage.k8s.io/fstype", "node-a", "other-node",
-    ]  # fmt: skip
+        "",
+        " ",
+        "../../etc",
+        "/etc/passwd",
+        "/",
+        "//",
+        "relative",
+        "-rf",
+        "a" * 129,
+        "é" * 65,
+        "\x00",
+        "\n",
+        "x,y=z",
+        "noatime,dev=/dev/sda",
+        "v-loop-" + "0" * 32,
+        "s-loop-" + "f" * 32,
+        "g-loop-" + "1" * 32,
+        "v-loop-../x",
+        k,
+        k + "/",
+        k + "/st",
+        k + "/st/../..",
+        k + "/t/x",
+        k + "/st",
+        "/proc/self/root",
+        "ext4",
+        "xfs",
+        "btrfs",
+        "thick",
+        "thin",
+        "elv.csi.dev/provisioning",
+        "csi.storage.k8s.io/fstype",
+        "node-a",
+        "other-node",
+    ]
     return st.one_of(st.sampled_from(fixed + known), st.text(max_size=40), st.text(min_size=120, max_size=140))
 
 

@@ -130,8 +130,15 @@ def test_paths_must_be_beneath_the_kubelet_dir(driver: Driver) -> None:
     vid = driver.create("paths")
     outside = os.path.join(driver.base, "outside")
     os.makedirs(outside)
-    for path in (outside, "relative/path", driver.kubelet, driver.path("a", "..", "..", "outside"),
-                 driver.path("a") + "/", driver.path("a") + "//b", "/"):  # fmt: skip
+    for path in (
+        outside,
+        "relative/path",
+        driver.kubelet,
+        driver.path("a", "..", "..", "outside"),
+        driver.path("a") + "/",
+        driver.path("a") + "//b",
+        "/",
+    ):
         req = csi_pb2.NodeStageVolumeRequest(volume_id=vid, staging_target_path=path, volume_capability=mount_cap())
         assert code_of(driver.node.NodeStageVolume, req) == INVALID, path
     # A symlink anywhere beneath the kubelet dir is refused, and its target untouched.
@@ -174,26 +181,60 @@ def test_secrets_never_reach_logs_or_errors(base: str) -> None:
         c, n = d.controller, d.node
         cap = mount_cap()
         call(c.CreateVolume, create_req("sec2", secrets=secrets, parameters={"bad": "value"}))
-        call(c.ValidateVolumeCapabilities, csi_pb2.ValidateVolumeCapabilitiesRequest(
-            volume_id=vid, volume_capabilities=[cap], secrets=secrets, volume_context=ctx))  # fmt: skip
-        call(n.NodeStageVolume, csi_pb2.NodeStageVolumeRequest(
-            volume_id=vid, staging_target_path=staging, volume_capability=cap, secrets=secrets, volume_context=ctx))  # fmt: skip
-        call(n.NodePublishVolume, csi_pb2.NodePublishVolumeRequest(
-            volume_id=vid, staging_target_path=staging, target_path=target, volume_capability=cap,
-            secrets=secrets, volume_context=ctx))  # fmt: skip
-        call(n.NodePublishVolume, csi_pb2.NodePublishVolumeRequest(
-            volume_id=vid, staging_target_path=staging, target_path="/etc/elsewhere", volume_capability=cap,
-            secrets=secrets, volume_context=ctx))  # fmt: skip
-        call(c.ControllerExpandVolume, csi_pb2.ControllerExpandVolumeRequest(
-            volume_id=vid, capacity_range=csi_pb2.CapacityRange(required_bytes=32 * MiB), secrets=secrets))  # fmt: skip
+        call(
+            c.ValidateVolumeCapabilities,
+            csi_pb2.ValidateVolumeCapabilitiesRequest(
+                volume_id=vid, volume_capabilities=[cap], secrets=secrets, volume_context=ctx
+            ),
+        )
+        call(
+            n.NodeStageVolume,
+            csi_pb2.NodeStageVolumeRequest(
+                volume_id=vid, staging_target_path=staging, volume_capability=cap, secrets=secrets, volume_context=ctx
+            ),
+        )
+        call(
+            n.NodePublishVolume,
+            csi_pb2.NodePublishVolumeRequest(
+                volume_id=vid,
+                staging_target_path=staging,
+                target_path=target,
+                volume_capability=cap,
+                secrets=secrets,
+                volume_context=ctx,
+            ),
+        )
+        call(
+            n.NodePublishVolume,
+            csi_pb2.NodePublishVolumeRequest(
+                volume_id=vid,
+                staging_target_path=staging,
+                target_path="/etc/elsewhere",
+                volume_capability=cap,
+                secrets=secrets,
+                volume_context=ctx,
+            ),
+        )
+        call(
+            c.ControllerExpandVolume,
+            csi_pb2.ControllerExpandVolumeRequest(
+                volume_id=vid, capacity_range=csi_pb2.CapacityRange(required_bytes=32 * MiB), secrets=secrets
+            ),
+        )
         call(n.NodeExpandVolume, csi_pb2.NodeExpandVolumeRequest(volume_id=vid, volume_path=target, secrets=secrets))
         call(c.CreateSnapshot, csi_pb2.CreateSnapshotRequest(name="snap", source_volume_id=vid, secrets=secrets))
         call(c.ListSnapshots, csi_pb2.ListSnapshotsRequest(secrets=secrets))
-        call(c.ControllerPublishVolume, csi_pb2.ControllerPublishVolumeRequest(
-            volume_id=vid, node_id="node-a", volume_capability=cap, secrets=secrets, volume_context=ctx))  # fmt: skip
+        call(
+            c.ControllerPublishVolume,
+            csi_pb2.ControllerPublishVolumeRequest(
+                volume_id=vid, node_id="node-a", volume_capability=cap, secrets=secrets, volume_context=ctx
+            ),
+        )
         call(c.ControllerUnpublishVolume, csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, secrets=secrets))
-        call(c.ControllerModifyVolume, csi_pb2.ControllerModifyVolumeRequest(
-            volume_id=vid, mutable_parameters={"x": "y"}, secrets=secrets))  # fmt: skip
+        call(
+            c.ControllerModifyVolume,
+            csi_pb2.ControllerModifyVolumeRequest(volume_id=vid, mutable_parameters={"x": "y"}, secrets=secrets),
+        )
         d.unpublish(vid, target)
         d.unstage(vid, staging)
         for s in c.ListSnapshots(csi_pb2.ListSnapshotsRequest()).entries:

@@ -114,18 +114,32 @@ class FakeLvmRunner:
             if lv.vg not in vgs:
                 continue
             size, extent = self.vgs[lv.vg]
-            rows.append({
-                "lv_name": lv.name, "vg_name": lv.vg, "lv_uuid": f"uuid-{lv.minor}", "lv_size": str(lv.size),
-                "lv_attr": lv.attr(self.lvs), "lv_tags": ",".join(sorted(lv.tags)), "pool_lv": lv.pool,
-                "origin": lv.origin,
-                "data_percent": f"{lv.data_percent:.2f}" if lv.segtype.startswith("thin") else "",
-                "metadata_percent": f"{lv.metadata_percent:.2f}" if lv.segtype == "thin-pool" else "",
-                "lv_device_open": "open" if lv.open else "", "lv_kernel_major": "254" if lv.active else "-1",
-                "lv_kernel_minor": str(lv.minor) if lv.active else "-1", "segtype": lv.segtype,
-                "zero": ("zero" if lv.zero else "") if lv.segtype == "thin-pool" else "unknown",
-                "lv_health_status": "", "copy_percent": "", "lv_metadata_size": "", "chunk_size": "0",
-                "vg_free": str(self.free(lv.vg)), "vg_size": str(size), "vg_extent_size": str(extent),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "lv_name": lv.name,
+                    "vg_name": lv.vg,
+                    "lv_uuid": f"uuid-{lv.minor}",
+                    "lv_size": str(lv.size),
+                    "lv_attr": lv.attr(self.lvs),
+                    "lv_tags": ",".join(sorted(lv.tags)),
+                    "pool_lv": lv.pool,
+                    "origin": lv.origin,
+                    "data_percent": f"{lv.data_percent:.2f}" if lv.segtype.startswith("thin") else "",
+                    "metadata_percent": f"{lv.metadata_percent:.2f}" if lv.segtype == "thin-pool" else "",
+                    "lv_device_open": "open" if lv.open else "",
+                    "lv_kernel_major": "254" if lv.active else "-1",
+                    "lv_kernel_minor": str(lv.minor) if lv.active else "-1",
+                    "segtype": lv.segtype,
+                    "zero": ("zero" if lv.zero else "") if lv.segtype == "thin-pool" else "unknown",
+                    "lv_health_status": "",
+                    "copy_percent": "",
+                    "lv_metadata_size": "",
+                    "chunk_size": "0",
+                    "vg_free": str(self.free(lv.vg)),
+                    "vg_size": str(size),
+                    "vg_extent_size": str(extent),
+                }
+            )
         err = b"".join(f'  Volume group "{v}" not found\n'.encode() for v in missing)
         return (5 if missing else 0), self._report("lv", rows), err
 
@@ -136,10 +150,20 @@ class FakeLvmRunner:
             if v in self.vgs:
                 size, extent = self.vgs[v]
                 free = self.free(v)
-                rows.append({"vg_name": v, "vg_uuid": "u", "vg_size": str(size), "vg_free": str(free),
-                             "vg_extent_size": str(extent), "vg_extent_count": str(size // extent),
-                             "vg_free_count": str(free // extent), "pv_count": "1", "lv_count": "0",
-                             "vg_tags": ""})  # fmt: skip
+                rows.append(
+                    {
+                        "vg_name": v,
+                        "vg_uuid": "u",
+                        "vg_size": str(size),
+                        "vg_free": str(free),
+                        "vg_extent_size": str(extent),
+                        "vg_extent_count": str(size // extent),
+                        "vg_free_count": str(free // extent),
+                        "pv_count": "1",
+                        "lv_count": "0",
+                        "vg_tags": "",
+                    }
+                )
         missing = [v for v in vgs if v not in self.vgs]
         err = b"".join(f'  Volume group "{v}" not found\n'.encode() for v in missing)
         return (5 if missing else 0), self._report("vg", rows), err
@@ -236,8 +260,10 @@ class FakeLvmRunner:
                     return 5, b"", f"  Logical volume {path} not changed.\n".encode()
                 # A COW snapshot and its origin are (de)activated together.
                 head = self.lvs[(lv.vg, lv.origin)] if cow else lv
-                for x in [head, *(o for o in self.lvs.values() if o.vg == lv.vg and o.origin == head.name
-                                  and o.segtype != "thin")]:  # fmt: skip
+                for x in [
+                    head,
+                    *(o for o in self.lvs.values() if o.vg == lv.vg and o.origin == head.name and o.segtype != "thin"),
+                ]:
                     x.active = "-ay" in opts
         return 0, b"", b""
 

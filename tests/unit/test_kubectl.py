@@ -11,9 +11,14 @@ def pv(name: str, handle: str, node: str, claim: tuple[str, str] | None = ("defa
     spec: dict[str, Any] = {
         "csi": {"driver": "elv.csi.dev", "volumeHandle": handle},
         "capacity": {"storage": "1Gi"},
-        "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-            {"key": "topology.elv.csi.dev/node", "operator": "In", "values": [node]}]}]}},
-    }  # fmt: skip
+        "nodeAffinity": {
+            "required": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "topology.elv.csi.dev/node", "operator": "In", "values": [node]}]}
+                ]
+            }
+        },
+    }
     if claim:
         spec["claimRef"] = {"namespace": claim[0], "name": claim[1]}
     return {"metadata": {"name": name}, "spec": spec}
@@ -31,8 +36,12 @@ def test_join_finds_healthy_orphan_and_lost_volumes() -> None:
         pv("pv-other", "v-loop-x", "n9", None),  # on a node not inspected
         {"metadata": {"name": "nfs"}, "spec": {"csi": {"driver": "nfs.csi.k8s.io", "volumeHandle": "v-loop-orph"}}},
     ]
-    inv = {"n1": [{"id": "v-loop-a", "name": "pv-a", "size": 2**30, "condition": "ok"},
-                  {"id": "v-loop-orph", "name": "leak", "size": 2**20, "condition": "ok"}]}  # fmt: skip
+    inv = {
+        "n1": [
+            {"id": "v-loop-a", "name": "pv-a", "size": 2**30, "condition": "ok"},
+            {"id": "v-loop-orph", "name": "leak", "size": 2**20, "condition": "ok"},
+        ]
+    }
     usage = {"n1": {"default/data": 12345}}
     rows = {r.volume_id: r for r in join(pvs, inv, usage)}
     assert (rows["v-loop-a"].pvc, rows["v-loop-a"].used, rows["v-loop-a"].problem) == ("default/data", 12345, "")
@@ -43,6 +52,14 @@ def test_join_finds_healthy_orphan_and_lost_volumes() -> None:
 
 
 def test_usage_from_kubelet_summary() -> None:
-    summary = {"pods": [{"volume": [{"name": "v", "usedBytes": 42, "pvcRef": {"namespace": "ns", "name": "c"}},
-                                    {"name": "cfg", "usedBytes": 1}]}]}  # fmt: skip
+    summary = {
+        "pods": [
+            {
+                "volume": [
+                    {"name": "v", "usedBytes": 42, "pvcRef": {"namespace": "ns", "name": "c"}},
+                    {"name": "cfg", "usedBytes": 1},
+                ]
+            }
+        ]
+    }
     assert usage_from_summary(summary) == {"ns/c": 42}

@@ -8,7 +8,7 @@ import pytest
 from csi.backend.lvm import capacity, classes, params
 from csi.backend.lvm.command import config_string
 from csi.errors import ConfigError, InvalidArgument
-from csi.model import DEVICE_CLASS
+from csi.model import DEVICE_CLASS, round_up
 
 GiB = 1024**3
 MiB = 1024**2
@@ -132,7 +132,7 @@ def test_thick_capacity() -> None:
     assert capacity.thick_available(10 * GiB, 4 * MiB, reserved=GiB) == 9 * GiB
     assert capacity.thick_available(10 * GiB, 4 * MiB, copies=2) == 5 * GiB
     assert capacity.thick_available(GiB, 4 * MiB, reserved=2 * GiB) == 0
-    assert capacity.round_up(1, 4 * MiB) == 4 * MiB and capacity.round_up(8 * MiB, 4 * MiB) == 8 * MiB
+    assert round_up(1, 4 * MiB) == 4 * MiB and round_up(8 * MiB, 4 * MiB) == 8 * MiB
 
 
 def test_config_string() -> None:
@@ -147,8 +147,9 @@ def test_device_selector() -> None:
 
     sel = disks.parse_selector("path=/dev/disk/by-id/nvme-*,model=Samsung*,min-size=100G")
     assert sel == disks.Selector("/dev/disk/by-id/nvme-*", "Samsung*", None, 100 * GiB)
-    disk = disks.Disk("/dev/nvme0n1", ("/dev/disk/by-id/nvme-Samsung_X",), "Samsung SSD", "S4E", 512 * GiB,
-                      0, 0, False, 259, 0)  # fmt: skip
+    disk = disks.Disk(
+        "/dev/nvme0n1", ("/dev/disk/by-id/nvme-Samsung_X",), "Samsung SSD", "S4E", 512 * GiB, 0, 0, False, 259, 0
+    )
     assert disks.matches(sel, disk)
     assert not disks.matches(disks.parse_selector("path=/dev/sd*"), disk)
     assert not disks.matches(disks.parse_selector("serial=X*"), disk)

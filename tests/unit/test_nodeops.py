@@ -15,7 +15,8 @@ from csi.host.fs import FsTool
 from csi.host.mountinfo import Mount, MountTable
 from csi.host.paths import PathGuard
 from csi.model import AccessType, Capability, Device, Mode
-from csi.node.ops import NodeOps, bind_bits, mount_options
+from csi.node.mounts import bind_bits, mount_options
+from csi.node.ops import NodeOps
 from tests.unit.fakes import FakeBackend, FakeRunner
 
 DEV = Device(name="loop40", path="/dev/loop40", major=7, minor=40)

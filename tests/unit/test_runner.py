@@ -100,8 +100,10 @@ async def test_stdin_is_passed_and_defaults_to_devnull() -> None:
 
 async def test_nonzero_exit_raises_command_error() -> None:
     r = Runner()
-    argv = py("import sys; print('partial'); print('line one', file=sys.stderr); "
-              "print('mkfs: device is busy', file=sys.stderr); sys.exit(3)")  # fmt: skip
+    argv = py(
+        "import sys; print('partial'); print('line one', file=sys.stderr); "
+        "print('mkfs: device is busy', file=sys.stderr); sys.exit(3)"
+    )
     with pytest.raises(CommandError) as ei:
         await r.run(argv)
     e = ei.value

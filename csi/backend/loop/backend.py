@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 
-from csi.backend.base import Parameters, check_compatible, check_source_fits
+from csi.backend.base import Parameters, SnapshotsByPart, check_compatible, check_source_fits
 from csi.backend.loop import files
 from csi.backend.loop.alloc import Allocation
 from csi.backend.loop.snapshots import LoopSnapshots
@@ -35,10 +35,8 @@ from csi.model import (
     PROVISIONING,
     Capacity,
     Device,
-    GroupSnapshot,
     Health,
     PoolStats,
-    Snapshot,
     Source,
     Volume,
     VolumeSpec,
@@ -75,8 +73,11 @@ class SourceImage:
     block_size: int
 
 
-class LoopBackend:
+class LoopBackend(SnapshotsByPart):
+    """Snapshots and groups are in snapshots.py (SnapshotsByPart hands them over)."""
+
     kind = "loop"
+    snaps: LoopSnapshots
     parameters = PARAMETERS
     granularity = MiB
     min_size = MiB
@@ -136,9 +137,6 @@ class LoopBackend:
 
     def snapshot_id(self, name: str, source_volume_id: str) -> str:
         return str(ids.make("s", POOL, name))
-
-    def group_snapshot_id(self, name: str) -> str:
-        return str(ids.make("g", POOL, name))
 
     def _vid(self, volume_id: str) -> ids.ObjectId | None:
         oid = ids.parse(volume_id, "v")
@@ -340,29 +338,6 @@ class LoopBackend:
         await self.store.put_volume(vol)
         log.info("volume %s is now %s", volume_id, want)
         return vol
-
-    # -- snapshots (see snapshots.py) -------------------------------------------
-
-    async def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
-        return await self.snaps.get(snapshot_id)
-
-    async def list_snapshots(self) -> list[Snapshot]:
-        return await self.snaps.all()
-
-    async def create_snapshot(self, name: str, source_volume_id: str) -> Snapshot:
-        return (await self.snaps.create([(name, source_volume_id)], None))[0]
-
-    async def delete_snapshot(self, snapshot_id: str) -> None:
-        await self.snaps.delete(snapshot_id)
-
-    async def create_group_snapshot(self, name: str, volume_ids: list[str]) -> GroupSnapshot:
-        return await self.snaps.create_group(name, volume_ids)
-
-    async def delete_group_snapshot(self, group_id: str) -> None:
-        await self.snaps.delete_group(group_id)
-
-    async def get_group_snapshot(self, group_id: str) -> GroupSnapshot | None:
-        return await self.snaps.get_group(group_id)
 
     # -- node side -------------------------------------------------------------
 

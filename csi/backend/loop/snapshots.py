@@ -60,7 +60,13 @@ class LoopSnapshots:
     async def all(self) -> list[Snapshot]:
         return [self.store.snapshots[k] for k in sorted(self.store.snapshots)]
 
-    async def create(self, pairs: list[tuple[str, str]], group_id: str | None) -> list[Snapshot]:
+    def group_id(self, name: str) -> str:
+        return str(ids.make("g", self.pool, name))  # what create_group names it
+
+    async def create(self, name: str, source_volume_id: str) -> Snapshot:
+        return (await self.take([(name, source_volume_id)], None))[0]
+
+    async def take(self, pairs: list[tuple[str, str]], group_id: str | None) -> list[Snapshot]:
         """Snapshot each (name, volume ID) pair at one point in time; existing
         snapshots of the same name and source are returned as they are."""
         todo: list[tuple[ids.ObjectId, str, Volume]] = []
@@ -177,7 +183,7 @@ class LoopSnapshots:
             if self.store.volumes.get(v) is None or self._vid(v) is None:
                 raise NotFound(f"source volume {v} does not exist")
         await self.store.put_group(gid, record)
-        await self.create(pairs, str(gid))
+        await self.take(pairs, str(gid))
         return self._group(record)
 
     async def get_group(self, group_id: str) -> GroupSnapshot | None:

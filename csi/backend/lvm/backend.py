@@ -12,8 +12,7 @@ import logging
 import time
 from collections.abc import Mapping
 
-from csi.backend.base import check_compatible
-from csi.backend.lvm import capacity as cap
+from csi.backend.base import SnapshotsByPart, check_compatible
 from csi.backend.lvm import model, params
 from csi.backend.lvm.classes import LvmSettings
 from csi.backend.lvm.clone import Cloner
@@ -25,14 +24,17 @@ from csi.backend.lvm.snapshots import LvmSnapshots
 from csi.backend.lvm.store import LvStore
 from csi.backend.lvm.wipe import Wiper
 from csi.errors import AlreadyExists, CommandError, InUse, NotFound, Unavailable
-from csi.model import Capacity, Device, GroupSnapshot, Health, PoolStats, Snapshot, Volume, VolumeSpec, ids
+from csi.model import Capacity, Device, Health, PoolStats, Volume, VolumeSpec, ids, round_up
 
 log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 
 
-class LvmBackend:
+class LvmBackend(SnapshotsByPart):
+    """Snapshots and groups are in snapshots.py (SnapshotsByPart hands them over)."""
+
     kind = "lvm"
+    snaps: LvmSnapshots
     parameters = params.PARAMETERS
     granularity = MiB
     min_size = MiB
@@ -69,9 +71,6 @@ class LvmBackend:
         parsed = self.store.oid(source_volume_id, "v")
         pool = parsed[0].name if parsed else self.settings.default
         return str(ids.make("s", pool, name))
-
-    def group_snapshot_id(self, name: str) -> str:
-        return self.snaps.group_id(name)
 
     # -- volumes ---------------------------------------------------------------------
 
@@ -111,7 +110,7 @@ class LvmBackend:
         if spec.source is not None:
             return await self.cloner.create(spec, cls, oid, layout)
         extent = self.store.extent(view, cls)
-        size = cap.round_up(spec.size, extent)
+        size = round_up(spec.size, extent)
         now = time.time_ns()
         tags = model.volume_tags(self.store.owner, spec, now)
         if cls.thin_pool is not None:
@@ -134,19 +133,25 @@ class LvmBackend:
                 raise NotFound(f"volume {oid} vanished right after lvcreate")
             return model.to_volume(found[1], str(oid))
         # One lvcreate made exactly this (the size is whole extents): no need to ask.
-        return Volume(str(oid), spec.name, size, spec.access, spec.fs_type, cls.thin_pool is None, None,
-                      dict(spec.parameters), now, mutable=dict(spec.mutable))  # fmt: skip
+        return Volume(
+            str(oid),
+            spec.name,
+            size,
+            spec.access,
+            spec.fs_type,
+            cls.thin_pool is None,
+            None,
+            dict(spec.parameters),
+            now,
+            mutable=dict(spec.mutable),
+        )
 
     async def delete_volume(self, volume_id: str) -> None:
-        parsed = self.store.oid(volume_id, "v")
-        if parsed is None:
-            return
-        cls, oid = parsed
         # reload: whether the LV is open changes outside LVM (mounts).
-        view = await self.store.view(reload=True)
-        lv = view.lv(cls.vg, model.lv_name(oid))
-        if lv is None or not model.owned(lv, self.store.owner):
+        found = await self.store.find_owned(volume_id, "v", reload=True)
+        if found is None:
             return  # missing, or not ELV's: never touched
+        lv, view = found
         if not lv.has(model.WIPE):
             if lv.open or await self.store.mounts_of(lv):
                 raise InUse(f"volume {volume_id} is open or mounted on this node; unstage it before deleting")
@@ -173,7 +178,7 @@ class LvmBackend:
             if gone:
                 await self.wiper.finish(view, gone)
                 cls, lv, view = await self.store.must_find(volume_id, fresh=True)
-        target = cap.round_up(size, self.store.extent(view, cls))
+        target = round_up(size, self.store.extent(view, cls))
         copies = 2 if lv.segtype == "raid1" else 1
         async with self.store.reserve(cls, target - lv.size, f"growing volume {volume_id}", copies):
             try:
@@ -263,29 +268,6 @@ class LvmBackend:
                 )
             )
         return out
-
-    # -- snapshots (snapshots.py) -------------------------------------------------------
-
-    async def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
-        return await self.snaps.get(snapshot_id)
-
-    async def list_snapshots(self) -> list[Snapshot]:
-        return await self.snaps.all()
-
-    async def create_snapshot(self, name: str, source_volume_id: str) -> Snapshot:
-        return await self.snaps.create(name, source_volume_id)
-
-    async def delete_snapshot(self, snapshot_id: str) -> None:
-        await self.snaps.delete(snapshot_id)
-
-    async def create_group_snapshot(self, name: str, volume_ids: list[str]) -> GroupSnapshot:
-        return await self.snaps.create_group(name, volume_ids)
-
-    async def delete_group_snapshot(self, group_id: str) -> None:
-        await self.snaps.delete_group(group_id)
-
-    async def get_group_snapshot(self, group_id: str) -> GroupSnapshot | None:
-        return await self.snaps.get_group(group_id)
 
     # -- node side (node.py) --------------------------------------------------------------
 

@@ -41,10 +41,6 @@ from csi.backend.lvm.inventory import View
 from csi.backend.lvm.report import LvInfo
 
 
-def round_up(n: int, unit: int) -> int:
-    return -(-n // unit) * unit
-
-
 def round_down(n: int, unit: int) -> int:
     return n - n % unit
 

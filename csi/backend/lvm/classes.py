@@ -117,9 +117,15 @@ def from_flags(vg: str | None, thin_pool: str | None, devices: str | None, overp
     return LvmSettings({cls.name: cls}, cls.name)
 
 
-_DEVICE_CLASSS = {
-    "name", "vg", "thin-pool", "overprovision-ratio", "full-threshold", "devices", "thin-pool-size",
-}  # fmt: skip
+_CLASS_KEYS = {
+    "name",
+    "vg",
+    "thin-pool",
+    "overprovision-ratio",
+    "full-threshold",
+    "devices",
+    "thin-pool-size",
+}
 _TOP_KEYS = {"default-class", "udev", "monitoring", "freeze-dir", "device-class"}
 
 
@@ -133,23 +139,7 @@ def parse_config(text: str) -> LvmSettings:
         raise ConfigError(f"unknown lvm config key {unknown[0]!r}")
     classes: dict[str, DeviceClass] = {}
     for entry in doc.get("device-class", []):
-        if not isinstance(entry, dict):
-            raise ConfigError("each [[device-class]] must be a table")
-        bad = sorted(set(entry) - _DEVICE_CLASSS)
-        if bad:
-            raise ConfigError(f"unknown device-class key {bad[0]!r}")
-        try:
-            cls = make_class(
-                str(entry["name"]),
-                str(entry["vg"]),
-                str(entry["thin-pool"]) if "thin-pool" in entry else None,
-                overprovision_ratio=float(entry.get("overprovision-ratio", 1.0)),
-                full_threshold=float(entry.get("full-threshold", 90.0)),
-                devices=str(entry["devices"]) if "devices" in entry else None,
-                thin_pool_size=str(entry.get("thin-pool-size", "90%FREE")),
-            )
-        except KeyError as e:
-            raise ConfigError(f"a device class is missing {e.args[0]!r}") from e
+        cls = _device_class(entry)
         if cls.name in classes:
             raise ConfigError(f"device class {cls.name!r} is defined twice")
         classes[cls.name] = cls
@@ -158,6 +148,36 @@ def parse_config(text: str) -> LvmSettings:
     default = str(doc.get("default-class", next(iter(classes))))
     if default not in classes:
         raise ConfigError(f"default-class {default!r} is not defined")
+    udev, monitoring, freeze_dir = _host_settings(doc)
+    pools = [(c.vg, c.thin_pool) for c in classes.values() if c.thin_pool]
+    if len(pools) != len(set(pools)):
+        raise ConfigError("two device classes use the same thin pool")
+    return LvmSettings(classes, default, udev, monitoring, freeze_dir)
+
+
+def _device_class(entry: object) -> DeviceClass:
+    """One ``[[device-class]]`` table."""
+    if not isinstance(entry, dict):
+        raise ConfigError("each [[device-class]] must be a table")
+    bad = sorted(set(entry) - _CLASS_KEYS)
+    if bad:
+        raise ConfigError(f"unknown device-class key {bad[0]!r}")
+    try:
+        return make_class(
+            str(entry["name"]),
+            str(entry["vg"]),
+            str(entry["thin-pool"]) if "thin-pool" in entry else None,
+            overprovision_ratio=float(entry.get("overprovision-ratio", 1.0)),
+            full_threshold=float(entry.get("full-threshold", 90.0)),
+            devices=str(entry["devices"]) if "devices" in entry else None,
+            thin_pool_size=str(entry.get("thin-pool-size", "90%FREE")),
+        )
+    except KeyError as e:
+        raise ConfigError(f"a device class is missing {e.args[0]!r}") from e
+
+
+def _host_settings(doc: dict[str, Any]) -> tuple[str, bool | None, str]:
+    """The top-level keys about this host: udev, monitoring, freeze-dir."""
     udev = str(doc.get("udev", "auto"))
     if udev not in ("auto", "on", "off"):
         raise ConfigError("udev must be auto, on or off")
@@ -167,7 +187,4 @@ def parse_config(text: str) -> LvmSettings:
     freeze_dir = str(doc.get("freeze-dir", "/run/elv"))
     if not freeze_dir.startswith("/"):
         raise ConfigError("freeze-dir must be an absolute path")
-    pools = [(c.vg, c.thin_pool) for c in classes.values() if c.thin_pool]
-    if len(pools) != len(set(pools)):
-        raise ConfigError("two device classes use the same thin pool")
-    return LvmSettings(classes, default, udev, monitoring, freeze_dir)
+    return udev, monitoring, freeze_dir

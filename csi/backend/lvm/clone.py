@@ -21,7 +21,6 @@ import os
 import time
 
 from csi.backend.base import check_source_fits
-from csi.backend.lvm import capacity as cap
 from csi.backend.lvm import model
 from csi.backend.lvm.classes import DeviceClass
 from csi.backend.lvm.params import Layout
@@ -30,7 +29,7 @@ from csi.backend.lvm.snapshots import cow_size
 from csi.backend.lvm.store import LvStore
 from csi.backend.lvm.wipe import Wiper
 from csi.errors import CommandError, FailedPrecondition, NotFound
-from csi.model import Volume, VolumeSpec, ids
+from csi.model import Volume, VolumeSpec, ids, round_up
 
 log = logging.getLogger(__name__)
 CHUNK = 4 * 1024 * 1024
@@ -59,8 +58,14 @@ def copy_blocks(src: str, dst: str, size: int, label: str) -> None:
                     if now - last >= PROGRESS_SECONDS:
                         last = now
                         rate = done / max(now - start, 1e-6) / 1048576
-                        log.info("copy %s: %d%% (%d of %d MiB, %.0f MiB/s)",
-                                 label, done * 100 // size, done >> 20, size >> 20, rate)  # fmt: skip
+                        log.info(
+                            "copy %s: %d%% (%d of %d MiB, %.0f MiB/s)",
+                            label,
+                            done * 100 // size,
+                            done >> 20,
+                            size >> 20,
+                            rate,
+                        )
             os.fsync(fout)
         finally:
             os.close(fout)
@@ -98,7 +103,7 @@ class Cloner:
     async def create(self, spec: VolumeSpec, cls: DeviceClass, oid: ids.ObjectId, layout: Layout) -> Volume:
         src, src_size, fs = await self._source(spec)
         view = await self.store.view(fresh=True)
-        size = cap.round_up(spec.size, self.store.extent(view, cls))
+        size = round_up(spec.size, self.store.extent(view, cls))
         name = model.lv_name(oid)
         instant = cls.thin_pool is not None and src.thin and src.vg == cls.vg and src.pool == cls.thin_pool
         pending = not instant or size > src.size
@@ -108,16 +113,48 @@ class Cloner:
         try:
             async with self.store.reserve(cls, size, what, layout.copies):
                 if instant:
-                    await self.store.lvm.change("lvcreate", "-s", "-n", name, "--setactivationskip", "n", "-y",
-                                               *model.addtags(tags), f"{src.vg}/{src.name}")  # fmt: skip
+                    await self.store.lvm.change(
+                        "lvcreate",
+                        "-s",
+                        "-n",
+                        name,
+                        "--setactivationskip",
+                        "n",
+                        "-y",
+                        *model.addtags(tags),
+                        f"{src.vg}/{src.name}",
+                    )
                     if size > src.size:
                         await self.store.lvm.change("lvextend", "-L", f"{size}b", path)
                 elif cls.thin_pool is not None:
-                    await self.store.lvm.change("lvcreate", "-n", name, "-V", f"{size}b", "--thinpool",
-                                               cls.thin_pool, "-y", *model.addtags(tags), cls.vg)  # fmt: skip
+                    await self.store.lvm.change(
+                        "lvcreate",
+                        "-n",
+                        name,
+                        "-V",
+                        f"{size}b",
+                        "--thinpool",
+                        cls.thin_pool,
+                        "-y",
+                        *model.addtags(tags),
+                        cls.vg,
+                    )
                 else:
-                    await self.store.lvm.change("lvcreate", "-n", name, "-L", f"{size}b", "-W", "y", "-Z", "y",
-                                               "-y", *layout.args, *model.addtags(tags), cls.vg)  # fmt: skip
+                    await self.store.lvm.change(
+                        "lvcreate",
+                        "-n",
+                        name,
+                        "-L",
+                        f"{size}b",
+                        "-W",
+                        "y",
+                        "-Z",
+                        "y",
+                        "-y",
+                        *layout.args,
+                        *model.addtags(tags),
+                        cls.vg,
+                    )
         except CommandError as e:
             await self._discard(cls, name)
             raise classify(e, what) from e
@@ -134,8 +171,12 @@ class Cloner:
         found = await self.store.find(str(oid), "v", fresh=True)
         if found is None:
             raise NotFound(f"volume {oid} vanished right after it was made")
-        log.info("created volume %s from %s (%s)", oid, spec.source.id if spec.source else "?",
-                 "thin snapshot" if instant else "block copy")  # fmt: skip
+        log.info(
+            "created volume %s from %s (%s)",
+            oid,
+            spec.source.id if spec.source else "?",
+            "thin snapshot" if instant else "block copy",
+        )
         return model.to_volume(found[1], str(oid))
 
     async def _discard(self, cls: DeviceClass, name: str) -> None:

@@ -103,8 +103,19 @@ async def build_vg(store: LvStore, cls: DeviceClass, vg_exists: bool, pool_exist
             await store.lvm.change("vgextend", "-y", cls.vg, *chosen)
             log.info("device class %s: extended VG %s with %s", cls.name, cls.vg, ", ".join(chosen))
         if cls.thin_pool is not None and not pool_exists and (vg_exists or chosen):
-            await store.lvm.change("lvcreate", "-y", "--type", "thin-pool", "-Z", "y", "-l", cls.thin_pool_size,
-                                  "-n", cls.thin_pool, cls.vg)  # fmt: skip
+            await store.lvm.change(
+                "lvcreate",
+                "-y",
+                "--type",
+                "thin-pool",
+                "-Z",
+                "y",
+                "-l",
+                cls.thin_pool_size,
+                "-n",
+                cls.thin_pool,
+                cls.vg,
+            )
             log.info("device class %s: created thin pool %s/%s", cls.name, cls.vg, cls.thin_pool)
     finally:
         store.inv.invalidate()

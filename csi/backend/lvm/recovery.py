@@ -37,8 +37,12 @@ async def check_classes(store: LvStore) -> None:
             log.warning(
                 "thin pool %s/%s does not zero new blocks; ELV wipes the thin volumes of class %s before "
                 "removing them (lvchange --zero y %s/%s avoids that cost)",
-                cls.vg, cls.thin_pool, cls.name, cls.vg, cls.thin_pool,
-            )  # fmt: skip
+                cls.vg,
+                cls.thin_pool,
+                cls.name,
+                cls.vg,
+                cls.thin_pool,
+            )
 
 
 async def build_from_disks(store: LvStore) -> None:
@@ -70,5 +74,7 @@ async def recover(store: LvStore, wiper: Wiper) -> None:
             quarantined += 1
     log.info(
         "lvm backend: %d device classes (%s), %d LVs to wipe",
-        len(store.settings.classes), ", ".join(sorted(store.settings.classes)), quarantined,
-    )  # fmt: skip
+        len(store.settings.classes),
+        ", ".join(sorted(store.settings.classes)),
+        quarantined,
+    )

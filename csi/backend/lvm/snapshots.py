@@ -29,16 +29,17 @@ import time
 
 from csi.backend import freeze
 from csi.backend.base import member_name
-from csi.backend.lvm import capacity as cap
 from csi.backend.lvm import model, params
 from csi.backend.lvm.inventory import View
 from csi.backend.lvm.report import LvInfo, classify, hex_decode, not_found
 from csi.backend.lvm.store import LvStore
 from csi.backend.lvm.wipe import Wiper
 from csi.errors import AlreadyExists, CommandError, NotFound
-from csi.model import GroupSnapshot, Snapshot, Volume, ids
+from csi.model import GroupSnapshot, Snapshot, Volume, ids, round_up
 
 log = logging.getLogger(__name__)
+#: A snapshot still to take: its ID, its name, the source LV and volume.
+_Member = tuple[ids.ObjectId, str, LvInfo, Volume]
 
 
 def cow_size(origin: int, percent: int, extent: int) -> int:
@@ -46,7 +47,7 @@ def cow_size(origin: int, percent: int, extent: int) -> int:
     table (16 bytes per 4 KiB chunk, about 1/256) and a spare extent. LVM trims
     a store larger than the origin can ever need."""
     data = math.ceil(origin * percent / 100)
-    return cap.round_up(data + origin // 128 + extent, extent)
+    return round_up(data + origin // 128 + extent, extent)
 
 
 class LvmSnapshots:
@@ -75,39 +76,51 @@ class LvmSnapshots:
     async def _create(self, pairs: list[tuple[str, str]], group: tuple[str, str, int] | None) -> list[Snapshot]:
         view = await self.store.view(fresh=True)
         done: dict[str, Snapshot] = {}
-        todo: list[tuple[ids.ObjectId, str, LvInfo, Volume]] = []
+        todo: list[_Member] = []
         for name, vid in pairs:
-            parsed = self.store.oid(vid, "v")
-            if parsed is None:
-                raise NotFound(f"source volume {vid} does not exist")
-            cls, void = parsed
-            sid = ids.make("s", cls.name, name)
-            lv = view.lv(cls.vg, model.lv_name(sid))
-            if lv is not None:
-                if not model.owned(lv, self.store.owner):
-                    raise AlreadyExists(f"LV {lv.vg}/{lv.name} exists but is not ELV's; refusing to touch it")
-                if lv.has(model.PENDING) or lv.has(model.WIPE):
-                    await self.wiper.quarantine(lv)
-                elif lv.tag(model.SOURCE) != vid:
-                    raise AlreadyExists(f"snapshot {name!r} already exists for another volume")
-                else:
-                    done[name] = model.to_snapshot(lv, str(sid))
-                    continue
-            src = view.lv(cls.vg, model.lv_name(void))
-            if src is None or not model.live(src, self.store.owner, "v"):
-                raise NotFound(f"source volume {vid} does not exist")
-            todo.append((sid, name, src, model.to_volume(src, vid)))
+            found = await self._existing_or_todo(view, name, vid)
+            if isinstance(found, Snapshot):
+                done[name] = found
+            else:
+                todo.append(found)
         if todo:
-            points: list[str] = []  # per member: its mount point, or "" (not mounted)
-            if group is not None:
-                for _, _, src, _ in todo:
-                    mounts = await self.store.mounts_of(src)
-                    points.append(mounts[0].mount_point if mounts else "")
-            async with freeze.frozen(self.store.fs, [mp for mp in points if mp], self.store.settings.freeze_dir,
-                                     "lvm-group"):  # fmt: skip
-                for (sid, name, src, vol), mp in zip(todo, points or [""] * len(todo), strict=True):
+            # Per member: its mount point, or "" (not mounted, or not a group).
+            points = await self._mount_points(todo) if group is not None else [""] * len(todo)
+            async with freeze.frozen(
+                self.store.fs, [mp for mp in points if mp], self.store.settings.freeze_dir, "lvm-group"
+            ):
+                for (sid, name, src, vol), mp in zip(todo, points, strict=True):
                     done[name] = await self._take_thawed(sid, name, src, vol, group, mp)
         return [done[name] for name, _ in pairs]
+
+    async def _existing_or_todo(self, view: View, name: str, vid: str) -> Snapshot | _Member:
+        """The snapshot of this name if it is done already, or what taking it needs."""
+        parsed = self.store.oid(vid, "v")
+        if parsed is None:
+            raise NotFound(f"source volume {vid} does not exist")
+        cls, void = parsed
+        sid = ids.make("s", cls.name, name)
+        lv = view.lv(cls.vg, model.lv_name(sid))
+        if lv is not None:
+            if not model.owned(lv, self.store.owner):
+                raise AlreadyExists(f"LV {lv.vg}/{lv.name} exists but is not ELV's; refusing to touch it")
+            if lv.has(model.PENDING) or lv.has(model.WIPE):
+                await self.wiper.quarantine(lv)
+            elif lv.tag(model.SOURCE) != vid:
+                raise AlreadyExists(f"snapshot {name!r} already exists for another volume")
+            else:
+                return model.to_snapshot(lv, str(sid))
+        src = view.lv(cls.vg, model.lv_name(void))
+        if src is None or not model.live(src, self.store.owner, "v"):
+            raise NotFound(f"source volume {vid} does not exist")
+        return sid, name, src, model.to_volume(src, vid)
+
+    async def _mount_points(self, todo: list[_Member]) -> list[str]:
+        points = []
+        for _, _, src, _ in todo:
+            mounts = await self.store.mounts_of(src)
+            points.append(mounts[0].mount_point if mounts else "")
+        return points
 
     async def _take_thawed(
         self, sid: ids.ObjectId, name: str, src: LvInfo, vol: Volume, group: tuple[str, str, int] | None, mp: str
@@ -138,32 +151,47 @@ class LvmSnapshots:
             if src.thin:
                 # A thin snapshot promises its origin's size again (capacity.py explains why).
                 async with self.store.reserve(cls, src.size, what):
-                    await self.store.lvm.change("lvcreate", "-s", "-n", lvname, "--setactivationskip", "y", "-y",
-                                               *model.addtags(tags), f"{src.vg}/{src.name}")  # fmt: skip
+                    await self.store.lvm.change(
+                        "lvcreate",
+                        "-s",
+                        "-n",
+                        lvname,
+                        "--setactivationskip",
+                        "y",
+                        "-y",
+                        *model.addtags(tags),
+                        f"{src.vg}/{src.name}",
+                    )
             else:
                 view = await self.store.view(fresh=True)
                 reserve = params.layout(vol.parameters, cls).snapshot_reserve
                 size = cow_size(src.size, reserve, self.store.extent(view, cls))
-                await self.store.lvm.change("lvcreate", "-s", "-n", lvname, "-L", f"{size}b", "-y",
-                                           *model.addtags(tags), f"{src.vg}/{src.name}")  # fmt: skip
+                await self.store.lvm.change(
+                    "lvcreate", "-s", "-n", lvname, "-L", f"{size}b", "-y", *model.addtags(tags), f"{src.vg}/{src.name}"
+                )
         except CommandError as e:
             raise classify(e, what) from e
         finally:
             self.store.inv.invalidate()
         log.info("created snapshot %s of %s (%s)", sid, vol.id, "thin" if src.thin else "copy-on-write")
         # The tags are exactly what ListSnapshots will read back.
-        return Snapshot(str(sid), name, vol.id, vol.size, created, True, group[0] if group else None,
-                        vol.access, vol.formatted or vol.fs_type)  # fmt: skip
+        return Snapshot(
+            str(sid),
+            name,
+            vol.id,
+            vol.size,
+            created,
+            True,
+            group[0] if group else None,
+            vol.access,
+            vol.formatted or vol.fs_type,
+        )
 
     async def delete(self, snapshot_id: str) -> None:
-        parsed = self.store.oid(snapshot_id, "s")
-        if parsed is None:
+        found = await self.store.find_owned(snapshot_id, "s")
+        if found is None:
             return
-        cls, sid = parsed
-        view = await self.store.view(fresh=True)
-        lv = view.lv(cls.vg, model.lv_name(sid))
-        if lv is None or not model.owned(lv, self.store.owner):
-            return
+        lv, view = found
         await self._remove(view, lv)
         log.info("deleted snapshot %s", snapshot_id)
 

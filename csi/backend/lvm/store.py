@@ -80,6 +80,19 @@ class LvStore:
             return None
         return cls, lv, view
 
+    async def find_owned(self, object_id: str, kind: ids.Kind, *, reload: bool = False) -> tuple[LvInfo, View] | None:
+        """The LV behind an ID if it is ELV's, whatever its state (a delete
+        finishes what it finds), with the view it was found in."""
+        parsed = self.oid(object_id, kind)
+        if parsed is None:
+            return None
+        cls, oid = parsed
+        view = await self.view(fresh=not reload, reload=reload)
+        lv = view.lv(cls.vg, model.lv_name(oid))
+        if lv is None or not model.owned(lv, self.owner):
+            return None
+        return lv, view
+
     async def must_find(self, volume_id: str, fresh: bool = False) -> tuple[DeviceClass, LvInfo, View]:
         found = await self.find(volume_id, "v", fresh)
         if found is None:
