@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from csi.host import scratch
 
 if TYPE_CHECKING:
-    from tests.k8s.cluster import Cluster
+    from tests.support.cluster import Cluster
 
 K8S_PREFIX = "elv-k8s-"
 
@@ -34,7 +34,7 @@ def _runs_in(pid: int, root: str) -> bool:
 
 
 def stale_clusters(root: str = scratch.ROOT) -> list[Cluster]:
-    from tests.k8s.cluster import Cluster
+    from tests.support.cluster import Cluster
 
     out = []
     for name in sorted(os.listdir(root)):

@@ -11,15 +11,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections import Counter
 
 import pytest
 
-from tests.integration.harness import REPO, Driver, leftovers, scratch
+from tests.support.driver import Driver, leftovers, scratch
+from tests.support.sanity import OUT, read_report, require_sanity, sanity_argv, yaml_map
 
-TOOLS = os.environ.get("ELV_TOOLS", os.path.expanduser("~/.cache/elv-tools"))
-SANITY = os.path.join(TOOLS, "bin", "csi-sanity")
-OUT = os.path.join(REPO, "ci-out")
 MiB = 1024 * 1024
 
 RUNS = {
@@ -49,67 +46,26 @@ ALLOWED_SKIPS = {
 }
 
 
-def read_report(report: str) -> tuple[Counter[str], list[str], float]:
-    """csi-sanity's ginkgo JSON report: the count of each spec state, a line
-    for every spec that neither passed nor is pending, and the run time (s)."""
-    with open(report) as f:
-        specs = json.load(f)[0]["SpecReports"]
-    its = [s for s in specs if s.get("LeafNodeType") == "It"]
-    states = Counter(s["State"] for s in its)
-    lines = [
-        f"{s['State']}: {' / '.join(s['ContainerHierarchyTexts'][1:])} :: {s['LeafNodeText']}"
-        for s in its
-        if s["State"] not in ("passed", "pending")
-    ]
-    return states, lines, sum(s.get("RunTime", 0) for s in specs) / 1e9
-
-
-def _yaml_map(path: str, m: dict[str, str]) -> str:
-    with open(path, "w") as f:
-        for k, v in m.items():
-            f.write(f"{json.dumps(k)}: {json.dumps(v)}\n")
-    return path
-
-
 @pytest.mark.conformance
+@pytest.mark.root
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("run", list(RUNS))
 def test_csi_sanity(run: str) -> None:
     if os.geteuid() != 0:
         pytest.fail("csi-sanity needs root (it stages and mounts volumes)", pytrace=False)
-    if not os.access(SANITY, os.X_OK):
-        pytest.fail(f"{SANITY} is missing: build it with scripts/tools", pytrace=False)
+    require_sanity()
     access, params, size, expand, flags = RUNS[run]
     os.makedirs(OUT, exist_ok=True)
     report = os.path.join(OUT, f"sanity-{run}.json")
     with scratch() as base:
         driver = Driver(base, "--max-volumes-per-node", "4", *flags).start()
         try:
-            argv = [
-                SANITY,
-                "-csi.endpoint",
-                driver.endpoint,
-                "-csi.stagingdir",
-                os.path.join(driver.kubelet, "sanity-staging"),
-                "-csi.mountdir",
-                os.path.join(driver.kubelet, "sanity-mount"),
-                "-csi.testvolumeaccesstype",
-                access,
-                "-csi.testvolumesize",
-                str(size),
-                "-csi.testvolumeexpandsize",
-                str(expand),
-                "-csi.testvolumemutableparameters",
-                _yaml_map(os.path.join(base, "mutable.yaml"), {"elv.csi.dev/provisioning": "thick"}),
-                "-csi.testnodevolumeattachlimit",
-                "-ginkgo.json-report",
-                report,
-                "-ginkgo.junit-report",
-                os.path.join(OUT, f"sanity-{run}.xml"),
-                "-ginkgo.no-color",
-            ]
+            mutable = yaml_map(os.path.join(base, "mutable.yaml"), {"elv.csi.dev/provisioning": "thick"})
+            argv = sanity_argv(
+                driver, access, size, expand, f"sanity-{run}", ["-csi.testvolumemutableparameters", mutable]
+            )
             if params:
-                argv += ["-csi.testvolumeparameters", _yaml_map(os.path.join(base, "params.yaml"), params)]
+                argv += ["-csi.testvolumeparameters", yaml_map(os.path.join(base, "params.yaml"), params)]
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=840, cwd=base, check=False)
         finally:
             rc = driver.stop()

@@ -18,7 +18,7 @@ import subprocess
 
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.support.paths import REPO
 
 
 def test_serve_offers_node_only_expansion() -> None:

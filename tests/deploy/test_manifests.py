@@ -21,7 +21,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.support.paths import REPO
+
 DEPLOY = os.path.join(REPO, "deploy")
 K8S_VERSION = "1.36.0"
 TOOLS = os.environ.get("ELV_TOOLS", os.path.expanduser("~/.cache/elv-tools"))

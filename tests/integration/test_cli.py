@@ -16,7 +16,8 @@ from collections.abc import Iterator
 import pytest
 
 from csi.host.mountinfo import MountTable
-from tests.integration.harness import REPO, Driver, leftovers
+from tests.support.driver import Driver, leftovers
+from tests.support.paths import REPO
 
 
 def elv(d: Driver, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -1,5 +1,5 @@
 """The crash tests restart ``elv serve`` from a pre-imported interpreter
-(tests/integration/forked.py): such a driver must be a whole driver, one a
+(tests/support/forked.py): such a driver must be a whole driver, one a
 SIGKILL ends and a restart recovers, exactly like an exec'd one."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import grpc
 import pytest
 
 from csi.v1 import csi_pb2
-from tests.integration.harness import Driver, leftovers, mount_cap
+from tests.support.driver import Driver, leftovers
+from tests.support.rpc import mount_cap
 
 
 def test_a_forked_driver_serves_dies_and_recovers(base: str) -> None:

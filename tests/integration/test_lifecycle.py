@@ -13,7 +13,8 @@ import pytest
 from csi.host import loop as loopdev
 from csi.host.mountinfo import MountTable
 from csi.v1 import csi_pb2
-from tests.integration.harness import SNRO, SNSW, Driver, MiB, block_cap, code_of, leftovers, mount_cap
+from tests.support.driver import Driver, MiB, leftovers
+from tests.support.rpc import SNRO, SNSW, block_cap, code_of, mount_cap
 
 
 def image(d: Driver, vid: str) -> str:

@@ -13,7 +13,9 @@ import grpc
 import pytest
 
 from csi.v1 import csi_pb2
-from tests.integration.harness import REPO, Driver, MiB, code_of, leftovers, mount_cap
+from tests.support.driver import Driver, MiB, leftovers
+from tests.support.paths import REPO
+from tests.support.rpc import code_of, mount_cap
 
 SAFE = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

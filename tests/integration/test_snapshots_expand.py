@@ -8,7 +8,8 @@ import grpc
 
 from csi.host.fs import CAP_SYS_RESOURCE, has_capability
 from csi.v1 import csi_pb2
-from tests.integration.harness import Driver, MiB, block_cap, code_of, mount_cap
+from tests.support.driver import Driver, MiB
+from tests.support.rpc import block_cap, code_of, mount_cap
 
 SnapSrc = csi_pb2.VolumeContentSource.SnapshotSource
 VolSrc = csi_pb2.VolumeContentSource.VolumeSource

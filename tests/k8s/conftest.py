@@ -1,6 +1,6 @@
 """The cluster layer: a real one-node Kubernetes cluster of host processes.
 
-One cluster per session (tests/k8s/cluster.py). It needs root, the binaries
+One cluster per session (tests/support/cluster.py). It needs root, the binaries
 from scripts/k8s-tools and the packages from scripts/setup-k8s; without them
 the tests FAIL, they never skip. The e2e subset (test_e2e.py) is opt-in:
 it is deselected unless ELV_E2E=1.
@@ -8,17 +8,18 @@ it is deselected unless ELV_E2E=1.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
 
 import pytest
 
-from tests.k8s.cluster import REPO, Cluster, ClusterError, missing_prerequisites, new_root
+from tests.support.cluster import Cluster, ClusterError, missing_prerequisites, new_root
+from tests.support.k8s import Summary
+from tests.support.markers import mark_folder
 
-SUMMARY = os.path.join(REPO, "ci-out", "k8s-summary.json")
+HERE = Path(__file__).parent
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -26,34 +27,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    keep, drop = [], []
-    for item in items:
-        if "tests/k8s/" not in item.nodeid.replace(os.sep, "/"):
-            keep.append(item)
-            continue
-        item.add_marker(pytest.mark.root)
-        if item.get_closest_marker("e2e") and os.environ.get("ELV_E2E") != "1":
-            drop.append(item)
-        else:
-            keep.append(item)
+    mark_folder(items, HERE, pytest.mark.root)
+    if os.environ.get("ELV_E2E") == "1":
+        return
+    drop = [i for i in items if i.path.is_relative_to(HERE) and i.get_closest_marker("e2e")]
     if drop:
         config.hook.pytest_deselected(items=drop)
-        items[:] = keep
-
-
-class Summary:
-    """Timings and results, written to ci-out/k8s-summary.json at the end."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        self.t0 = time.monotonic()
-
-    def write(self) -> None:
-        self.data["total_s"] = round(time.monotonic() - self.t0, 2)
-        os.makedirs(os.path.dirname(SUMMARY), exist_ok=True)
-        with open(SUMMARY, "w") as f:
-            json.dump(self.data, f, indent=1, sort_keys=True)
-        print(f"\nk8s summary ({SUMMARY}):\n{json.dumps(self.data, indent=1, sort_keys=True)}")
+        items[:] = [i for i in items if all(i is not d for d in drop)]
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.k8s.cluster import (
-    BUSYBOX,
+from tests.support.cluster import (
     DRIVER,
     NAMESPACE,
     Api,
@@ -34,49 +33,13 @@ from tests.k8s.cluster import (
     mounts_under,
     wait_for,
 )
-from tests.k8s.conftest import Summary
+from tests.support.k8s import SC, Summary, phase, pod, pvc
 
 MiB = 1024 * 1024
 NS = "elv-test"
-SC = "elv-loop"
 V1 = f"/api/v1/namespaces/{NS}"
 SNAP = f"/apis/snapshot.storage.k8s.io/v1/namespaces/{NS}/volumesnapshots"
 CAPS = f"/apis/storage.k8s.io/v1/namespaces/{NAMESPACE}/csistoragecapacities"
-
-
-def pvc(name: str, size: str, source: str | None = None) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "accessModes": ["ReadWriteOnce"],
-        "storageClassName": SC,
-        "resources": {"requests": {"storage": size}},
-    }
-    if source:
-        spec["dataSource"] = {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": source}
-    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name}, "spec": spec}
-
-
-def pod(name: str, claim: str) -> dict[str, Any]:
-    # Not root: the pod can write only because kubelet applied fsGroup
-    # (CSIDriver fsGroupPolicy: File).
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {
-            "terminationGracePeriodSeconds": 0,
-            "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 2000},
-            "containers": [
-                {
-                    "name": "c",
-                    "image": BUSYBOX,
-                    "imagePullPolicy": "IfNotPresent",
-                    "command": ["sleep", "3600"],
-                    "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-                }
-            ],
-            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
-        },
-    }
 
 
 class Steps:
@@ -89,11 +52,6 @@ class Steps:
         fn()
         self.times[name] = round(time.monotonic() - t, 2)
         print(f"  {name}: {self.times[name]:.2f} s", flush=True)
-
-
-def phase(api: Api, path: str) -> str:
-    o = api.maybe(path)
-    return (o or {}).get("status", {}).get("phase", "")
 
 
 def create_and_time(api: Api, claim: dict[str, Any] | None, p: dict[str, Any]) -> dict[str, float]:

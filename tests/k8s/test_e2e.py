@@ -18,8 +18,8 @@ from collections import Counter
 
 import pytest
 
-from tests.k8s.cluster import BIN, KUBELET_ALIAS, PAUSE, REPO, Cluster
-from tests.k8s.conftest import Summary
+from tests.support.cluster import BIN, KUBELET_ALIAS, PAUSE, REPO, Cluster
+from tests.support.k8s import Summary
 
 E2E = os.path.join(BIN, "e2e.test")
 FOCUS = r"External.Storage \[Driver: elv\.csi\.dev\].*\] (provisioning|volumes|volumeMode|volume-expand|snapshottable|capacity) "

@@ -5,17 +5,16 @@ volume no PersistentVolume points to."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from typing import Any
 
-from tests.k8s.cluster import Cluster, wait_for
-from tests.k8s.test_cluster import phase, pod, pvc
+from tests.support.cluster import Cluster, wait_for
+from tests.support.k8s import phase, pod, pvc
+from tests.support.paths import REPO
 
 NS = "elv-kubectl"
 V1 = f"/api/v1/namespaces/{NS}"
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def kubectl_elv(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:

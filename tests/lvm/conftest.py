@@ -9,18 +9,20 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import leftovers, scratch
-from tests.lvm.harness import GuestVg, LvmDriver, class_config, destroy_vg, lvs, make_vg, wait_for, write_config
+from tests.support.driver import stop_cleanly
+from tests.support.fixtures import base
+from tests.support.lvm import GuestVg, LvmDriver, class_config, destroy_vg, make_vg, ours, wait_for, write_config
+from tests.support.markers import mark_folder
 
-OWNER_TAG = "elv.owner=elv.csi.dev"
+__all__ = ["base"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        item.add_marker(pytest.mark.root)
+    mark_folder(items, Path(__file__).parent, pytest.mark.root)
 
 
 @pytest.fixture(scope="session")
@@ -48,16 +50,6 @@ def vg(dm_ready: None) -> Iterator[GuestVg]:
 
 
 @pytest.fixture
-def base() -> Iterator[str]:
-    with scratch() as b:
-        yield b
-
-
-def ours(vg: GuestVg) -> list[str]:
-    return sorted(r["lv_name"] for r in lvs(vg.name) if OWNER_TAG in r["lv_tags"].split(","))
-
-
-@pytest.fixture
 def driver(base: str, vg: GuestVg) -> Iterator[LvmDriver]:
     cfg = write_config(os.path.join(base, "lvm.toml"), class_config(vg))
     d = LvmDriver(base, ["--lvm-config", cfg]).start()
@@ -66,8 +58,4 @@ def driver(base: str, vg: GuestVg) -> Iterator[LvmDriver]:
         # Every test deletes what it made; the wiper then removes the quarantined LVs.
         wait_for(lambda: not ours(vg), 120, "the wiper to finish")
     finally:
-        rc = d.stop()
-        left = leftovers(base)
-        assert rc == 0, f"driver exited with {rc}:\n{d.log()[-3000:]}"
-        assert "Traceback" not in d.log(), d.log()[-5000:]
-        assert not left, f"test left behind: {left}"
+        stop_cleanly(d, base)

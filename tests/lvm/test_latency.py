@@ -12,11 +12,11 @@ import statistics
 import time
 from collections.abc import Iterator
 
+from csi.model import DEVICE_CLASS as CLASS
 from csi.v1 import csi_pb2
-from tests.integration.harness import REPO
-from tests.lvm.harness import GuestVg, LvmDriver, MiB, lvm
+from tests.support.lvm import GuestVg, LvmDriver, MiB, lvm
+from tests.support.paths import REPO
 
-CLASS = "elv.csi.dev/device-class"
 ROUNDS = 3
 
 

@@ -9,7 +9,7 @@ directory, no volume was lost, and every file written (and fsynced) before a
 kill reads back with its checksum. ``scripts/lvm-vm`` runs it as a third
 stream beside the other two; ``scripts/lvm-vm tests/lvm/test_lvm_crash.py``
 runs it alone (ELV_CRASH_KILLS, default 200; ELV_CRASH_SEED replays a run). A
-restart forks a pre-imported interpreter (tests/integration/forked.py), so a
+restart forks a pre-imported interpreter (tests/support/forked.py), so a
 kill costs about four seconds in the emulated guest instead of nine.
 """
 
@@ -20,12 +20,11 @@ import time
 
 import pytest
 
-from tests.integration.harness import leftovers
-from tests.lvm.conftest import ours
-from tests.lvm.harness import GuestVg, LvmDriver, class_config, wait_for, write_config
-from tests.reliability.test_crash import KILLS, SEED, Snap, Vol, World
+from csi.model import DEVICE_CLASS as CLASS
+from tests.support.crash import KILLS, SEED, Snap, Vol, World
+from tests.support.driver import leftovers
+from tests.support.lvm import GuestVg, LvmDriver, class_config, ours, wait_for, write_config
 
-CLASS = "elv.csi.dev/device-class"
 # Seconds a kill in the guest (more while other streams share its two vCPUs):
 # far beyond the usual per-test bound.
 pytestmark = pytest.mark.timeout(600 + 40 * KILLS)
@@ -101,13 +100,6 @@ def test_lvm_kill_anywhere_and_converge(base: str, vg: GuestVg) -> None:
         assert not os.listdir(os.path.join(base, "run", "commands"))
     finally:
         rc = d.stop()
-        summary = (
-            f"lvm crash test: seed={SEED} kills={w.o.kills} operations={w.o.ops} "
-            f"seconds={time.monotonic() - t0:.0f} restarts={w.o.restart_seconds:.0f}s driver exit={rc}"
-        )
-        print(summary)
-        os.makedirs("ci-out", exist_ok=True)
-        with open("ci-out/lvm-crash-summary.txt", "w") as f:
-            f.write(summary + "\n")
+        w.report("lvm crash test", time.monotonic() - t0, "lvm-crash-summary.txt", f" driver exit={rc}")
     assert rc == 0, d.log()[-3000:]
     assert "Traceback" not in d.log(), d.log()[-5000:]

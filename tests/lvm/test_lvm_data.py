@@ -12,13 +12,11 @@ import time
 import grpc
 import pytest
 
+from csi.model import DEVICE_CLASS as CLASS
 from csi.model import ids
 from csi.v1 import csi_pb2
-from tests.integration.harness import block_cap, code_of, mount_cap
-from tests.lvm.conftest import ours
-from tests.lvm.harness import GuestVg, LvmDriver, MiB, lv, lvm, lvs, wait_for
-
-CLASS = "elv.csi.dev/device-class"
+from tests.support.lvm import GuestVg, LvmDriver, MiB, lv, lvm, lvs, ours, wait_for
+from tests.support.rpc import block_cap, code_of, mount_cap
 
 
 def snapshot(d: LvmDriver, name: str, vid: str) -> str:

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.harness import leftovers
-from tests.lvm.harness import GuestVg, LvmDriver, MiB, lvm, lvs, wait_for
+from tests.support.driver import leftovers
+from tests.support.lvm import GuestVg, LvmDriver, MiB, lvm, lvs, wait_for
 
 VG = "elvdisks"
 

@@ -1,4 +1,4 @@
-"""The reliability suite's fuzz test (tests/reliability/test_fuzz.py) on real
+"""The reliability suite's fuzz test (tests/support/fuzz.py) on real
 LVM: malformed values in every field of every RPC never give INTERNAL or
 UNKNOWN, and a rejected call changes no LV (name, size, attributes, tags) and
 no mount. Fewer examples per RPC than on loop (a state read is an ``lvs``, a
@@ -14,13 +14,12 @@ import pytest
 
 from csi.host import scratch
 from csi.host.mountinfo import MountTable
+from csi.model import DEVICE_CLASS as CLASS
 from csi.v1 import csi_pb2
-from tests.lvm.conftest import ours
-from tests.lvm.harness import GuestVg, LvmDriver, class_config, lvs, wait_for, write_config
-from tests.reliability.test_fuzz import CALLS, Fuzzed, fuzz_rpc, mounts_and_loops, seed
+from tests.support.fuzz import CALLS, Fuzzed, fuzz_rpc, mounts_and_loops, seed
+from tests.support.lvm import GuestVg, LvmDriver, class_config, lvs, ours, wait_for, write_config
 
 EXAMPLES = int(os.environ.get("ELV_LVM_FUZZ_EXAMPLES", "8"))
-CLASS = "elv.csi.dev/device-class"
 
 
 @pytest.fixture(scope="module")

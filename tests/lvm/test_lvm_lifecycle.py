@@ -8,11 +8,10 @@ import os
 import grpc
 import pytest
 
+from csi.model import DEVICE_CLASS as CLASS
 from csi.v1 import csi_pb2
-from tests.integration.harness import block_cap, code_of, mount_cap
-from tests.lvm.harness import GuestVg, LvmDriver, MiB, lv
-
-CLASS = "elv.csi.dev/device-class"
+from tests.support.lvm import GuestVg, LvmDriver, MiB, lv
+from tests.support.rpc import block_cap, code_of, mount_cap
 
 
 def lv_name(vid: str) -> str:

@@ -14,12 +14,10 @@ import grpc
 import pytest
 
 from csi.host.mountinfo import MountTable
+from csi.model import DEVICE_CLASS as CLASS
 from csi.v1 import csi_pb2
-from tests.integration.harness import block_cap, code_of, mount_cap
-from tests.lvm.conftest import ours
-from tests.lvm.harness import GuestVg, LvmDriver, MiB, lvm, lvs
-
-CLASS = "elv.csi.dev/device-class"
+from tests.support.lvm import GuestVg, LvmDriver, MiB, lvm, lvs, ours
+from tests.support.rpc import block_cap, code_of, mount_cap
 
 
 @pytest.mark.parametrize("cls", ["thick", "thin"])

@@ -1,4 +1,4 @@
-"""The reliability suite's state machine (tests/reliability/test_concurrency.py)
+"""The reliability suite's state machine (tests/support/machine.py)
 on real LVM: random sequences of create, stage, publish, unpublish, unstage,
 delete, repeats and hard and soft restarts on thick and thin volumes, checked
 after every step against the model: one volume per name, none lost or leaked,
@@ -14,12 +14,11 @@ import os
 
 import pytest
 
-from tests.integration.harness import Driver, MiB
-from tests.lvm.conftest import ours
-from tests.lvm.harness import GuestVg, LvmDriver, class_config, lv, lvm, wait_for, write_config
-from tests.reliability.test_concurrency import DriverMachine, run_machine
+from csi.model import DEVICE_CLASS as CLASS
+from tests.support.driver import Driver, MiB
+from tests.support.lvm import GuestVg, LvmDriver, class_config, lv, lvm, ours, wait_for, write_config
+from tests.support.machine import DriverMachine, run_machine
 
-CLASS = "elv.csi.dev/device-class"
 EXAMPLES = int(os.environ.get("ELV_LVM_SM_EXAMPLES", "4"))
 STEPS = int(os.environ.get("ELV_LVM_SM_STEPS", "20"))
 # Two LVs that are not ELV's: one plain, one with the name ELV would give a volume.

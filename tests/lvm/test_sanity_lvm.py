@@ -13,14 +13,9 @@ import subprocess
 
 import pytest
 
-from tests.conformance.test_sanity import read_report
-from tests.integration.harness import REPO, leftovers, scratch
-from tests.lvm.conftest import ours
-from tests.lvm.harness import GuestVg, LvmDriver, MiB, wait_for, write_config
-
-TOOLS = os.environ.get("ELV_TOOLS", os.path.expanduser("~/.cache/elv-tools"))
-SANITY = os.path.join(TOOLS, "bin", "csi-sanity")
-OUT = os.path.join(REPO, "ci-out")
+from tests.support.driver import leftovers, scratch
+from tests.support.lvm import GuestVg, LvmDriver, MiB, ours, wait_for, write_config
+from tests.support.sanity import OUT, read_report, require_sanity, sanity_argv
 
 RUNS = {
     # name: (device class, access type)
@@ -49,8 +44,7 @@ vg = "{vg.name}"
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("run", list(RUNS))
 def test_csi_sanity_lvm(run: str, vg: GuestVg) -> None:
-    if not os.access(SANITY, os.X_OK):
-        pytest.fail(f"{SANITY} is missing: build it with scripts/tools", pytrace=False)
+    require_sanity()
     cls, access = RUNS[run]
     os.makedirs(OUT, exist_ok=True)
     report = os.path.join(OUT, f"sanity-lvm-{run}.json")
@@ -60,29 +54,9 @@ def test_csi_sanity_lvm(run: str, vg: GuestVg) -> None:
         wiped = True
         try:
             params = write_config(os.path.join(base, "params.yaml"), f'"elv.csi.dev/device-class": "{cls}"\n')
-            argv = [
-                SANITY,
-                "-csi.endpoint",
-                driver.endpoint,
-                "-csi.stagingdir",
-                os.path.join(driver.kubelet, "sanity-staging"),
-                "-csi.mountdir",
-                os.path.join(driver.kubelet, "sanity-mount"),
-                "-csi.testvolumeaccesstype",
-                access,
-                "-csi.testvolumesize",
-                str(64 * MiB),
-                "-csi.testvolumeexpandsize",
-                str(128 * MiB),
-                "-csi.testvolumeparameters",
-                params,
-                "-csi.testnodevolumeattachlimit",
-                "-ginkgo.json-report",
-                report,
-                "-ginkgo.junit-report",
-                os.path.join(OUT, f"sanity-lvm-{run}.xml"),
-                "-ginkgo.no-color",
-            ]
+            argv = sanity_argv(
+                driver, access, 64 * MiB, 128 * MiB, f"sanity-lvm-{run}", ["-csi.testvolumeparameters", params]
+            )
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=1700, cwd=base, check=False)
             # Deleted thick volumes are wiped in the background; let that finish.
             try:

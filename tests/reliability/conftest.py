@@ -1,5 +1,16 @@
 """Reliability and security suite: root, real devices, a real driver."""
 
-from tests.integration.conftest import _require_root, base, driver, pytest_collection_modifyitems
+from __future__ import annotations
 
-__all__ = ["_require_root", "base", "driver", "pytest_collection_modifyitems"]
+from pathlib import Path
+
+import pytest
+
+from tests.support.fixtures import _require_root, base, driver
+from tests.support.markers import mark_folder
+
+__all__ = ["_require_root", "base", "driver"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    mark_folder(items, Path(__file__).parent, pytest.mark.root)

@@ -12,7 +12,8 @@ import pytest
 
 from csi.host.mountinfo import MountTable
 from csi.v1 import csi_pb2
-from tests.integration.harness import Driver, MiB, code_of, leftovers, mount_cap
+from tests.support.driver import Driver, MiB, leftovers
+from tests.support.rpc import code_of, mount_cap
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND

@@ -10,7 +10,8 @@ import grpc
 from csi.host import loop as loopdev
 from csi.host.mountinfo import MountTable
 from csi.v1 import csi_pb2
-from tests.integration.harness import Driver, MiB, block_cap, code_of, leftovers, mount_cap
+from tests.support.driver import Driver, MiB, leftovers
+from tests.support.rpc import block_cap, code_of, mount_cap
 
 PATTERN = b"TENANT-A-SECRET!" * 4096  # 64 KiB
 

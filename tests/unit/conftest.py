@@ -12,8 +12,7 @@ from hypothesis import configuration
 
 from csi.config import Config
 from csi.server.interceptor import RpcInterceptor
-
-DATA = Path(__file__).resolve().parents[1] / "data"
+from tests.support.paths import DATA
 
 # Hypothesis keeps caches (and, unless disabled, its example database) in
 # ./.hypothesis; keep the checkout clean by putting them in the temp dir.
