@@ -24,7 +24,7 @@ lint: setup
 	.venv/bin/ruff check csi tests
 	.venv/bin/ruff format --check csi tests
 	.venv/bin/mypy csi
-	.venv/bin/lint-imports
+	.venv/bin/lint-imports --no-logo
 
 sanity: setup tools
 	.venv/bin/python -m pytest -q -s tests/conformance/test_sanity.py
@@ -40,4 +40,4 @@ bench: setup
 	.venv/bin/python -m csi bench
 
 clean:
-	rm -rf ci-out bench-out .mypy_cache .ruff_cache
+	rm -rf ci-out bench-out .mypy_cache .ruff_cache .import_linter_cache

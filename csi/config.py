@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from csi import DRIVER_NAME
 
@@ -65,7 +65,6 @@ class Config:
     lvm_vg: str | None = None
     lvm_thin_pool: str | None = None
     lvm_devices: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def topology_key(self) -> str:

@@ -1,4 +1,13 @@
-"""Storage backends: the contract (base.py) and the loop and LVM backends."""
+"""Storage backends: the contract (base.py), and the loop and LVM backends.
+
+Every backend keeps the contract in base.py: ControllerBackend for the
+controller services, NodeBackend for csi.node, and a ``build(config, runner)``
+in its package that raises ConfigError for a configuration it cannot serve.
+:func:`build` picks the one the configuration names.
+
+Imports host, config, model and errors; never the node work, the services,
+the server or a tool (import-linter holds that).
+"""
 
 from __future__ import annotations
 

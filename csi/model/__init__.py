@@ -46,10 +46,6 @@ class Capability:
     fs_type: str | None
     mount_flags: tuple[str, ...]
 
-    @property
-    def readonly_mode(self) -> bool:
-        return self.mode == Mode.SINGLE_NODE_READER_ONLY
-
 
 def round_up(n: int, unit: int) -> int:
     """``n`` rounded up to a multiple of ``unit`` (a size to a granularity or an extent)."""

@@ -44,7 +44,6 @@ def subject(request: Any) -> str:
 class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, observer: RpcObserver | None = None) -> None:
         self._observer = observer
-        self.in_flight = 0
 
     async def intercept_service(
         self,
@@ -71,7 +70,6 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         start = time.monotonic()
         code = grpc.StatusCode.OK
         message = ""
-        self.in_flight += 1
         try:
             return await _call(method, inner, request, context)
         except ElvError as e:
@@ -86,7 +84,6 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             code = grpc.StatusCode.INTERNAL
             message = f"internal error in {method}: {type(e).__name__}; see the driver log"
         finally:
-            self.in_flight -= 1
             self._record(method, request, code, message, time.monotonic() - start)
         await context.abort(code, message)
 

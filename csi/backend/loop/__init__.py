@@ -1,4 +1,13 @@
-"""The loop backend: one sparse (or thick) file per volume, attached as a loop device."""
+"""The loop backend: one sparse (or thick) file per volume, attached as a loop device.
+
+backend.py (LoopBackend) with store.py (the pool on disk: the metadata file
+is the commit point), snapshots.py (reflink or sparse copies, frozen
+groups), alloc.py (allocated bytes without a scan per request) and files.py
+(the image files).
+
+Imports the contract (csi.backend.base, freeze), host, config, model and
+errors, as every backend may; nothing above.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,16 @@
-"""The LVM backend: device classes of thick and thin LVs (see backend.py)."""
+"""The LVM backend: device classes of thick and thin LVs, LVM metadata the only state.
+
+backend.py (LvmBackend) and its parts: store.py (LvStore: ELV's LVs, found by
+ID, activated, capacity reserved), snapshots.py, clone.py, node.py, wipe.py,
+recovery.py; classes.py and selector.py read the configuration, params.py
+declares the StorageClass parameters, model.py maps objects to LV names and
+tags, report.py parses LVM's output and classifies its failures (the only
+place that reads stderr), command.py runs lvm, inventory.py caches the view.
+
+Imports the contract (csi.backend.base, freeze), host, config, model and
+errors, as every backend may; nothing above. No module of it imports another
+that imports it back (import-linter's acyclic contract).
+"""
 
 from __future__ import annotations
 

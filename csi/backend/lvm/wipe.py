@@ -47,7 +47,6 @@ class Wiper:
         self.store = store
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.idle = asyncio.Event()
 
     async def quarantine(self, lv: LvInfo, rename: bool = True) -> None:
         """Take the LV out of service now; the wipe follows in the background.
@@ -91,13 +90,10 @@ class Wiper:
             except Exception:
                 log.exception("wipe pass failed; retrying in %.0fs", RETRY_SECONDS)
                 left, removed = 1, 0
-            if left == 0:
-                self.idle.set()
-            elif removed:
+            if left and removed:
                 continue  # a removed snapshot may have freed its origin: go again now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=RETRY_SECONDS if left else None)
-            self.idle.clear()
 
     async def pass_once(self) -> tuple[int, int]:
         """Wipe and remove every quarantined LV that can go now; return how many

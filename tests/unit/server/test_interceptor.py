@@ -61,7 +61,6 @@ async def test_exceptions_become_statuses(serve, config: Config, exc: BaseExcept
     assert ei.value.code() == code
     assert ei.value.code() != S.UNKNOWN
     assert ei.value.details() == details
-    assert interceptor.in_flight == 0
 
 
 async def test_method_the_servicer_does_not_implement_is_unimplemented(serve, config: Config) -> None:
@@ -129,7 +128,7 @@ def test_subject() -> None:
 
 async def test_debug_logging_does_not_break_requests(serve, config: Config, caplog: pytest.LogCaptureFixture) -> None:
     """Regression: at DEBUG the request is logged (redacted) before the call; a failure
-    there used to escape the interceptor, so clients saw UNKNOWN and in_flight leaked."""
+    there used to escape the interceptor, so clients saw UNKNOWN."""
     backend = FakeBackend()
     interceptor = RpcInterceptor()
     channel = await serve(
@@ -148,5 +147,4 @@ async def test_debug_logging_does_not_break_requests(serve, config: Config, capl
     with caplog.at_level(logging.DEBUG, logger="csi.rpc"):
         resp = await csi_pb2_grpc.ControllerStub(channel).CreateVolume(req)
     assert resp.volume.volume_id
-    assert interceptor.in_flight == 0
     assert "hunter2" not in caplog.text

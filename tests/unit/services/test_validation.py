@@ -217,10 +217,8 @@ def test_volume_mount_group_is_refused() -> None:
 def test_capability_result() -> None:
     c = v.capability(mount_cap(mode=AM.SINGLE_NODE_READER_ONLY, fs="xfs", flags=("ro", "noatime")))
     assert c == Capability(AccessType.MOUNT, Mode.SINGLE_NODE_READER_ONLY, "xfs", ("ro", "noatime"))
-    assert c.readonly_mode
     b = v.capability(block_cap(mode=AM.SINGLE_NODE_MULTI_WRITER))
     assert b == Capability(AccessType.BLOCK, Mode.SINGLE_NODE_MULTI_WRITER, None, ())
-    assert not b.readonly_mode
     # An empty fs_type means "the default", which is recorded as None.
     assert v.capability(mount_cap()).fs_type is None
 
