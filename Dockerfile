@@ -3,16 +3,24 @@
 # machine; package versions are pinned to bookworm's. Build it with
 #   docker build -t elv:0.1.0 .
 # The DaemonSet in deploy/ sets only args; it runs the container privileged.
+# It holds every optional dependency the DaemonSet and its overlays use:
+# metrics (prometheus-client) and udev (pyudev, for the lvm backend's
+# --lvm-devices).
+#
+# BASE is the image both stages start from: a Debian 12 image with Python 3.11
+# and pip. scripts/build-image builds without a registry by passing a local
+# stand-in made with mmdebstrap (--build-arg BASE=...).
+ARG BASE=python:3.11-slim-bookworm
 
 # ---- build: a wheel of the package and of its runtime dependencies
-FROM python:3.11-slim-bookworm AS build
+FROM ${BASE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY csi ./csi
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[metrics]"
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[metrics,udev]"
 
 # ---- runtime
-FROM python:3.11-slim-bookworm
+FROM ${BASE}
 LABEL org.opencontainers.image.title="elv" \
       org.opencontainers.image.description="ELV: Elastic Local Volumes, a CSI driver for node-local storage" \
       org.opencontainers.image.licenses="Apache-2.0"
@@ -32,7 +40,7 @@ ENV LC_ALL=C.UTF-8 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links=/wheels "elv[metrics]==0.1.0" \
+RUN pip install --no-cache-dir --no-index --find-links=/wheels "elv[metrics,udev]==0.1.0" \
     && rm -rf /wheels \
     && elv --version
 # The CSI socket's directory (a hostPath in the DaemonSet).
