@@ -272,9 +272,10 @@ def test_dockerfile_matches_the_daemonset() -> None:
     for pkg in ("lvm2", "e2fsprogs", "xfsprogs", "util-linux"):
         assert f"{pkg}=" in text, f"{pkg} is not pinned in the Dockerfile"
     assert containers("overlays/loop")["elv"]["image"].split(":")[0] == "elv"
-    # The image installs this repository's version of the package.
+    # The image installs this repository's version of the package, with every extra
+    # the DaemonSet or the lvm overlay can use (metrics; pyudev for --lvm-devices).
     about: dict[str, str] = {}
     with open(os.path.join(REPO, "csi", "__init__.py")) as f:
         exec(compile(f.read(), "csi/__init__.py", "exec"), about)
-    assert f'"elv[metrics]=={about["__version__"]}"' in text
+    assert f'"elv[metrics,udev]=={about["__version__"]}"' in text
     assert containers("overlays/loop")["elv"]["image"] == f"elv:{about['__version__']}"
