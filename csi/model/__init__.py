@@ -175,9 +175,15 @@ class Health:
 PROVISIONING = "elv.csi.dev/provisioning"
 #: The LVM device class a volume lives in (``elv volume create --class``).
 DEVICE_CLASS = "elv.csi.dev/device-class"
+#: Which ELV tool made a volume (today only ``docker-plugin``). Recorded with the
+#: volume and shown in its ``volume_context``, so the Docker volume plugin lists
+#: and removes only the volumes it made, never a Kubernetes PV or a volume that
+#: ``elv volume create`` made.
+CREATED_BY = "elv.csi.dev/created-by"
 
 #: What ELV puts into a volume's ``volume_context``, so tools (``elv volume
 #: list``) can show it; the driver itself never trusts volume_context.
+#: (``CREATED_BY`` goes there too, for a volume made with it.)
 NAME_KEY = "elv.csi.dev/name"
 FS_KEY = "elv.csi.dev/fs"
 ACCESS_KEY = "elv.csi.dev/access"

@@ -67,8 +67,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def _volume_parameters(self, params: dict[str, str]) -> dict[str, str]:
         own = self._backend.parameters.values
         checked = v.parameters(params, {**v.COMMON, **own})
-        # Only the keys that shape the volume take part in idempotency checks.
-        return {k: val for k, val in checked.items() if k in own}
+        # Only the keys that shape the volume (and the recorded ones) take part
+        # in idempotency checks.
+        return {k: val for k, val in checked.items() if k in own or k in v.RECORDED}
 
     def _mutable_parameters(self, params: dict[str, str]) -> dict[str, str]:
         return v.parameters(params, self._backend.parameters.mutable_values, "mutable_parameters")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from google.protobuf import timestamp_pb2
 
 from csi.errors import InvalidArgument
-from csi.model import ACCESS_KEY, FS_KEY, NAME_KEY, Snapshot, Source, Volume
+from csi.model import ACCESS_KEY, CREATED_BY, FS_KEY, NAME_KEY, Snapshot, Source, Volume
 from csi.v1 import csi_pb2
 
 
@@ -22,6 +22,8 @@ def volume(v: Volume, topology: dict[str, str]) -> csi_pb2.Volume:
         accessible_topology=[csi_pb2.Topology(segments=topology)],
         volume_context={NAME_KEY: v.name, ACCESS_KEY: v.access.value, FS_KEY: v.formatted or v.fs_type or ""},
     )
+    if CREATED_BY in v.parameters:
+        msg.volume_context[CREATED_BY] = v.parameters[CREATED_BY]
     if v.source is not None:
         if v.source.kind == "snapshot":
             msg.content_source.snapshot.snapshot_id = v.source.id

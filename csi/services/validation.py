@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from csi.backend.base import check_values
 from csi.errors import InvalidArgument, OutOfRange
-from csi.model import DEFAULT_FS, MIN_FS_BYTES, SUPPORTED_FS, AccessType, Capability, Mode, round_up
+from csi.model import CREATED_BY, DEFAULT_FS, MIN_FS_BYTES, SUPPORTED_FS, AccessType, Capability, Mode, round_up
 from csi.v1 import csi_pb2
 
 NAME_MAX_BYTES = 128
@@ -31,7 +31,11 @@ COMMON: Mapping[str, frozenset[str] | None] = {
     "csi.storage.k8s.io/pvc/name": None,
     "csi.storage.k8s.io/pvc/namespace": None,
     "csi.storage.k8s.io/pv/name": None,
+    CREATED_BY: frozenset({"docker-plugin"}),
 }
+#: Common keys recorded with the volume (and so part of a retry's identity),
+#: although no backend gives them a meaning: which tool made it.
+RECORDED = frozenset({CREATED_BY})
 #: Keys a VolumeSnapshotClass may carry: csi-snapshotter's metadata only.
 SNAPSHOT: Mapping[str, frozenset[str] | None] = {
     "csi.storage.k8s.io/volumesnapshot/name": None,

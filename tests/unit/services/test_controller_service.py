@@ -54,6 +54,25 @@ async def test_create_volume(stub, backend: FakeBackend) -> None:
     assert spec.parameters == {}  # informational keys do not shape the volume
 
 
+async def test_created_by_is_recorded_shown_and_part_of_a_retry(stub, backend: FakeBackend) -> None:
+    """The Docker plugin marks its volumes: the mark is kept with the volume,
+    shown in volume_context, and a same-named request without it (another tool's
+    volume) is a different volume, not a silent adoption."""
+    made = await stub.CreateVolume(create_req(parameters={"elv.csi.dev/created-by": "docker-plugin"}))
+    ((spec,),) = backend.called("create_volume")
+    assert spec.parameters == {"elv.csi.dev/created-by": "docker-plugin"}
+    assert made.volume.volume_context["elv.csi.dev/created-by"] == "docker-plugin"
+    listed = await stub.ListVolumes(csi_pb2.ListVolumesRequest())
+    assert listed.entries[0].volume.volume_context["elv.csi.dev/created-by"] == "docker-plugin"
+    await expect(stub.CreateVolume(create_req()), S.ALREADY_EXISTS)
+    e = await expect(
+        stub.CreateVolume(create_req("pvc-2", parameters={"elv.csi.dev/created-by": "me"})), S.INVALID_ARGUMENT
+    )
+    assert "is not one of: docker-plugin" in (e.details() or "")
+    plain = await stub.CreateVolume(create_req("pvc-3"))
+    assert "elv.csi.dev/created-by" not in plain.volume.volume_context
+
+
 async def test_create_volume_is_idempotent(stub, backend: FakeBackend) -> None:
     first = await stub.CreateVolume(create_req())
     second = await stub.CreateVolume(create_req())
