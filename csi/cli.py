@@ -86,6 +86,7 @@ def add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def parser() -> argparse.ArgumentParser:
     from csi.bench import main as bench
     from csi.cmd import attach, doctor, volumes
+    from csi.cmd.dockerplugin import main as docker_plugin
 
     p = argparse.ArgumentParser(prog="elv", description="ELV: Elastic Local Volumes, a CSI driver")
     p.add_argument("--version", action="version", version=f"elv {__version__}")
@@ -96,6 +97,7 @@ def parser() -> argparse.ArgumentParser:
     volumes.add_parsers(sub, endpoint)
     attach.add_parsers(sub, endpoint)
     doctor.add_parser(sub, endpoint)
+    docker_plugin.add_parser(sub, endpoint)
     bench.add_parser(sub)
     return p
 
@@ -171,6 +173,12 @@ def _tool(args: argparse.Namespace) -> int:
             return asyncio.run(attach.detach(args))
         if args.command == "doctor":
             return doctor.run(args)
+        if args.command == "docker-plugin":
+            from csi.cmd.dockerplugin import main as docker_plugin
+            from csi.server import log
+
+            log.setup(args.log_level)
+            return docker_plugin.run(args)
         if args.command == "bench":
             from csi.bench import main as bench
 

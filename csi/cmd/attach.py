@@ -14,6 +14,7 @@ the host.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -21,6 +22,7 @@ import sys
 
 from csi.cmd.client import Client, block_capability, mount_capability
 from csi.cmd.common import CliError, call, find_volume, plugin
+from csi.cmd.dockerplugin.state import plugin_dir
 from csi.host.mountinfo import MountTable, parse
 from csi.host.nsmount import open_tree_clone
 from csi.model import ACCESS_KEY, FS_KEY
@@ -79,8 +81,15 @@ async def attachments(client: Client, vid: str) -> list[dict[str, object]]:
 
 
 async def staged_path(client: Client, vid: str) -> str | None:
-    staging = os.path.join(await _anchor_dir(client, vid), "staging")
-    return staging if MountTable.load().top(os.path.realpath(staging)) is not None else None
+    """Where the volume is staged by ``elv attach`` or by a volume plugin, if it is."""
+    info = await plugin(client)
+    kubelet = info.manifest.get("kubelet-dir") or "/var/lib/kubelet"
+    candidates = [os.path.join(await _anchor_dir(client, vid), "staging")]
+    plugins = os.path.dirname(plugin_dir(kubelet, info.name, "x"))
+    with contextlib.suppress(FileNotFoundError):
+        candidates += [os.path.join(plugins, p, vid, "staging") for p in sorted(os.listdir(plugins))]
+    table = MountTable.load()
+    return next((c for c in candidates if table.top(os.path.realpath(c)) is not None), None)
 
 
 def _pids() -> list[int]:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import errno
 import grp
 import logging
 import os
 import signal
-import socket
 import stat
 import sys
 from typing import TYPE_CHECKING
@@ -29,6 +27,7 @@ from csi.errors import ElvError
 from csi.host.fs import FsTool
 from csi.host.paths import PathGuard
 from csi.host.runner import Runner
+from csi.host.sockets import SocketError, prepare_socket
 from csi.node.ops import NodeOps
 from csi.server.interceptor import RpcInterceptor
 from csi.services.controller import ControllerService
@@ -42,41 +41,6 @@ if TYPE_CHECKING:
     from csi.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
-MAX_UNIX_PATH = 107
-
-
-class SocketError(ElvError):
-    pass
-
-
-def prepare_socket(path: str) -> None:
-    """Make ``path`` free for a new socket.
-
-    A stale socket from a dead driver is removed; a live one (something
-    answers) or anything that is not a socket is refused and left untouched.
-    """
-    if len(path.encode()) > MAX_UNIX_PATH:
-        raise SocketError(f"socket path {path} is longer than {MAX_UNIX_PATH} bytes")
-    os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise SocketError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError as e:
-        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise SocketError(f"cannot check {path}: {e.strerror}") from e
-        os.unlink(path)  # nobody listens: a leftover from a crash
-        log.info("removed stale socket %s", path)
-        return
-    finally:
-        probe.close()
-    raise SocketError(f"another process is already serving on {path}")
 
 
 def secure_socket(path: str, group: str | None) -> None:

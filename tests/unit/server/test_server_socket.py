@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from csi.config import Config
-from csi.server.driver import MAX_UNIX_PATH, SocketError, prepare_socket, secure_socket
+from csi.host.sockets import MAX_UNIX_PATH, SocketError, prepare_socket
+from csi.server.driver import secure_socket
 
 
 def test_missing_path_is_fine_and_parents_are_created(tmp_path: Path) -> None:
