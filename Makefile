@@ -1,10 +1,10 @@
 # ELV: the two commands a fresh machine needs are `make run` and `make test`.
-.PHONY: run test setup tools k8s-tools proto lint sanity k8s-test e2e bench clean
+.PHONY: run test setup tools k8s-tools engines proto lint sanity k8s-test e2e bench clean
 
 run: setup
 	.venv/bin/python -m csi demo
 
-test: setup tools k8s-tools
+test: setup tools k8s-tools engines
 	scripts/test
 
 setup:
@@ -16,6 +16,10 @@ tools:
 k8s-tools:
 	scripts/setup-k8s
 	scripts/k8s-tools
+
+# Docker, Podman and uidmap for tests/engines (Debian packages; no daemon is started).
+engines:
+	scripts/setup-engines
 
 proto: setup
 	scripts/gen-proto

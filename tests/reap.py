@@ -3,8 +3,10 @@
 A test run that is SIGKILLed (a cancelled CI job, a session that ends) cannot
 clean up, and its leftovers break the next run: a test cluster's bridge, mounts
 and loop devices. scripts/test runs this first. It touches only what is stale:
-scratch directories whose owner process is gone (csi/host/scratch.py) and test
-clusters none of whose processes still run.
+scratch directories whose owner process is gone (csi/host/scratch.py), test
+clusters none of whose processes still run, and what engine test runs whose
+owner is gone left outside their scratch directory (tests/support/engines.py:
+their daemons and containers, cgroups, plugin sockets, throwaway users).
 
     python -m tests.reap          reap, print what was removed; exit 1 if something could not be
 """
@@ -53,6 +55,10 @@ def main() -> int:
         left = c.down()
         print(f"reap: test cluster {c.root} (its processes were gone)" + (f"; left: {left}" if left else ""))
         problems += left
+    from tests.support import engines
+
+    for line in engines.reap():
+        print(f"reap: {line}")
     removed, failed = scratch.reap()
     for path in removed:
         print(f"reap: scratch directory {path} (its owner was gone)")
