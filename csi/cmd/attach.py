@@ -24,7 +24,7 @@ from csi.cmd.client import Client, block_capability, mount_capability
 from csi.cmd.common import CliError, call, find_volume, plugin
 from csi.cmd.dockerplugin.state import plugin_dir
 from csi.host.mountinfo import MountTable, parse
-from csi.host.nsmount import open_tree_clone
+from csi.host.nsmount import idmap_tree, open_tree_clone, user_namespace
 from csi.model import ACCESS_KEY, FS_KEY
 from csi.v1 import csi_pb2
 
@@ -35,6 +35,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser], endpoi
     a.add_argument("--pid", type=int, required=True, help="any process in the target namespace")
     a.add_argument("--path", required=True, help="where the volume appears inside it, e.g. /data")
     a.add_argument("--readonly", action="store_true")
+    a.add_argument(
+        "--idmap",
+        choices=["auto", "none"],
+        default="auto",
+        help="auto (default): an idmapped mount when the process is in another user namespace (a rootless "
+        "container), so its root owns what uid 0 owns on disk; none: a plain mount",
+    )
     a.add_argument("--endpoint", default=endpoint)
     d = sub.add_parser("detach", help="undo elv attach")
     d.add_argument("name")
@@ -154,22 +161,44 @@ async def attach(args: argparse.Namespace) -> int:
                 timeout=600,
             ),
         )
-        fd = open_tree_clone(anchor)
+        idmapped = args.idmap == "auto" and not block and _other_user_namespace(args.pid)
         try:
-            argv = ["attach", "--pid", str(args.pid), "--path", args.path, "--fd", str(fd)] + (
-                ["--file"] if block else []
-            )
-            res = _helper(*argv, pass_fds=(fd,))
-        finally:
-            os.close(fd)
+            res = _move_in(anchor, args.pid, args.path, block, idmapped)
+        except OSError as e:
+            await _release(client, vid, staging, anchor)
+            raise CliError(
+                f"cannot make an idmapped mount for pid {args.pid}'s user namespace: {e.strerror}",
+                "attach with --idmap none (the container then sees files it does not map as nobody)",
+            ) from None
         if res.returncode != 0:
             await _release(client, vid, staging, anchor)
             raise CliError(f"cannot attach inside pid {args.pid}'s namespace: {res.stderr.strip()}")
     print(
         f"attached {args.name} at {args.path} in the mount namespace of pid {args.pid}"
         + (" (read-only)" if args.readonly else "")
+        + (", idmapped to its user namespace" if idmapped else "")
     )
     return 0
+
+
+def _other_user_namespace(pid: int) -> bool:
+    """Whether ``pid`` lives in another user namespace than ours (the initial one, for root on the host)."""
+    try:
+        return user_namespace(pid) != user_namespace("self")
+    except FileNotFoundError:
+        raise CliError(f"no process with pid {pid}") from None
+
+
+def _move_in(anchor: str, pid: int, path: str, block: bool, idmapped: bool) -> subprocess.CompletedProcess[str]:
+    """A detached copy of the anchor (idmapped if asked), moved into pid's namespace by the helper."""
+    fd = open_tree_clone(anchor)
+    try:
+        if idmapped:
+            idmap_tree(fd, pid)
+        argv = ["attach", "--pid", str(pid), "--path", path, "--fd", str(fd)] + (["--file"] if block else [])
+        return _helper(*argv, pass_fds=(fd,))
+    finally:
+        os.close(fd)
 
 
 async def _release(client: Client, vid: str, staging: str, anchor: str) -> None:

@@ -183,6 +183,68 @@ def test_attach_into_container_root(driver: Driver, container: tuple[int, str]) 
     elv(driver, "volume", "delete", "ctr")
 
 
+@pytest.fixture
+def userns_ns() -> Iterator[int]:
+    """A process in its own user and mount namespaces whose root is host uid
+    100000 (a rootless container's map), written into uid_map by us as root."""
+    p = subprocess.Popen(["unshare", "--user", "--mount", "--propagation", "private", "sleep", "600"])
+    try:
+        deadline = time.monotonic() + 5
+        while os.stat(f"/proc/{p.pid}/ns/user").st_ino == os.stat("/proc/self/ns/user").st_ino:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for m in ("uid_map", "gid_map"):
+            with open(f"/proc/{p.pid}/{m}", "w") as f:
+                f.write("0 100000 65536\n")
+        yield p.pid
+    finally:
+        p.kill()
+        p.wait()
+
+
+def _as_ns_root(pid: int, script: str) -> subprocess.CompletedProcess[str]:
+    """Run as root *of the namespace* (host uid 100000): nsenter -U sets uid 0 inside."""
+    return subprocess.run(
+        ["nsenter", "-t", str(pid), "-U", "-m", "sh", "-c", script], capture_output=True, text=True, check=False
+    )
+
+
+def _idmapped(pid: int, path: str) -> bool:
+    with open(f"/proc/{pid}/mountinfo") as f:
+        line = next(ln for ln in f if ln.split()[4] == path)
+    return "idmapped" in line.split()[5].split(",")
+
+
+def test_attach_into_another_user_namespace_is_idmapped(driver: Driver, userns_ns: int) -> None:
+    pid = userns_ns
+    elv(driver, "volume", "create", "rootless", "--size", "64Mi")
+    vid = json.loads(elv(driver, "volume", "list", "--json").stdout)[0]["id"]
+    inside = os.path.join(driver.base, "uns-data")
+    os.chmod(driver.base, 0o711)  # the namespace's root is host uid 100000: let it walk to the mount
+    out = elv(driver, "attach", "rootless", "--pid", str(pid), "--path", inside).stdout
+    assert "idmapped to its user namespace" in out
+    assert _idmapped(pid, inside)
+    r = _as_ns_root(
+        pid, f"id -u; stat -c %u:%g {inside}; echo hi > {inside}/by-root; mkdir {inside}/d; chown 1000:1000 {inside}/d"
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "0:0"], "uid 0 on disk is the namespace's root"
+    # On disk (the host's staging mount of the volume): the namespace's root wrote as uid 0.
+    staging = driver.path("plugins", "elv.csi.dev", "attach", vid, "staging")
+    assert (os.stat(f"{staging}/by-root").st_uid, os.stat(f"{staging}/by-root").st_gid) == (0, 0)
+    assert (os.stat(f"{staging}/d").st_uid, os.stat(f"{staging}/d").st_gid) == (1000, 1000)
+    elv(driver, "detach", "rootless", "--pid", str(pid))
+    # Without the idmap the same files belong to nobody inside, and its root cannot write.
+    out = elv(driver, "attach", "rootless", "--pid", str(pid), "--path", inside, "--idmap", "none").stdout
+    assert "idmapped" not in out and not _idmapped(pid, inside)
+    r = _as_ns_root(pid, f"stat -c %u:%g {inside}/by-root; touch {inside}/again")
+    assert r.stdout.split() == ["65534:65534"] and r.returncode != 0, (r.stdout, r.stderr)
+    elv(driver, "detach", "rootless", "--pid", str(pid))
+    # A process in our own user namespace gets no idmap with auto.
+    assert leftovers(driver.base) == []
+    elv(driver, "volume", "delete", "rootless")
+
+
 def test_attach_block_volume(driver: Driver, plain_ns: int) -> None:
     elv(driver, "volume", "create", "blk", "--size", "8Mi", "--block")
     inside = os.path.join(driver.base, "ns-dev")

@@ -27,6 +27,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -539,3 +540,60 @@ def engine_scratch() -> Iterator[tuple[str, Record]]:
     finally:
         record.undo()
         scratch_dirs.remove(base)
+
+
+class RootlessPodman:
+    """A throwaway user with subordinate ids, running Podman rootless with its
+    store, runtime dir and config in the scratch directory. The user (and its
+    pause process, which holds its user namespace) goes at teardown."""
+
+    def __init__(self, base: str, record: Record) -> None:
+        self.base = base
+        self.user = f"elvrl{os.getpid()}x{next(_seq)}"
+        self.dir = os.path.join(base, self.user)
+        record.users.append(self.user)
+        record.save()
+        self.record = record
+        self.uid = -1
+
+    def start(self) -> RootlessPodman:
+        self.record.note_globals()
+        os.chmod(self.base, 0o711)  # the user walks to its own directory below
+        run(["useradd", "--create-home", "--home-dir", os.path.join(self.dir, "home"), "--shell", "/bin/sh", self.user])
+        self.uid = int(run(["id", "-u", self.user]).stdout)
+        for sub in ("xdg", "store"):
+            os.makedirs(os.path.join(self.dir, sub), mode=0o700, exist_ok=True)
+        shutil.copy(os.path.join(self.base, "busybox.tar"), os.path.join(self.dir, "busybox.tar"))
+        with open(os.path.join(self.dir, "containers.conf"), "w") as f:
+            f.write('[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]\n')
+        run(["chown", "-R", f"{self.user}:{self.user}", self.dir])
+        self.cli("import", os.path.join(self.dir, "busybox.tar"), IMAGE)
+        return self
+
+    def subordinate(self) -> tuple[int, int]:
+        """The user's /etc/subuid range: (first, count)."""
+        with open("/etc/subuid") as f:
+            for line in f:
+                name, first, count = line.strip().split(":")
+                if name == self.user:
+                    return int(first), int(count)
+        raise AssertionError(f"no /etc/subuid entry for {self.user}")
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        d, s = self.dir, os.path.join(self.dir, "store")
+        env = [
+            f"XDG_RUNTIME_DIR={d}/xdg",
+            f"HOME={d}/home",
+            f"CONTAINERS_CONF={d}/containers.conf",
+            f"{MARKER}={self.base}",
+        ]
+        argv = ["runuser", "-u", self.user, "--", "env", *env, PODMAN]
+        argv += ["--root", f"{s}/root", "--runroot", f"{s}/run", "--tmpdir", f"{s}/tmp", "--storage-driver", "vfs"]
+        return run([*argv, *args], check=check, env=_cli_env())
+
+    def close(self) -> None:
+        if self.uid >= 0:
+            ids = self.cli("ps", "-aq", check=False).stdout.split()
+            if ids:
+                self.cli("rm", "-f", "-t", "0", *ids, check=False)
+        remove_user(self.user)
