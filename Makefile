@@ -1,8 +1,10 @@
 # ELV: the two commands a fresh machine needs are `make run` and `make test`.
 .PHONY: run test setup tools k8s-tools engines proto lint sanity k8s-test e2e bench clean
 
-run: setup
-	.venv/bin/python -m csi demo
+# Quiet: the demo's table is all a first run prints (the driver logs to a file).
+run:
+	@scripts/setup
+	@.venv/bin/python -m csi demo
 
 test: setup tools k8s-tools engines
 	scripts/test

@@ -19,6 +19,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+import grpc
+
 from csi.cmd.client import Client, mount_capability
 from csi.host import loop as loopdev
 from csi.host import scratch
@@ -222,14 +224,16 @@ def leftovers(workdir: str, pool: str | None) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def spawned_server(base: str) -> AsyncIterator[str]:
-    """Start ``elv serve`` on the loop backend in ``base``; yield its endpoint."""
+async def spawned_server(base: str, log_path: str) -> AsyncIterator[str]:
+    """Start ``elv serve`` on the loop backend in ``base``, logging to
+    ``log_path``; yield its endpoint."""
     sock = os.path.join(base, "csi.sock")
     argv = [sys.executable, "-m", "csi", "serve", "--backend", "loop", "--loop-dir", os.path.join(base, "pool")]
     argv += ["--node-id", "demo-node", "--endpoint", "unix://" + sock, "--kubelet-dir", os.path.join(base, "kubelet")]
     argv += ["--state-dir", os.path.join(base, "run")]
     os.makedirs(os.path.join(base, "kubelet"), exist_ok=True)
-    proc = await asyncio.create_subprocess_exec(*argv)
+    with open(log_path, "ab") as log:
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL)
     try:
         yield "unix://" + sock
     finally:
@@ -241,12 +245,31 @@ async def spawned_server(base: str) -> AsyncIterator[str]:
             await proc.wait()
 
 
+def tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError as e:
+        return f"(cannot read it: {e.strerror})\n"
+
+
+def _failure(e: Exception) -> str:
+    if isinstance(e, grpc.aio.AioRpcError):
+        return f"{e.details()} ({e.code().name})"
+    return str(e) or type(e).__name__
+
+
 async def main(endpoint: str | None, kubelet_dir: str, pool: str | None) -> int:
+    """Run the demo; only its table goes to stdout. The driver it starts logs to
+    a file (its path is printed), shown in part only if a step fails."""
     base = scratch.make("demo")
+    log_path = None
     try:
         async with contextlib.AsyncExitStack() as stack:
             if endpoint is None:
-                endpoint = await stack.enter_async_context(spawned_server(base))
+                fd, log_path = tempfile.mkstemp(prefix="elv-demo-", suffix=".log")
+                os.close(fd)
+                endpoint = await stack.enter_async_context(spawned_server(base, log_path))
                 kubelet_dir = os.path.join(base, "kubelet")
                 pool = os.path.join(base, "pool")
             workdir = tempfile.mkdtemp(prefix="elv-demo-", dir=kubelet_dir)
@@ -256,14 +279,18 @@ async def main(endpoint: str | None, kubelet_dir: str, pool: str | None) -> int:
             try:
                 await demo.run()
             except Exception as e:
-                print(f"demo failed: {e}", file=sys.stderr)
+                print(f"demo failed: {_failure(e)}", file=sys.stderr)
                 await demo.teardown()
+                if log_path:
+                    print(f"the driver's log ({log_path}) ends with:\n{tail(log_path)}", end="", file=sys.stderr)
                 return 1
             finally:
                 left = leftovers(workdir, pool)
                 if not left:  # never rmtree through a mount that is still there
                     shutil.rmtree(workdir, ignore_errors=True)
             print(f"ELV demo: done in {time.monotonic() - t0:.2f} s; left behind: {', '.join(left) or 'nothing'}")
+            if log_path:
+                print(f"the driver's log: {log_path}")
             return 1 if left else 0
     finally:
         if not MountTable.load().under(os.path.realpath(base)):
