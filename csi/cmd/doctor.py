@@ -89,8 +89,9 @@ class Host:
         type fails on the source instead. Needs CAP_SYS_ADMIN (EPERM otherwise).
         """
         target = tempfile.mkdtemp(prefix="doctor-probe-")
+        source = os.path.join(target, "no-such-device")  # inside a directory just made empty: never a device
         try:
-            rc = _libc.mount(b"elv-doctor-probe", target.encode(), fstype.encode(), MS_RDONLY | MS_SILENT, None)
+            rc = _libc.mount(source.encode(), target.encode(), fstype.encode(), MS_RDONLY | MS_SILENT, None)
             if rc == 0:  # cannot happen with that source, but never leave a mount behind
                 _libc.umount2(target.encode(), 2)
                 return True
