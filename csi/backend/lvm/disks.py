@@ -8,7 +8,8 @@ A disk is used only if it is provably empty: no partitions, no holders
 (nothing stacked on it), not mounted, not read-only, and ``blkid -p`` finds
 no signature of any kind on it. Anything else is left alone, and logged.
 The class's VG is created from the chosen disks, or extended with them; a
-thin class then gets its pool (``thin-pool-size`` of the VG, zeroing on).
+thin class then gets its pool (``thin-pool-size`` of the VG, zeroing on,
+error when full).
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ async def build_vg(store: LvStore, cls: DeviceClass, vg_exists: bool, pool_exist
                 "--type",
                 "thin-pool",
                 "-Z",
+                "y",
+                # A full pool fails writes with ENOSPC at once instead of
+                # queueing them for 60 s (docs/lvm.md, "A full thin pool").
+                "--errorwhenfull",
                 "y",
                 "-l",
                 cls.thin_pool_size,
