@@ -111,16 +111,16 @@ async def build_vg(store: LvStore, cls: DeviceClass, vg_exists: bool, pool_exist
                 "thin-pool",
                 "-Z",
                 "y",
-                # A full pool fails writes with ENOSPC at once instead of
-                # queueing them for 60 s (docs/lvm.md, "A full thin pool").
-                "--errorwhenfull",
-                "y",
                 "-l",
                 cls.thin_pool_size,
                 "-n",
                 cls.thin_pool,
                 cls.vg,
             )
+            # A full pool fails writes with ENOSPC at once instead of queueing
+            # them for 60 s (docs/lvm.md, "A full thin pool"). lvcreate refuses
+            # the option for a thin pool (LVM 2.03): it is set right after.
+            await store.lvm.change("lvchange", "--errorwhenfull", "y", f"{cls.vg}/{cls.thin_pool}")
             log.info("device class %s: created thin pool %s/%s", cls.name, cls.vg, cls.thin_pool)
     finally:
         store.inv.invalidate()
