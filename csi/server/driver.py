@@ -183,6 +183,7 @@ class Driver:
         30 s after which Kubernetes (and the test harness) kill the process."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
+        log.info("stopping", extra={"fields": {"in_flight": self.gate.in_flight(), "commands": self.runner.running}})
 
         def left() -> float:
             return max(0.0, deadline - loop.time())
