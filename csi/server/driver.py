@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import faulthandler
 import grp
 import logging
 import os
 import signal
 import stat
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 import grpc
@@ -41,6 +43,16 @@ if TYPE_CHECKING:
     from csi.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
+#: Seconds stop() gives RPCs, operations and commands before it kills what runs.
+STOP_GRACE = 10.0
+#: Seconds a command still gets when the deadline has passed.
+COMMAND_GRACE = 2.0
+#: Seconds beyond STOP_GRACE before the watchdog ends the process (reaping
+#: killed commands takes up to 7 s); well within the 30 s Kubernetes allows.
+WATCHDOG_SLACK = 12.0
+#: The exit status when the watchdog had to end the process.
+EXIT_WATCHDOG = 3
+
 
 
 def secure_socket(path: str, group: str | None) -> None:
@@ -127,21 +139,36 @@ class Driver:
     async def wait(self) -> None:
         await self._stop.wait()
 
-    async def stop(self, grace: float = 10.0) -> None:
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Stop within about ``grace`` seconds: one deadline for all that may
+        still finish (RPCs in flight, the shielded operations they started,
+        commands still running), then what still runs is killed and reaped.
+
+        Each phase used to get its own ``grace``: up to 37 s in all, past the
+        30 s after which Kubernetes (and the test harness) kill the process."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        log.info("stopping", extra={"fields": {"in_flight": self.gate.in_flight(), "commands": self.runner.running}})
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.server is not None:
-            await self.server.stop(grace)
+            await self.server.stop(left())
         # Let shielded operations (a copy, an mkfs) finish rather than cut them off.
-        for _ in range(int(grace * 10)):
+        for _ in range(int(left() * 10)):
             if self.gate.in_flight() == 0:
                 break
             await asyncio.sleep(0.1)
         # Background work (the LVM wiper) stops next; then every command still
-        # running is waited for or reaped, so none outlives the event loop.
+        # running is waited for or reaped, so none outlives the event loop. A
+        # command gets a moment even when the deadline has passed (an lvm
+        # killed mid-change may leave a device suspended).
         await self.backend.stop()
-        killed = await self.runner.close(grace)
+        killed = await self.runner.close(max(left(), COMMAND_GRACE))
         if killed:
             log.warning("killed %d command(s) still running at shutdown", killed)
         path = self.config.socket_path
@@ -153,6 +180,32 @@ class Driver:
             with contextlib.suppress(OSError):
                 os.rmdir(d)
         log.info("stopped")
+
+
+def _arm_exit_watchdog(seconds: float) -> threading.Timer:
+    """After SIGTERM the process ends within ``seconds``, whatever hangs.
+
+    stop() is bounded, but the interpreter's own exit is not: it joins every
+    worker thread, and a thread blocked in the kernel (a mount on a dead
+    device, an uninterruptible ioctl) would keep the process alive until the
+    kubelet's SIGKILL, with nothing in the log to say why. The watchdog logs
+    every thread's stack and exits; what was cut off is recovered at the next
+    start, as after any crash."""
+
+    def fire() -> None:
+        log.error("still running %.0fs after SIGTERM; the stacks follow, then exiting", seconds)
+        with contextlib.suppress(Exception):
+            faulthandler.dump_traceback(all_threads=True)
+        for h in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                h.flush()
+        os._exit(EXIT_WATCHDOG)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.name = "elv-exit-watchdog"
+    timer.start()
+    return timer
 
 
 def _fast_child_watcher(loop: asyncio.AbstractEventLoop) -> None:
@@ -185,5 +238,6 @@ async def run(config: Config) -> int:
         log.error("cannot start: %s", e.message)
         return 1
     await driver.wait()
+    _arm_exit_watchdog(STOP_GRACE + WATCHDOG_SLACK)
     await driver.stop()
     return 0

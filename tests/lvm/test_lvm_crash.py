@@ -11,6 +11,13 @@ stream beside the other two; ``scripts/lvm-vm tests/lvm/test_lvm_crash.py``
 runs it alone (ELV_CRASH_KILLS, default 200; ELV_CRASH_SEED replays a run). A
 restart forks a pre-imported interpreter (tests/support/forked.py), so a
 kill costs about four seconds in the emulated guest instead of nine.
+
+Every 10 kills it records the thin pool's data%/metadata%/mode and what
+backs the PVs (ci-out/lvm-crash-progress.txt); the kernel must say nothing
+about this VG's devices (no I/O error, write error, out-of-data-space or
+filesystem shutdown); on any failure ci-out/lvm-crash-failure.txt (and the
+assertion) hold dmsetup status, lvs -a, df, the kernel log and the
+driver's log tail (tests/support/lvm_watch.py).
 """
 
 from __future__ import annotations
@@ -18,12 +25,14 @@ from __future__ import annotations
 import os
 import time
 
+import grpc
 import pytest
 
 from csi.model import DEVICE_CLASS as CLASS
 from tests.support.crash import KILLS, SEED, Snap, Vol, World
 from tests.support.driver import leftovers
 from tests.support.lvm import GuestVg, LvmDriver, class_config, ours, wait_for, write_config
+from tests.support.lvm_watch import KernelWatch, backing_usage, failure_report, pool_status
 
 # Seconds a kill in the guest (more while other streams share its two vCPUs):
 # far beyond the usual per-test bound.
@@ -61,15 +70,32 @@ class LvmWorld(World):
         super().step()
 
 
+def progress_line(w: LvmWorld, vg: GuestVg, seconds: float, peak: dict[str, float]) -> str:
+    """One line of the run's trace: kills, operations, the pool, the backing."""
+    pool = pool_status(vg.name, vg.pool)
+    if pool is not None:
+        peak["data"] = max(peak.get("data", 0.0), pool.data_percent)
+        peak["metadata"] = max(peak.get("metadata", 0.0), pool.metadata_percent)
+    return (
+        f"{seconds:.0f}s kills={w.o.kills} ops={w.o.ops} restarts={w.o.restart_seconds:.0f}s "
+        f"pool: {pool or 'inactive'}; backing: {backing_usage(vg)}"
+    )
+
+
 def test_lvm_kill_anywhere_and_converge(base: str, vg: GuestVg) -> None:
     print(f"lvm crash test seed={SEED} kills={KILLS} (replay with ELV_CRASH_SEED={SEED})")
     cfg = write_config(os.path.join(base, "lvm.toml"), class_config(vg, ratio=20.0))
-    d = LvmDriver(base, ["--lvm-config", cfg]).start()
+    watch = KernelWatch(vg).start()
+    d = LvmDriver(base, ["--lvm-config", cfg])
+    d.start()
     # Restarts fork a pre-imported Python: a new process all the same, without
     # the four seconds an emulated interpreter spends importing grpc.
     d.fork = True
     w = LvmWorld(d, SEED)
     t0 = time.monotonic()
+    progress: list[str] = []
+    peak: dict[str, float] = {}
+    rc: int | None = None
     try:
         reported = 0
         while w.o.kills < KILLS:
@@ -78,11 +104,9 @@ def test_lvm_kill_anywhere_and_converge(base: str, vg: GuestVg) -> None:
             if w.o.kills >= reported + 10:
                 # A long run in the guest shows nothing until it ends: leave a trace in ci-out.
                 reported = w.o.kills
+                progress.append(progress_line(w, vg, time.monotonic() - t0, peak))
                 with open("ci-out/lvm-crash-progress.txt", "a") as f:
-                    f.write(
-                        f"{time.monotonic() - t0:.0f}s kills={w.o.kills} ops={w.o.ops} "
-                        f"restarts={w.o.restart_seconds:.0f}s\n"
-                    )
+                    f.write(progress[-1] + "\n")
         w.restage_all()
         w.verify()
         w.teardown()
@@ -98,8 +122,24 @@ def test_lvm_kill_anywhere_and_converge(base: str, vg: GuestVg) -> None:
         mine = vg.name.replace("-", "--") + "-elv-"
         assert not [n for n in names if n.startswith(mine)], names
         assert not os.listdir(os.path.join(base, "run", "commands"))
-    finally:
         rc = d.stop()
-        w.report("lvm crash test", time.monotonic() - t0, "lvm-crash-summary.txt", f" driver exit={rc}")
-    assert rc == 0, d.log()[-3000:]
-    assert "Traceback" not in d.log(), d.log()[-5000:]
+        assert rc == 0, d.log()[-3000:]
+        assert "Traceback" not in d.log(), d.log()[-5000:]
+        bad = watch.stop()
+        assert not bad, "the kernel complained about this VG's devices:\n" + "\n".join(bad[-40:])
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a failed check, an RPC error, an OS error, pytest's timeout
+        # Say why, from outside the driver: the pool, the backing, the kernel, the log.
+        report = failure_report(vg, d.log(), watch.stop(), progress)
+        with open("ci-out/lvm-crash-failure.txt", "w", encoding="utf-8") as f:
+            f.write(report)
+        if not isinstance(e, AssertionError | grpc.RpcError | OSError):
+            raise
+        raise AssertionError(f"{e}\n-- ci-out/lvm-crash-failure.txt --\n{report[:12000]}") from e
+    finally:
+        if rc is None:
+            rc = d.stop()
+        watch.stop()
+        peaks = f" pool peak data={peak.get('data', 0):.1f}% metadata={peak.get('metadata', 0):.1f}%"
+        w.report("lvm crash test", time.monotonic() - t0, "lvm-crash-summary.txt", f" driver exit={rc}{peaks}")

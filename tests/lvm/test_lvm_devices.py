@@ -49,6 +49,8 @@ def test_vg_from_empty_disks(base: str, disks: list[str]) -> None:
         blk = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", disks[2]], capture_output=True, text=True)
         assert blk.stdout.strip() == "ext4"
         assert any(r["lv_name"] == "pool" and r["segtype"] == "thin-pool" for r in lvs(VG))
+        # The pool ELV builds zeroes new blocks and fails writes at once when full.
+        assert lvm("lvs", "--noheadings", "-o", "zero,lv_when_full", f"{VG}/pool").stdout.split() == ["zero", "error"]
         assert "leaving" in d.log() and "created VG" in d.log()
         vid = d.create("on-disks", 64 * MiB)
         assert vid.startswith("v-default-")

@@ -51,6 +51,9 @@ class FakeLv:
     data_percent: float = 0.0
     metadata_percent: float = 0.0
     zero: bool = True
+    health: str = ""  # lv_health_status, e.g. "out_of_data" for a full pool
+    when_full: str = "queue"  # a pool's --errorwhenfull: "queue" or "error"
+    chunk: int = 64 * 1024
 
     def attr(self, lvs: dict[tuple[str, str], FakeLv]) -> str:
         if self.segtype == "thin-pool":
@@ -63,7 +66,9 @@ class FakeLv:
             t = "o"
         else:
             t = "-"
-        return f"{t}wi-{'a' if self.active else '-'}{'o' if self.open else '-'}----{'k' if self.skip else '-'}"
+        health = {"out_of_data": "D", "metadata_read_only": "M", "failed": "F"}.get(self.health, "-")
+        a, o, k = "a" if self.active else "-", "o" if self.open else "-", "k" if self.skip else "-"
+        return f"{t}wi-{a}{o}--{health}{k}" if t == "t" else f"{t}wi-{a}{o}----{k}"
 
 
 class FakeLvm:
@@ -141,10 +146,11 @@ class FakeLvm:
                     "lv_kernel_minor": str(lv.minor) if lv.active else "-1",
                     "segtype": lv.segtype,
                     "zero": ("zero" if lv.zero else "") if lv.segtype == "thin-pool" else "unknown",
-                    "lv_health_status": "",
+                    "lv_health_status": lv.health,
                     "copy_percent": "",
                     "lv_metadata_size": "",
-                    "chunk_size": "0",
+                    "chunk_size": str(lv.chunk) if lv.segtype == "thin-pool" else "0",
+                    "lv_when_full": lv.when_full if lv.segtype == "thin-pool" else "",
                     "vg_free": str(self.free(lv.vg)),
                     "vg_size": str(size),
                     "vg_extent_size": str(extent),

@@ -64,22 +64,129 @@ class GuestVg:
     name: str
     pool: str
     pvs: list[str]
-    files: list[str]
+    files: list[str]  # the PVs' loop backing files ([] on disks)
 
 
-def make_vg(name: str, workdir: str, sizes: tuple[int, ...] = (4 * GiB, 4 * GiB)) -> GuestVg:
-    files, pvs = [], []
-    for i, size in enumerate(sizes):
-        path = os.path.join(workdir, f"{name}-pv{i}.img")
-        with open(path, "wb") as f:
-            f.truncate(size)
-        files.append(path)
-        dev = subprocess.run(["losetup", "-f", "--show", path], capture_output=True, text=True, check=True).stdout
-        pvs.append(dev.strip())
+class BackingTooSmall(AssertionError):
+    """The PVs' backing cannot hold what they may grow to: say so before LVM
+    is handed PVs whose writes would fail with EIO half-way through a run."""
+
+
+def guest_disks(prefix: str) -> dict[int, tuple[str, int]]:
+    """The guest's disks whose serial is ``<prefix>-<i>`` (scripts/lvm-vm makes
+    them): i -> (device node, size in bytes)."""
+    found: dict[int, tuple[str, int]] = {}
+    for dev in sorted(os.listdir("/sys/block")):
+        try:
+            with open(f"/sys/block/{dev}/serial", encoding="utf-8") as f:
+                serial = f.read().strip()
+            with open(f"/sys/block/{dev}/size", encoding="utf-8") as f:
+                size = int(f.read()) * 512
+        except (OSError, ValueError):
+            continue
+        head, _, idx = serial.rpartition("-")
+        if head == prefix and idx.isdigit():
+            found[int(idx)] = (f"/dev/{dev}", size)
+    return found
+
+
+def backing_room(workdir: str) -> tuple[int, str]:
+    """Free bytes of the filesystem holding ``workdir``, and its type."""
+    st = os.statvfs(workdir)
+    fstype = "?"
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        best = -1
+        real = os.path.realpath(workdir)
+        for line in f:
+            fields = line.split()
+            mp, sep = fields[4], fields.index("-")
+            if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) > best:
+                best, fstype = len(mp), fields[sep + 1]
+    return st.f_bavail * st.f_frsize, fstype
+
+
+def make_pvs(
+    name: str, workdir: str, sizes: tuple[int, ...], pattern: bytes | None = None
+) -> tuple[list[str], list[str]]:
+    """PVs for VG ``name``: the guest's disks ``<name>-<i>`` if scripts/lvm-vm
+    made them, else loop files in ``workdir`` (sparse, or filled with
+    ``pattern``), after checking the filesystem can hold all of it.
+    Returns (PVs, loop backing files)."""
+    disks = guest_disks(name)
+    if pattern is None and all(i in disks for i in range(len(sizes))):
+        for i, want in enumerate(sizes):
+            if disks[i][1] < want:
+                raise BackingTooSmall(f"disk {disks[i][0]} ({name}-{i}) has {disks[i][1]} bytes, not {want}")
+        return [disks[i][0] for i in range(len(sizes))], []
+    need = sum(sizes)
+    free, fstype = backing_room(workdir)
+    if free < need:
+        raise BackingTooSmall(
+            f"the PVs of VG {name} are loop files in {workdir} ({fstype}) that may grow to {need >> 20} MiB, "
+            f"but it has {free >> 20} MiB free: writes through them would fail with EIO once it fills "
+            f"(scripts/lvm-vm gives each stream disks of its own, serial {name}-0, {name}-1)"
+        )
+    files: list[str] = []
+    pvs: list[str] = []
+    try:
+        for i, size in enumerate(sizes):
+            files.append(backing_file(os.path.join(workdir, f"{name}-pv{i}.img"), size, pattern))
+            dev = subprocess.run(["losetup", "-f", "--show", files[-1]], capture_output=True, text=True, check=True)
+            pvs.append(dev.stdout.strip())
+    except BaseException:
+        for pv in pvs:
+            subprocess.run(["losetup", "-d", pv], check=False, capture_output=True)
+        for path in files:
+            os.unlink(path)
+        raise
+    return pvs, files
+
+
+def backing_file(path: str, size: int, pattern: bytes | None) -> str:
+    """A file of ``size`` bytes: sparse, or every byte ``pattern`` repeated."""
+    with open(path, "wb") as f:
+        if pattern:
+            block = (pattern * (MiB // len(pattern) + 1))[:MiB]
+            for _ in range(size // MiB):
+                f.write(block)
+        f.truncate(size)
+    return path
+
+
+def make_vg(
+    name: str,
+    workdir: str,
+    sizes: tuple[int, ...] = (4 * GiB, 4 * GiB),
+    *,
+    pool_size: str = "1g",
+    pool_args: tuple[str, ...] = (),
+    pattern: bytes | None = None,
+) -> GuestVg:
+    pvs, files = make_pvs(name, workdir, sizes, pattern)
     vg = GuestVg(name, "pool0", pvs, files)
-    lvm("pvcreate", "-q", *pvs)
-    lvm("vgcreate", "-q", name, *pvs)
-    lvm("lvcreate", "-q", "-y", "--type", "thin-pool", "-Z", "y", "-n", vg.pool, "-L", "1g", name)
+    try:
+        # Disks may still carry a label of an earlier pytest run in this guest.
+        lvm("pvcreate", "-q", "-ff", "-y", *pvs)
+        lvm("vgcreate", "-q", name, *pvs)
+        if pool_size:
+            lvm(
+                "lvcreate",
+                "-q",
+                "-y",
+                "--type",
+                "thin-pool",
+                "-Z",
+                "y",
+                *pool_args,
+                "-n",
+                vg.pool,
+                "-L",
+                pool_size,
+                name,
+            )
+    except BaseException:
+        destroy_vg(vg)
+        raise
     return vg
 
 
@@ -95,7 +202,8 @@ def destroy_vg(vg: GuestVg) -> list[str]:
             problems.append(f"vgremove: {res.stderr.strip()}")
     for pv in vg.pvs:
         lvm("pvremove", "-q", "-y", pv, check=False)
-        subprocess.run(["losetup", "-d", pv], check=False, capture_output=True)
+        if vg.files:
+            subprocess.run(["losetup", "-d", pv], check=False, capture_output=True)
     for f in vg.files:
         if os.path.exists(f):
             os.unlink(f)

@@ -8,7 +8,8 @@ A disk is used only if it is provably empty: no partitions, no holders
 (nothing stacked on it), not mounted, not read-only, and ``blkid -p`` finds
 no signature of any kind on it. Anything else is left alone, and logged.
 The class's VG is created from the chosen disks, or extended with them; a
-thin class then gets its pool (``thin-pool-size`` of the VG, zeroing on).
+thin class then gets its pool (``thin-pool-size`` of the VG, zeroing on,
+error when full).
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ async def build_vg(store: LvStore, cls: DeviceClass, vg_exists: bool, pool_exist
                 cls.thin_pool,
                 cls.vg,
             )
+            # A full pool fails writes with ENOSPC at once instead of queueing
+            # them for 60 s (docs/lvm.md, "A full thin pool"). lvcreate refuses
+            # the option for a thin pool (LVM 2.03): it is set right after.
+            await store.lvm.change("lvchange", "--errorwhenfull", "y", f"{cls.vg}/{cls.thin_pool}")
             log.info("device class %s: created thin pool %s/%s", cls.name, cls.vg, cls.thin_pool)
     finally:
         store.inv.invalidate()

@@ -81,7 +81,8 @@ class LvmNode:
 
     async def health(self, volume_id: str, *, node: bool = True) -> Health:
         """Abnormal when the LV is missing, degraded or (on the node) inactive,
-        or when its thin pool's data or metadata is nearly full."""
+        or when its thin pool is full, failed, or at its class's threshold
+        (capacity.pool_condition words the message)."""
         parsed = self.store.oid(volume_id, "v")
         found = await self.store.find(volume_id, "v") if parsed else None
         if found is None:
@@ -95,7 +96,7 @@ class LvmNode:
             pool = view.lv(lv.vg, lv.pool)
             if pool is None:
                 return Health(True, f"the thin pool {lv.vg}/{lv.pool} is missing")
-            why = cap.pool_nearly_full(pool, cls.full_threshold)
+            why = cap.pool_condition(pool, cls.full_threshold)
             if why:
                 return Health(True, why)
         if node and not lv.active:

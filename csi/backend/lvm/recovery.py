@@ -16,9 +16,9 @@ import logging
 
 from csi.backend import freeze
 from csi.backend.lvm import model
-from csi.backend.lvm.store import LvStore
+from csi.backend.lvm.store import LvStore, zeroing_fix
 from csi.backend.lvm.wipe import Wiper
-from csi.errors import Unavailable
+from csi.errors import ConfigError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +34,7 @@ async def check_classes(store: LvStore) -> None:
         if pool is None or not pool.thin_pool:
             raise Unavailable(f"thin pool {cls.vg}/{cls.thin_pool} of device class {cls.name} does not exist")
         if pool.zero is not True:
-            log.warning(
-                "thin pool %s/%s does not zero new blocks; ELV wipes the thin volumes of class %s before "
-                "removing them (lvchange --zero y %s/%s avoids that cost)",
-                cls.vg,
-                cls.thin_pool,
-                cls.name,
-                cls.vg,
-                cls.thin_pool,
-            )
+            raise ConfigError(f"cannot serve device class {cls.name}: {zeroing_fix(cls.name, pool)}")
 
 
 async def build_from_disks(store: LvStore) -> None:

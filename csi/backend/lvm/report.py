@@ -20,7 +20,7 @@ from csi.errors import AlreadyExists, CommandError, CorruptState, FailedPrecondi
 LV_FIELDS = (
     "lv_name,vg_name,lv_uuid,lv_size,lv_attr,lv_tags,pool_lv,origin,data_percent,metadata_percent,"
     "lv_device_open,lv_kernel_major,lv_kernel_minor,segtype,zero,lv_health_status,copy_percent,"
-    "lv_metadata_size,chunk_size,vg_free,vg_size,vg_extent_size"
+    "lv_metadata_size,chunk_size,vg_free,vg_size,vg_extent_size,lv_when_full"
 )
 VG_FIELDS = "vg_name,vg_uuid,vg_size,vg_free,vg_extent_size,vg_extent_count,vg_free_count,pv_count,lv_count,vg_tags"
 REPORT_ARGS = ("--reportformat", "json", "--units", "b", "--nosuffix")
@@ -74,6 +74,8 @@ class LvInfo:
     vg_free: int | None = None
     vg_size: int | None = None
     vg_extent_size: int | None = None
+    #: A thin pool's ``--errorwhenfull``: "error" (ENOSPC at once) or "queue" (writes wait first).
+    when_full: str = ""
     tag_map: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -156,6 +158,18 @@ def _float(value: str) -> float | None:
     return float(value) if value else None
 
 
+def _binary(value: str | None, name: str) -> bool | None:
+    """A binary field such as ``zero``: LVM prints the field's name when it is
+    set, "" when it is not (a thin pool made with ``-Z n`` reads ``zero=""``),
+    and "unknown" where it does not apply (a linear LV)."""
+    if value is None:
+        return None  # not asked for
+    value = value.strip()
+    if value == name:
+        return True
+    return False if value == "" else None
+
+
 def split_tags(value: str) -> tuple[str, ...]:
     return tuple(t for t in value.split(",") if t)
 
@@ -174,7 +188,6 @@ def parse_lvs(text: str) -> list[LvInfo]:
     out = []
     for r in _rows(text, "lv"):
         tags = split_tags(r.get("lv_tags", ""))
-        zero = r.get("zero", "")
         out.append(
             LvInfo(
                 name=r["lv_name"],
@@ -191,13 +204,14 @@ def parse_lvs(text: str) -> list[LvInfo]:
                 major=_int(r.get("lv_kernel_major", "")),
                 minor=_int(r.get("lv_kernel_minor", "")),
                 segtype=r.get("segtype", ""),
-                zero=True if zero == "zero" else (None if zero in ("", "unknown") else False),
+                zero=_binary(r.get("zero"), "zero"),
                 health=r.get("lv_health_status", ""),
                 copy_percent=_float(r.get("copy_percent", "")),
                 chunk_size=_int(r.get("chunk_size", ""), 0) or 0,
                 vg_free=_int(r.get("vg_free", "")),
                 vg_size=_int(r.get("vg_size", "")),
                 vg_extent_size=_int(r.get("vg_extent_size", "")),
+                when_full=r.get("lv_when_full", ""),
                 tag_map=tag_map(tags),
             )
         )

@@ -28,6 +28,19 @@ from csi.model import Device, ids
 log = logging.getLogger(__name__)
 
 
+def zeroing_fix(cls: str, pool: LvInfo) -> str:
+    """Why a class whose pool does not zero new blocks is refused, and the fix.
+
+    In such a pool a write smaller than a pool chunk leaves the rest of a
+    newly mapped chunk as the disk had it: a thin volume can read a deleted
+    volume's bytes, and neither a discard nor lvremove prevents that. Zeroing
+    applies to every block mapped after it is turned on."""
+    return (
+        f"thin pool {pool.vg}/{pool.name} of device class {cls} does not zero new blocks, so a thin volume "
+        f"could read a deleted volume's bytes; turn zeroing on with `lvchange --zero y {pool.vg}/{pool.name}`"
+    )
+
+
 class LvStore:
     """ELV's LVs in the configured device classes (there is no other state)."""
 
@@ -149,13 +162,15 @@ class LvStore:
 
     # -- capacity -------------------------------------------------------------------
 
-    def wipe_needed(self, view: View, lv: LvInfo) -> bool:
-        """Thin LVs in a pool that zeroes new blocks leave nothing behind; the rest
-        (thick, COW snapshots, thin in a non-zeroing pool) are wiped before removal."""
-        if not lv.thin:
-            return True
-        pool = view.lv(lv.vg, lv.pool)
-        return pool is None or pool.zero is not True
+    @staticmethod
+    def wipe_needed(view: View, lv: LvInfo) -> bool:
+        """Thick LVs and COW snapshots are zeroed before removal; a thin LV never
+        is. dm-thin has no cheap write-zeroes: zeroing a thin LV maps every one
+        of its blocks, so deleting it would take its whole virtual size from the
+        pool (and could fill it). A thin LV's blocks are returned by lvremove,
+        and the next tenant reads zeros because ELV serves only pools that zero
+        new blocks (zeroing_fix)."""
+        return not lv.thin
 
     def available(self, view: View, cls: DeviceClass, copies: int = 1) -> int:
         space = view.vgs.get(cls.vg)
@@ -188,6 +203,8 @@ class LvStore:
                 pool = view.lv(cls.vg, cls.thin_pool)
                 if pool is None or not pool.thin_pool:
                     raise Unavailable(f"thin pool {cls.vg}/{cls.thin_pool} of device class {cls.name} is missing")
+                if pool.zero is not True:
+                    raise FailedPrecondition(f"refusing {what}: {zeroing_fix(cls.name, pool)}")
             avail = self.available(view, cls, copies)
             if size > avail:
                 raise ResourceExhausted(

@@ -15,10 +15,16 @@ steps that each survive a crash:
    holds that store open exclusively); then ``lvremove``.
 
 Startup finds every LV tagged ``elv.wipe`` and finishes the job, so a crash
-anywhere only delays it. A thin LV in a pool that zeroes new blocks
-is simply removed: the pool hands out zeroed blocks. A thick origin waits
-until its snapshots are gone (writing zeros into it would copy its old
-blocks into every snapshot first).
+anywhere only delays it. A thick origin waits until its snapshots are gone
+(writing zeros into it would copy its old blocks into every snapshot first).
+
+A thin LV is never zeroed, only removed. Zeroing it (``blkdiscard -z``,
+BLKZEROOUT) would map every block of its virtual size in the pool: a deleted
+400 MiB volume took the pool from 10 % to 39 %, and a delete could fill the
+pool its neighbours write to. Its blocks go back to the pool with lvremove,
+and the next tenant reads zeros because ELV serves only pools that zero new
+blocks (store.zeroing_fix; a discard would not protect a pool that does not:
+a new LV there read the old bytes back).
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ import fcntl
 import logging
 import os
 import struct
+import threading
 
 from csi.backend.lvm import devnode, model
 from csi.backend.lvm.inventory import View
 from csi.backend.lvm.report import LvInfo, not_found
 from csi.backend.lvm.store import LvStore
 from csi.errors import CommandError, ElvError
+from csi.host.stoppable import Stopped, run_stoppable
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +174,9 @@ class Wiper:
 
     async def _zero(self, lv: LvInfo) -> None:
         """Zero the LV's blocks (for a COW snapshot: its exception store). It is active."""
+        if lv.thin:
+            # Never: it would allocate the LV's whole virtual size (see the module doc).
+            raise ElvError(f"refusing to zero thin LV {lv.vg}/{lv.name}")
         name = devnode.dm_name(lv.vg, lv.name, "cow" if lv.cow_snapshot else None)
         # The snapshot device shows the origin; the tenant's old blocks sit in
         # the exception store, a hidden device LVM calls <vg>-<lv>-cow.
@@ -176,7 +187,7 @@ class Wiper:
         if lv.cow_snapshot:
             # The active snapshot target holds its store open exclusively, so
             # blkdiscard (which opens with O_EXCL) gets EBUSY: zero it directly.
-            await asyncio.to_thread(zero_out, dev.path)
+            await run_stoppable(lambda stop: zero_out(dev.path, stop))
             return
         # A slow disk zeroes at tens of MiB/s; never kill a wipe for being slow.
         timeout = 600 + lv.size / (20 * MiB)
@@ -184,16 +195,20 @@ class Wiper:
 
 
 BLKZEROOUT = 0x127F  # _IO(0x12, 127): the kernel's zero-out, as blkdiscard -z uses
-ZERO_STEP = 256 * MiB
+#: One ioctl's share: small enough that a stop request (shutdown) is seen within a second or two.
+ZERO_STEP = 32 * MiB
 
 
-def zero_out(path: str) -> None:
+def zero_out(path: str, stop: threading.Event | None = None) -> None:
     """Zero a whole block device with BLKZEROOUT (write-zeroes where the device
-    can, zero pages otherwise), opened without O_EXCL."""
+    can, zero pages otherwise), opened without O_EXCL; between steps, give up
+    (Stopped) once ``stop`` is set: the LV stays quarantined and is wiped again."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
         for start in range(0, size, ZERO_STEP):
+            if stop is not None and stop.is_set():
+                raise Stopped(f"zeroing {path} stopped at byte {start} of {size}")
             fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", start, min(ZERO_STEP, size - start)))
         os.fsync(fd)
     finally:

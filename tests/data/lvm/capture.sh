@@ -41,6 +41,15 @@ L lvs "${REPORT[@]}" -o "$LV_FIELDS" elvcap/nosuchlv > "$out/lvs-notfound.json" 
 L lvcreate -q -y -n toobig -L 10g elvcap 2> "$out/lvcreate-nospace.stderr"; echo "lvcreate toobig rc=$?" >&2
 L lvcreate -q -y -n foreign -L 8m elvcap 2> "$out/lvcreate-exists.stderr"; echo "lvcreate exists rc=$?" >&2
 L lvremove -q -y elvcap/nosuchlv 2> "$out/lvremove-notfound.stderr"; echo "lvremove nosuchlv rc=$?" >&2
+# Thin pools in three states (lvs-pools.json): zeroing off (LVM prints zero=""),
+# and a small pool with --errorwhenfull y written until it is out of data space.
+POOL_FIELDS=$(.venv/bin/python -c 'from csi.backend.lvm.report import LV_FIELDS; print(LV_FIELDS)')
+t L lvcreate -q -y --type thin-pool -n nozero -L 16m -Z n elvcap
+t L lvcreate -q -y --type thin-pool -n full -L 16m -Z y elvcap
+t L lvchange -q --errorwhenfull y elvcap/full   # lvcreate refuses the option for a thin pool
+t L lvcreate -q -y -n filler -V 64m --thinpool full elvcap
+dd if=/dev/urandom of=/dev/elvcap/filler bs=1M count=24 oflag=direct 2>&1 | tail -1
+L lvs "${REPORT[@]}" -o "$POOL_FIELDS" elvcap/nozero elvcap/full elvcap/filler elvcap/pool0 > "$out/lvs-pools.json"
 t L lvremove -q -y elvcap
 L vgremove -q -y elvcap; L pvremove -q -y "$A" "$B"
 losetup -d "$A" "$B"; rm -rf $T

@@ -41,7 +41,7 @@ def _no_device_nodes(monkeypatch: pytest.MonkeyPatch, lvm: FakeLvm) -> None:
     monkeypatch.setattr(devnode, "kernel_name", lambda major, minor, *a: f"dm-{minor}")
     monkeypatch.setattr(devnode, "find_dm_by_name", by_dm_name)
     monkeypatch.setattr(devnode, "scan_dm_by_name", lambda name, *a: (by_dm_name(name), lvm.sysfs_sure))
-    monkeypatch.setattr(wipe, "zero_out", lambda path: lvm.calls.append(("zero_out", path)))
+    monkeypatch.setattr(wipe, "zero_out", lambda path, stop=None: lvm.calls.append(("zero_out", path)))
 
 
 @pytest.fixture
@@ -359,7 +359,7 @@ async def test_clone_of_a_thick_snapshot_whose_origin_is_inactive(
     from csi.backend.lvm import clone as clone_mod
 
     copied: list[tuple[str, str, int]] = []
-    monkeypatch.setattr(clone_mod, "copy_blocks", lambda src, dst, size, what: copied.append((src, dst, size)))
+    monkeypatch.setattr(clone_mod, "copy_blocks", lambda src, dst, size, what, **kw: copied.append((src, dst, size)))
     vol = await backend.create_volume(spec("origin", 64 * MiB))
     snap = await backend.create_snapshot("s", vol.id)
     origin = lvm.lvs[("vg0", "elv-" + vol.id)]
@@ -373,3 +373,250 @@ async def test_clone_of_a_thick_snapshot_whose_origin_is_inactive(
     assert len(copied) == 1 and copied[0][2] == 64 * MiB
     assert made.source == Source("snapshot", snap.id)
     assert "elv.pending" not in lvm.lvs[("vg0", "elv-" + made.id)].tags
+
+
+# -- thin pools: deletes never allocate, pools that do not zero, full pools, copies (issue 15) ----
+
+
+def pool(lvm: FakeLvm) -> FakeLv:
+    return lvm.lvs[("vg0", "pool0")]
+
+
+def zeroing(lvm: FakeLvm) -> list[tuple[str, ...]]:
+    return [c for c in lvm.calls if c[0] in ("blkdiscard", "zero_out")]
+
+
+@pytest.mark.parametrize("zero", [True, False])
+async def test_deleting_thin_lvs_never_zeroes_them(backend: LvmBackend, lvm: FakeLvm, zero: bool) -> None:
+    # Zeroing a thin LV maps its whole virtual size in the pool: a delete must
+    # never do it, whatever the pool's zeroing (turned off here after startup).
+    vol = await backend.create_volume(spec("t", 256 * MiB, "thin"))
+    snap = await backend.create_snapshot("t-snap", vol.id)
+    half = lvm.add(FakeLv("elv-v-thin-" + "3" * 32, "vg0", 64 * MiB, "thin", [OWNER, "elv.kind=v"], "pool0"))
+    pool(lvm).zero = zero
+    backend.store.inv.invalidate()
+    n = len(lvm.calls)
+    await backend.delete_volume(vol.id)
+    await backend.delete_snapshot(snap.id)
+    from csi.backend.lvm import report
+
+    lv = next(x for x in (await backend.store.view(fresh=True)).all() if x.name == half.name)
+    assert isinstance(lv, report.LvInfo)
+    await backend.wiper.quarantine(lv)  # a half-made thin clone, as startup finds it
+    await backend.wiper.pass_once()
+    assert zeroing(lvm) == []
+    assert [lv.name for lv in lvm.lvs.values()] == ["pool0"]
+    assert "lvremove" in [c[1] for c in lvm.changes()[n - len(lvm.calls) :]]
+
+
+async def test_a_pool_that_does_not_zero_is_refused_at_startup(lvm: FakeLvm) -> None:
+    from csi.backend.lvm.recovery import recover
+    from csi.errors import ConfigError
+
+    pool(lvm).zero = False
+    b = backend_over(lvm, CONFIG)
+    with pytest.raises(
+        ConfigError, match=r"device class thin: .*does not zero new blocks.*lvchange --zero y vg0/pool0"
+    ):
+        await recover(b.store, b.wiper)
+
+
+async def test_a_pool_that_stops_zeroing_makes_nothing_new(backend: LvmBackend, lvm: FakeLvm) -> None:
+    vol = await backend.create_volume(spec("z", 64 * MiB, "thin"))
+    pool(lvm).zero = False
+    backend.store.inv.invalidate()
+    n = len(lvcreates(lvm))
+    fix = r"lvchange --zero y vg0/pool0"
+    with pytest.raises(FailedPrecondition, match=fix):
+        await backend.create_volume(spec("z2", 64 * MiB, "thin"))
+    with pytest.raises(FailedPrecondition, match=fix):
+        await backend.create_volume(spec("z3", 64 * MiB, "thin", source=Source("volume", vol.id)))
+    with pytest.raises(FailedPrecondition, match=fix):
+        await backend.expand_volume(vol.id, 128 * MiB)
+    assert len(lvcreates(lvm)) == n
+    await backend.create_volume(spec("thick-still-works", 64 * MiB))  # the thick class is not affected
+    pool(lvm).zero = True
+    backend.store.inv.invalidate()
+    await backend.create_volume(spec("z2", 64 * MiB, "thin"))
+
+
+@pytest.mark.parametrize(
+    ("health", "data", "meta", "when_full", "words"),
+    [
+        (
+            "out_of_data",
+            100.0,
+            12.5,
+            "queue",
+            ["out of data space", "data 100.0%", "metadata 12.5%", "block", "ENOSPC"],
+        ),
+        ("out_of_data", 100.0, 12.5, "error", ["out of data space", "fail at once with ENOSPC"]),
+        ("metadata_read_only", 40.0, 100.0, "queue", ["read-only metadata", "metadata 100.0%", "fail"]),
+        ("failed", 40.0, 5.0, "queue", ["has failed", "data 40.0%"]),
+        ("", 92.0, 5.0, "queue", ["nearly full", "data 92.0%", "metadata 5.0%", "block", "then fail with ENOSPC"]),
+        ("", 10.0, 91.0, "error", ["nearly full", "metadata 91.0%", "fail at once with ENOSPC"]),
+    ],
+)
+async def test_a_full_pool_is_reported(
+    backend: LvmBackend, lvm: FakeLvm, health: str, data: float, meta: float, when_full: str, words: list[str]
+) -> None:
+    vol = await backend.create_volume(spec("f", 64 * MiB, "thin"))
+    thick = await backend.create_volume(spec("k", 64 * MiB))
+    before = (await backend.capacity({DEVICE_CLASS: "thin"})).available
+    assert before > 0 and not (await backend.health(vol.id, node=False)).abnormal
+    p = pool(lvm)
+    p.health, p.data_percent, p.metadata_percent, p.when_full = health, data, meta, when_full
+    backend.store.inv.invalidate()
+    h = await backend.health(vol.id, node=False)
+    assert h.abnormal and all(w in h.message for w in words), h.message
+    assert "thin pool vg0/pool0" in h.message
+    assert (await backend.capacity({DEVICE_CLASS: "thin"})).available == 0
+    with pytest.raises(ResourceExhausted):
+        await backend.create_volume(spec("f2", 64 * MiB, "thin"))
+    assert not (await backend.health(thick.id, node=False)).abnormal, "thick volumes do not live in the pool"
+    # Space freed (or the pool extended): the condition and the capacity come back.
+    p.health, p.data_percent, p.metadata_percent = "", 20.0, 5.0
+    backend.store.inv.invalidate()
+    assert not (await backend.health(vol.id, node=False)).abnormal
+    assert (await backend.capacity({DEVICE_CLASS: "thin"})).available > 0
+
+
+async def test_attr_alone_marks_a_pool_out_of_space() -> None:
+    # lvs may show the pool's state in lv_attr while its percentages are unknown.
+    from csi.backend.lvm import capacity, report
+
+    (p,) = [lv for lv in report.parse_lvs(FakeLvm_report_of_pool()) if lv.thin_pool]
+    assert p.data_percent is None and p.attr[8] == "D"
+    why = capacity.pool_condition(p, 90.0)
+    assert why is not None and "out of data space" in why and "data unknown" in why
+
+
+def FakeLvm_report_of_pool() -> str:
+    import json
+
+    row = {
+        "lv_name": "pool0",
+        "vg_name": "vg0",
+        "lv_size": str(GiB),
+        "lv_attr": "twi-aotzD-",
+        "segtype": "thin-pool",
+        "zero": "zero",
+        "data_percent": "",
+        "metadata_percent": "",
+    }
+    return json.dumps({"report": [{"lv": [row]}]})
+
+
+def copier(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    from csi.backend.lvm import clone as clone_mod
+
+    copied: list[dict[str, Any]] = []
+
+    def fake(src: str, dst: str, size: int, what: str, **kw: Any) -> int:
+        copied.append({"src": src, "dst": dst, "size": size, **kw})
+        return 0
+
+    monkeypatch.setattr(clone_mod, "copy_blocks", fake)
+    return copied
+
+
+async def test_a_copy_into_a_thin_pool_checks_its_room_first(
+    backend: LvmBackend, lvm: FakeLvm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copied = copier(monkeypatch)
+    src = await backend.create_volume(spec("thick-src", 256 * MiB))
+    # 2 GiB pool at 80 %: 204.8 MiB below the 90 % threshold, less than the 256 MiB a
+    # thick source may write (the class itself still promises its ratio's worth).
+    pool(lvm).data_percent = 80.0
+    backend.store.inv.invalidate()
+    assert (await backend.capacity({DEVICE_CLASS: "thin"})).available >= 256 * MiB
+    n = len(lvcreates(lvm))
+    with pytest.raises(ResourceExhausted, match=r"thin pool vg0/pool0 .* may write 268435456"):
+        await backend.create_volume(spec("into-thin", 256 * MiB, "thin", source=Source("volume", src.id)))
+    assert len(lvcreates(lvm)) == n and copied == [], "refused before anything was made"
+    pool(lvm).data_percent = 50.0
+    backend.store.inv.invalidate()
+    made = await backend.create_volume(spec("into-thin", 256 * MiB, "thin", source=Source("volume", src.id)))
+    assert copied[-1]["sparse"] == 64 * 1024, "a fresh thin LV in a zeroing pool: zero chunks are skipped"
+    assert backend.cloner._copying == {"thin": 0}
+    # Into a thick class every byte is written (its extents may hold anything).
+    await backend.create_volume(spec("into-thick", 256 * MiB, source=Source("volume", made.id)))
+    assert copied[-1]["sparse"] == 0
+
+
+async def test_copies_in_flight_count_against_the_pool(lvm: FakeLvm, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two thin pools: a thin source's mapped share (its data%) bounds what its copy
+    # writes, and copies running at once share the target pool's room.
+    import asyncio
+    import threading
+
+    from csi.backend.lvm import clone as clone_mod
+    from csi.backend.lvm.recovery import recover
+
+    # pool1: 1 GiB at 40 %, so 512 MiB of room below the 90 % threshold: one copy fits, not two.
+    lvm.add(FakeLv("pool1", "vg0", 1 * GiB, "thin-pool", data_percent=40.0, metadata_percent=5.0))
+    b = backend_over(
+        lvm, CONFIG + '[[device-class]]\nname = "other"\nvg = "vg0"\nthin-pool = "pool1"\noverprovision-ratio = 4.0\n'
+    )
+    await recover(b.store, b.wiper)
+    src = await b.create_volume(spec("big-thin", 2 * GiB, "thin"))
+    lvm.lvs[("vg0", "elv-" + src.id)].data_percent = 20.0  # about 410 MiB mapped of 2 GiB
+    b.store.inv.invalidate()
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow(src_path: str, dst: str, size: int, what: str, **kw: Any) -> int:
+        started.set()
+        release.wait(10)
+        return 0
+
+    monkeypatch.setattr(clone_mod, "copy_blocks", slow)
+    first = asyncio.ensure_future(b.create_volume(spec("c1", 2 * GiB, "other", source=Source("volume", src.id))))
+    while not started.is_set() and not first.done():
+        await asyncio.sleep(0.01)
+    assert not first.done(), first.exception()
+    assert 409 * MiB <= b.cloner._copying["other"] <= 410 * MiB
+    with pytest.raises(ResourceExhausted, match="copies in flight"):
+        await b.create_volume(spec("c2", 2 * GiB, "other", source=Source("volume", src.id)))
+    release.set()
+    await first
+    assert b.cloner._copying["other"] == 0
+
+
+async def test_stopping_the_backend_stops_a_wipe_running_in_a_thread(
+    backend: LvmBackend, lvm: FakeLvm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A COW store is zeroed in a worker thread. Stopping the driver cancelled the
+    # wiper but not the thread, and the interpreter's exit then waited for it.
+    import asyncio
+    import threading
+    import time
+
+    from csi.host.stoppable import Stopped
+
+    started, ended = threading.Event(), threading.Event()
+
+    def slow_zero(path: str, stop: threading.Event | None = None) -> None:
+        started.set()
+        try:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if stop is not None and stop.is_set():
+                    raise Stopped("stopped")
+                time.sleep(0.01)
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(wipe, "zero_out", slow_zero)
+    vol = await backend.create_volume(spec("cow-origin"))
+    snap = await backend.create_snapshot("cow", vol.id)
+    await backend.delete_snapshot(snap.id)
+    backend.wiper.start()
+    for _ in range(500):
+        if started.is_set():
+            break
+        await asyncio.sleep(0.01)
+    assert started.is_set()
+    await backend.stop()
+    assert ended.is_set(), "the zeroing thread still runs after stop()"
+    assert ("vg0", "elv-" + snap.id) in lvm.lvs, "cut off: it stays quarantined, to be wiped at the next start"

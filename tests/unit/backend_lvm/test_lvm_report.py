@@ -119,3 +119,22 @@ def test_lvrename_of_a_vanished_lv_is_not_found() -> None:
         b'  Existing logical volume "elv-v-thick-dbd6e8dc76af239985c956be610888b3" not found in volume group "vg"\n'
     )
     assert report.not_found(CommandError(["lvm", "lvrename"], 5, b"", stderr))
+
+
+def test_thin_pool_states() -> None:
+    # lvs-pools.json (capture.sh): a pool made with -Z n, a zeroing pool, and a
+    # pool with --errorwhenfull y written until it ran out of data space.
+    from csi.backend.lvm import capacity
+
+    lvs = by_name(report.parse_lvs(load("lvs-pools.json")))
+    nozero, pool0, full = lvs["nozero"], lvs["pool0"], lvs["full"]
+    assert nozero.thin_pool and nozero.zero is False, 'LVM prints zero="" for a pool that does not zero'
+    assert pool0.zero is True and pool0.when_full == "queue" and nozero.when_full == "queue"
+    assert full.zero is True and full.when_full == "error"
+    assert full.attr[8] == "D" and full.health == "out_of_data" and full.data_percent == 100.0
+    why = capacity.pool_condition(full, 90.0)
+    assert why is not None and "out of data space" in why and "fail at once with ENOSPC" in why
+    assert capacity.pool_condition(pool0, 90.0) is None and capacity.pool_condition(nozero, 90.0) is None
+    assert lvs["filler"].thin and lvs["filler"].pool == "full"
+    # Where the field does not apply LVM prints "unknown": not a pool's answer either way.
+    assert all(lv.zero is None for lv in report.parse_lvs(load("lvs-mixed.json")) if lv.segtype == "linear")
