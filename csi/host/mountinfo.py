@@ -101,6 +101,19 @@ class MountTable:
         tops = [m for m in stack if m.mount_id not in parents]
         return tops[-1] if tops else stack[-1]
 
+    def stack(self, mount_point: str) -> list[Mount]:
+        """Mounts stacked at exactly this path, the visible one first, then the
+        one it covers, and so on down (each mount's parent is the one below)."""
+        here = {m.mount_id: m for m in self.at(mount_point)}
+        out: list[Mount] = []
+        m = self.top(mount_point)
+        while m is not None and m not in out:
+            out.append(m)
+            m = here.get(m.parent_id)
+        # Mounts the parent chain does not reach (propagation can add such
+        # siblings) are still at this path: list them last rather than not at all.
+        return out + [m for m in here.values() if m not in out]
+
     def of_device(self, major: int, minor: int) -> list[Mount]:
         """Every mount of a block device's filesystem (staging and bind mounts)."""
         return [m for m in self.mounts if (m.major, m.minor) == (major, minor)]

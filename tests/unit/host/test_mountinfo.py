@@ -102,6 +102,14 @@ def test_stacked_top_does_not_depend_on_listing_order(data_dir: Path) -> None:
     assert top.mount_id == 81
 
 
+def test_stack_lists_the_visible_mount_first(table: MountTable, data_dir: Path) -> None:
+    assert [m.mount_id for m in table.stack(STACKED)] == [81, 80]
+    assert [m.mount_id for m in table.stack(GLOBAL)] == [60]
+    assert table.stack("/nonexistent") == []
+    reordered = MountTable(list(reversed(parse((data_dir / "mountinfo-node.txt").read_text()))))
+    assert [m.mount_id for m in reordered.stack(STACKED)] == [81, 80]
+
+
 def test_top_and_at_of_a_plain_path(table: MountTable) -> None:
     assert table.top("/nonexistent") is None
     assert table.at("/nonexistent") == []
