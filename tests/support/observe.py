@@ -38,10 +38,11 @@ class Mounted:
         return "ro" in self.options
 
 
-def mounts() -> list[Mounted]:
-    """Every mount this process sees, in the kernel's order."""
+def mounts(pid: int | None = None) -> list[Mounted]:
+    """Every mount this process (or process ``pid``) sees, in the kernel's order."""
     out = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+    where = f"/proc/{pid}/mountinfo" if pid else "/proc/self/mountinfo"
+    with open(where, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.rstrip("\n").split(" ")
             sep = fields.index("-", 6)
@@ -62,10 +63,11 @@ def mounts() -> list[Mounted]:
     return out
 
 
-def stack(path: str) -> list[Mounted]:
-    """The mounts at exactly ``path``, top (the visible one) first."""
-    real = os.path.realpath(path)
-    here = [m for m in mounts() if m.mount_point == real]
+def stack(path: str, pid: int | None = None) -> list[Mounted]:
+    """The mounts at exactly ``path``, top (the visible one) first; in
+    process ``pid``'s mount namespace if given (``path`` as it sees it)."""
+    real = path if pid else os.path.realpath(path)
+    here = [m for m in mounts(pid) if m.mount_point == real]
     ids = {m.mount_id: m for m in here}
     covered = {m.parent_id for m in here if m.parent_id in ids}
     tops = [m for m in here if m.mount_id not in covered]
@@ -77,8 +79,8 @@ def stack(path: str) -> list[Mounted]:
     return out
 
 
-def top(path: str) -> Mounted | None:
-    s = stack(path)
+def top(path: str, pid: int | None = None) -> Mounted | None:
+    s = stack(path, pid)
     return s[0] if s else None
 
 
@@ -94,6 +96,7 @@ class Loop:
     backing_file: str  # as sysfs shows it, " (deleted)" removed
     deleted: bool
     readonly: bool
+    direct_io: bool
 
     @property
     def path(self) -> str:
@@ -111,10 +114,12 @@ def loops() -> list[Loop]:
                 back = f.read().rstrip("\n")
             with open(f"/sys/block/{name}/ro", encoding="ascii") as f:
                 ro = f.read().strip() == "1"
+            with open(f"/sys/block/{name}/loop/dio", encoding="ascii") as f:
+                dio = f.read().strip() == "1"
         except OSError:
             continue  # not attached
         deleted = back.endswith(" (deleted)")
-        out.append(Loop(name, back.removesuffix(" (deleted)"), deleted, ro))
+        out.append(Loop(name, back.removesuffix(" (deleted)"), deleted, ro, dio))
     return sorted(out, key=lambda d: int(d.name[4:]))
 
 
@@ -152,10 +157,15 @@ def processes_using(path: str) -> list[str]:
 
 
 def leftovers(path: str) -> list[str]:
-    """Everything a test may not leave beneath its scratch directory ``path``."""
+    """Mounts and loop devices a test may not leave beneath its scratch
+    directory ``path``: mounts at or under it, loop devices backed by files
+    under it, and loop devices stacked on those (read-only views)."""
     found = [f"mount {m.mount_point} ({m.fstype} {m.source})" for m in mounts_under(path)]
-    found += [f"loop {d.path} -> {d.backing_file}" for d in loops_under(path)]
-    return found + processes_using(path)
+    ours = loops_under(path)
+    nodes = {d.path for d in ours}
+    found += [f"loop {d.path} -> {d.backing_file}" for d in ours]
+    found += [f"loop {d.path} -> {d.backing_file} (a view)" for d in loops() if d.backing_file in nodes]
+    return found
 
 
 def device_numbers(path: str) -> tuple[int, int]:
