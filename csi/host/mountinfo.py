@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 
 MOUNTINFO = "/proc/self/mountinfo"
+#: The filesystems /dev is, so the ones a bind of a device node shows.
+NODE_FILESYSTEMS = frozenset({"devtmpfs", "tmpfs"})
 
 _ESCAPE = re.compile(r"\\([0-7]{3})")
 
@@ -121,11 +123,12 @@ class MountTable:
     def of_device_node(self, dev_name: str) -> list[Mount]:
         """Bind mounts of a device *node* (raw block publishing), e.g. ``loop3``.
 
-        A device node bound onto a file shows up as a devtmpfs mount whose root
-        is the node's path inside /dev.
+        A device node bound onto a file shows up as a mount of the filesystem
+        /dev is (devtmpfs; a tmpfs where a container's /dev is one and the
+        node was made there) whose root is the node's path inside /dev.
         """
         want = "/" + dev_name
-        return [m for m in self.mounts if m.fstype == "devtmpfs" and m.root == want]
+        return [m for m in self.mounts if m.fstype in NODE_FILESYSTEMS and m.root == want]
 
     def under(self, prefix: str) -> list[Mount]:
         p = prefix.rstrip("/") + "/"

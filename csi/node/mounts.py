@@ -12,7 +12,7 @@ import os
 
 from csi.errors import InvalidArgument
 from csi.host import syscalls
-from csi.host.mountinfo import Mount, MountTable
+from csi.host.mountinfo import NODE_FILESYSTEMS, Mount, MountTable
 from csi.model import Device
 
 #: A raw block volume is staged by binding its device node onto this file in
@@ -74,10 +74,11 @@ def bind_bits(flags: tuple[str, ...], readonly: bool) -> int:
 def shows(mount: Mount, dev: Device, *, node_bind: bool) -> bool:
     """Whether ``mount`` is ``dev``: mounted from it, or, with ``node_bind``
     (a raw block publish), a bind of its /dev node, which mountinfo shows
-    as devtmpfs with the node's name for root."""
+    as devtmpfs (or the tmpfs a container's /dev may be) with the node's
+    name for root."""
     if (mount.major, mount.minor) == (dev.major, dev.minor):
         return True
-    return node_bind and mount.fstype == "devtmpfs" and mount.root == "/" + dev.name
+    return node_bind and mount.fstype in NODE_FILESYSTEMS and mount.root == "/" + dev.name
 
 
 def shows_any(mount: Mount, devs: list[Device], rdev: tuple[int, int] | None = None) -> bool:
@@ -96,6 +97,7 @@ def users(table: MountTable, devs: list[Device], exclude: set[str]) -> list[Moun
     return [m for m in found if m.mount_point not in exclude]
 
 
-def stage_marker(mount: Mount, dev: Device) -> bool:
-    """Whether the mount is a raw block stage of ``dev`` (its node bound onto STAGED)."""
-    return shows(mount, dev, node_bind=True) and os.path.basename(mount.mount_point) == STAGED
+def stage_marker(mount: Mount, dev: Device, rdev: tuple[int, int] | None = None) -> bool:
+    """Whether the mount is a raw block stage of ``dev`` (its node bound onto
+    STAGED); ``rdev`` as for :func:`shows_any`."""
+    return shows_any(mount, [dev], rdev) and os.path.basename(mount.mount_point) == STAGED

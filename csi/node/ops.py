@@ -144,7 +144,8 @@ class NodeOps:
         marker, real_marker = os.path.join(staging, STAGED), os.path.join(real, STAGED)
         table = await self._table()
         top = table.top(real_marker)
-        if top is not None and shows(top, dev, node_bind=True):
+        rdev = await asyncio.to_thread(self.guard.device, marker, "staging_target_path")
+        if top is not None and stage_marker(top, dev, rdev):
             return  # a repeat
         elsewhere = [m for m in table.of_device_node(dev.name) if stage_marker(m, dev)]
         if elsewhere:
@@ -359,7 +360,8 @@ class NodeOps:
         table = await self._table()
         real_marker = os.path.join(real, STAGED)
         marker = table.top(real_marker)
-        if marker is not None and stage_marker(marker, dev):
+        rdev = await asyncio.to_thread(self.guard.device, os.path.join(staging, STAGED), "staging_target_path")
+        if marker is not None and stage_marker(marker, dev, rdev):
             await self._unstage_here(volume_id, os.path.join(staging, STAGED), real_marker, devs, table)
         elif any(stage_marker(m, dev) for m in table.stack(real_marker)[1:]):
             raise FailedPrecondition(

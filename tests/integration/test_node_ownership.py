@@ -359,6 +359,15 @@ def test_readonly_block_publish(driver: Driver) -> None:
         assert f.read(4096) == b"ORIGINAL" * 512, "a write through the read-only target reached the volume"
     stats = driver.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=ro))
     assert stats.usage[0].total == 16 * MiB
+    # Growing the volume grows what the read-only target shows.
+    grow = csi_pb2.CapacityRange(required_bytes=32 * MiB)
+    driver.controller.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(volume_id=vid, capacity_range=grow))
+    driver.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(volume_id=vid, volume_path=ro, capacity_range=grow))
+    fd = os.open(ro, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_END) == 32 * MiB, "the read-only view kept the old size"
+    finally:
+        os.close(fd)
     # A writable publish beside it is writable.
     driver.publish(vid, staging, rw, cap)
     with open(rw, "r+b") as f:

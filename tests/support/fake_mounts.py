@@ -39,6 +39,8 @@ class FakeMounts:
         self._next = 100
         #: Raise this from the next call of the named operation ("mount", "bind", "remount", "umount").
         self.fail: dict[str, OSError] = {}
+        #: The filesystem /dev is: devtmpfs, or the tmpfs of a container's /dev.
+        self.dev_fs = "devtmpfs"
 
     # -- the table ------------------------------------------------------------------
 
@@ -111,7 +113,7 @@ class FakeMounts:
         self._failing("mount")
         name = os.path.basename(source)
         if flags & syscalls.MS_BIND:
-            self.add(path, 0, 6, root="/" + name, fstype="devtmpfs", source="udev")
+            self.add(path, 0, 6, root="/" + name, fstype=self.dev_fs, source="udev")
         else:
             major, minor = numbers(name)
             self.add(path, major, minor, fstype=fstype or "?", source=source, ro=bool(flags & syscalls.MS_RDONLY))
@@ -145,7 +147,7 @@ class FakeMounts:
 
     def device(self, path: str, field: str) -> tuple[int, int] | None:
         top = self.top(path)
-        if top is None or top.fstype != "devtmpfs":
+        if top is None or top.fstype != self.dev_fs or top.root == "/":
             return None
         return numbers(top.root[1:])
 

@@ -318,6 +318,25 @@ async def test_no_order_of_calls_leaves_a_volume_stuck(host: Host, block: bool) 
         await host.backend.delete_volume(vid)
 
 
+async def test_raw_block_where_dev_is_a_tmpfs(host: Host) -> None:
+    """Where /dev is a container's tmpfs (ELV makes LV nodes there), a node's
+    bind shows as tmpfs: stages, publishes and views are still the volume's."""
+    host.mounts.dev_fs = "tmpfs"
+    vid, staging, target, _ = await staged(host, "a", block=True, published=True)
+    ro = host.path("pods", "ro", "dev")
+    await host.ops.publish(vid, staging, ro, cap(True), True)
+    await host.ops.publish(vid, staging, target, cap(True), False)  # a repeat
+    with pytest.raises(FailedPrecondition, match="one path at a time"):
+        await host.ops.stage(vid, host.path("st", "other"), cap(True))
+    with pytest.raises(InUse):
+        await host.ops.unstage(vid, staging)
+    await host.ops.unpublish(vid, target)
+    await host.ops.unpublish(vid, ro)
+    await host.ops.unstage(vid, staging)
+    assert host.mounts.mounts == [] and host.views.over == {}
+    assert await host.device(vid) is None
+
+
 # -- item 3: read-only raw block, and failed calls that leave nothing --------------------------
 
 
