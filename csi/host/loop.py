@@ -125,6 +125,20 @@ def size_bytes(name: str, sys_block: str = SYS_BLOCK) -> int:
         return int(f.read().strip()) * 512
 
 
+def read_only(name: str, sys_block: str = SYS_BLOCK) -> bool:
+    """Whether the kernel refuses writes to the device (sysfs ``ro``)."""
+    try:
+        with open(os.path.join(sys_block, name, "ro"), encoding="ascii") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def logical_block_size(name: str, sys_block: str = SYS_BLOCK) -> int:
+    with open(os.path.join(sys_block, name, "queue", "logical_block_size"), encoding="ascii") as f:
+        return int(f.read().strip())
+
+
 def device_numbers(name: str) -> tuple[int, int]:
     st = os.stat("/dev/" + name)
     return os.major(st.st_rdev), os.minor(st.st_rdev)
@@ -199,11 +213,22 @@ class LoopTool:
             raise Internal(f"/dev/{name} is not attached to the volume's backing file after attaching")
         return found
 
-    async def _losetup_attach(self, backing_file: str, block_size: int = 0) -> str:
-        argv = ["losetup", "--find", "--show", "--nooverlap"]
+    async def attach_read_only(self, device: str, block_size: int) -> str:
+        """A new read-only loop device over the block device ``device``; its
+        name. Buffered, so reads go through the device's own page cache and see
+        what writers through the device wrote. Never reuses a device (the
+        caller looks for one it already made)."""
+        async with self._attaching:
+            if self._ioctl:
+                return await asyncio.to_thread(loopctl.attach, device, False, block_size, True)
+            return await self._losetup_attach(device, block_size, read_only=True)
+
+    async def _losetup_attach(self, backing_file: str, block_size: int = 0, *, read_only: bool = False) -> str:
+        argv = ["losetup", "--find", "--show"]
+        argv += ["--read-only"] if read_only else ["--nooverlap"]
         if block_size:
             argv.append(f"--sector-size={block_size}")
-        if self._direct_io:
+        if self._direct_io and not read_only:
             # Direct I/O skips the double page cache (pool fs + volume fs).
             argv.append("--direct-io=on")
         argv += ["--", backing_file]

@@ -19,16 +19,17 @@ LOOP_CLR_FD = 0x4C01
 LOOP_SET_CAPACITY = 0x4C07
 LOOP_CONFIGURE = 0x4C0A
 LOOP_CTL_GET_FREE = 0x4C82
+LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_DIRECT_IO = 16
 #: struct loop_config { u32 fd; u32 block_size; struct loop_info64 info; u64 reserved[8]; }
 _CONFIG = struct.Struct("<II" + "QQQQQ" + "IIII" + "64s64s32s" + "QQ" + "8Q")
 _NODE_WAIT = 5.0
 
 
-def pack_config(fd: int, path: str, direct_io: bool, block_size: int = 0) -> bytes:
+def pack_config(fd: int, path: str, direct_io: bool, block_size: int = 0, read_only: bool = False) -> bytes:
     """``block_size`` 0 keeps the kernel's default (512)."""
     name = os.fsencode(path)[:63]
-    flags = LO_FLAGS_DIRECT_IO if direct_io else 0
+    flags = (LO_FLAGS_DIRECT_IO if direct_io else 0) | (LO_FLAGS_READ_ONLY if read_only else 0)
     return _CONFIG.pack(fd, block_size, 0, 0, 0, 0, 0, 0, 0, 0, flags, name, b"", b"", 0, 0, *([0] * 8))
 
 
@@ -46,24 +47,27 @@ def _open_node(path: str) -> int:
             delay = min(delay * 2, 0.05)
 
 
-def attach(backing_file: str, direct_io: bool = True, block_size: int = 0) -> str:
-    """Attach ``backing_file`` to a free loop device; return its name ("loop3")."""
+def attach(backing_file: str, direct_io: bool = True, block_size: int = 0, read_only: bool = False) -> str:
+    """Attach ``backing_file`` to a free loop device; return its name ("loop3").
+    A ``read_only`` device opens its backing file for reading only."""
     ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
     try:
-        ffd = os.open(backing_file, os.O_RDWR | os.O_CLOEXEC)
+        ffd = os.open(backing_file, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         try:
             for _ in range(64):
                 n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
                 lfd = _open_node(f"/dev/loop{n}")
                 try:
                     try:
-                        fcntl.ioctl(lfd, LOOP_CONFIGURE, pack_config(ffd, backing_file, direct_io, block_size))
+                        config = pack_config(ffd, backing_file, direct_io, block_size, read_only)
+                        fcntl.ioctl(lfd, LOOP_CONFIGURE, config)
                     except OSError as e:
                         if e.errno == errno.EBUSY:
                             continue  # taken by someone else meanwhile: ask again
                         if e.errno == errno.EINVAL and direct_io:
                             # The pool filesystem cannot do direct I/O: buffered then.
-                            fcntl.ioctl(lfd, LOOP_CONFIGURE, pack_config(ffd, backing_file, False, block_size))
+                            config = pack_config(ffd, backing_file, False, block_size, read_only)
+                            fcntl.ioctl(lfd, LOOP_CONFIGURE, config)
                         else:
                             raise
                     return f"loop{n}"

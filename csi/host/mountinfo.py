@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 
 MOUNTINFO = "/proc/self/mountinfo"
+#: The filesystems /dev is, so the ones a bind of a device node shows.
+NODE_FILESYSTEMS = frozenset({"devtmpfs", "tmpfs"})
 
 _ESCAPE = re.compile(r"\\([0-7]{3})")
 
@@ -101,6 +103,19 @@ class MountTable:
         tops = [m for m in stack if m.mount_id not in parents]
         return tops[-1] if tops else stack[-1]
 
+    def stack(self, mount_point: str) -> list[Mount]:
+        """Mounts stacked at exactly this path, the visible one first, then the
+        one it covers, and so on down (each mount's parent is the one below)."""
+        here = {m.mount_id: m for m in self.at(mount_point)}
+        out: list[Mount] = []
+        m = self.top(mount_point)
+        while m is not None and m not in out:
+            out.append(m)
+            m = here.get(m.parent_id)
+        # Mounts the parent chain does not reach (propagation can add such
+        # siblings) are still at this path: list them last rather than not at all.
+        return out + [m for m in here.values() if m not in out]
+
     def of_device(self, major: int, minor: int) -> list[Mount]:
         """Every mount of a block device's filesystem (staging and bind mounts)."""
         return [m for m in self.mounts if (m.major, m.minor) == (major, minor)]
@@ -108,11 +123,12 @@ class MountTable:
     def of_device_node(self, dev_name: str) -> list[Mount]:
         """Bind mounts of a device *node* (raw block publishing), e.g. ``loop3``.
 
-        A device node bound onto a file shows up as a devtmpfs mount whose root
-        is the node's path inside /dev.
+        A device node bound onto a file shows up as a mount of the filesystem
+        /dev is (devtmpfs; a tmpfs where a container's /dev is one and the
+        node was made there) whose root is the node's path inside /dev.
         """
         want = "/" + dev_name
-        return [m for m in self.mounts if m.fstype == "devtmpfs" and m.root == want]
+        return [m for m in self.mounts if m.fstype in NODE_FILESYSTEMS and m.root == want]
 
     def under(self, prefix: str) -> list[Mount]:
         p = prefix.rstrip("/") + "/"

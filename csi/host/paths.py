@@ -59,18 +59,23 @@ class PathGuard:
 
     # -- descriptor walking -------------------------------------------------
 
-    def _walk(self, parts: list[str], *, create: bool) -> int:
-        """Open the directory ``root/parts...`` without following any symlink."""
+    def _walk(self, parts: list[str], *, create: bool, created: list[str] | None = None) -> int:
+        """Open the directory ``root/parts...`` without following any symlink;
+        with ``create``, make missing ones, appending each to ``created``."""
         fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            for part in parts:
+            for i, part in enumerate(parts):
                 try:
                     nxt = os.open(part, _DIR, dir_fd=fd)
                 except FileNotFoundError:
                     if not create:
                         raise
-                    with contextlib.suppress(FileExistsError):
+                    try:
                         os.mkdir(part, 0o750, dir_fd=fd)
+                        if created is not None:
+                            created.append(os.path.join(self.root, *parts[: i + 1]))
+                    except FileExistsError:
+                        pass
                     nxt = os.open(part, _DIR, dir_fd=fd)
                 except NotADirectoryError as e:
                     raise InvalidArgument(f"a component of the path is a symlink or not a directory: {part!r}") from e
@@ -86,11 +91,13 @@ class PathGuard:
             raise
 
     @contextlib.contextmanager
-    def parent(self, path: str, field: str, *, create: bool = False) -> Iterator[tuple[int, str]]:
+    def parent(
+        self, path: str, field: str, *, create: bool = False, created: list[str] | None = None
+    ) -> Iterator[tuple[int, str]]:
         """Yield (fd of the parent directory, final component name)."""
         parts = self.relative(path, field)
         try:
-            fd = self._walk(parts[:-1], create=create)
+            fd = self._walk(parts[:-1], create=create, created=created)
         except FileNotFoundError as e:
             raise NotFound(f"{field} {path} does not exist") from e
         try:
@@ -99,18 +106,27 @@ class PathGuard:
             os.close(fd)
 
     def lstat(self, path: str, field: str) -> os.stat_result | None:
-        """lstat of the path, or None when it (or a parent) does not exist."""
+        """lstat of the path, or None when it does not exist: a parent is
+        missing, or is not a directory (a file, or a symlink, never followed)."""
         try:
             with self.parent(path, field) as (pfd, name):
                 return os.stat(name, dir_fd=pfd, follow_symlinks=False)
-        except NotFound:
-            return None
-        except FileNotFoundError:
+        except (NotFound, InvalidArgument, FileNotFoundError):
             return None
 
+    def device(self, path: str, field: str) -> tuple[int, int] | None:
+        """(major, minor) of the block device node the path shows (through
+        whatever is mounted on it), or None when it is not one or is missing."""
+        st = self.lstat(path, field)
+        if st is None or not stat.S_ISBLK(st.st_mode):
+            return None
+        return os.major(st.st_rdev), os.minor(st.st_rdev)
+
     @contextlib.contextmanager
-    def open(self, path: str, field: str, *, want_dir: bool) -> Iterator[int]:
-        """Yield an O_PATH descriptor of the path itself, refusing symlinks."""
+    def open(self, path: str, field: str, *, want_dir: bool | None) -> Iterator[int]:
+        """Yield an O_PATH descriptor of the path itself, refusing symlinks.
+        ``want_dir``: True a directory, False a regular file, None anything
+        else but a symlink (a device node bound onto a raw block target)."""
         with self.parent(path, field) as (pfd, name):
             try:
                 fd = os.open(name, _ANY, dir_fd=pfd)
@@ -122,7 +138,7 @@ class PathGuard:
                     raise InvalidArgument(f"{field} {path} is a symlink; refusing to use it")
                 if want_dir and not stat.S_ISDIR(mode):
                     raise FailedPrecondition(f"{field} {path} exists and is not a directory")
-                if not want_dir and not stat.S_ISREG(mode):
+                if want_dir is False and not stat.S_ISREG(mode):
                     raise FailedPrecondition(f"{field} {path} exists and is not a regular file")
                 yield fd
             finally:
@@ -130,10 +146,12 @@ class PathGuard:
 
     # -- operations -----------------------------------------------------------
 
-    def make(self, path: str, field: str, *, want_dir: bool) -> bool:
+    def make(self, path: str, field: str, *, want_dir: bool, created: list[str] | None = None) -> bool:
         """Create the final component (a directory, or an empty file for raw
-        block targets) and any missing parents. True if we created it."""
-        with self.parent(path, field, create=True) as (pfd, name):
+        block targets) and any missing parents. True if we created it; every
+        path created (parents first) is appended to ``created``, so a caller
+        that fails later can remove exactly what it made."""
+        with self.parent(path, field, create=True, created=created) as (pfd, name):
             try:
                 if want_dir:
                     os.mkdir(name, 0o750, dir_fd=pfd)
@@ -142,6 +160,8 @@ class PathGuard:
                         name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640, dir_fd=pfd
                     )
                     os.close(fd)
+                if created is not None:
+                    created.append(path)
                 return True
             except FileExistsError:
                 st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
@@ -149,20 +169,31 @@ class PathGuard:
                     raise InvalidArgument(f"{field} {path} is a symlink; refusing to use it") from None
                 return False
 
-    def remove(self, path: str, field: str) -> None:
-        """Remove the final component (empty dir or file); missing is fine."""
+    def remove(self, path: str, field: str) -> bool:
+        """Remove the final component if it holds nothing: an empty directory
+        or an empty regular file. True if it is gone (missing is fine); False
+        if it was kept: it holds data, or is something else (a symlink, a
+        device node), which is never ours to remove."""
         try:
             with self.parent(path, field) as (pfd, name):
                 try:
                     st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
                 except FileNotFoundError:
-                    return
+                    return True
                 if stat.S_ISDIR(st.st_mode):
-                    os.rmdir(name, dir_fd=pfd)
-                else:
+                    try:
+                        os.rmdir(name, dir_fd=pfd)
+                    except OSError as e:
+                        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EBUSY):
+                            return False
+                        raise
+                    return True
+                if stat.S_ISREG(st.st_mode) and st.st_size == 0:
                     os.unlink(name, dir_fd=pfd)
+                    return True
+                return False
         except NotFound:
-            return
+            return True
 
     def mount(
         self, path: str, field: str, *, want_dir: bool, source: str, fstype: str | None, flags: int, data: str | None
@@ -170,7 +201,7 @@ class PathGuard:
         with self.open(path, field, want_dir=want_dir) as fd:
             syscalls.mount(source, f"/proc/self/fd/{fd}", fstype, flags, data)
 
-    def remount(self, path: str, field: str, *, want_dir: bool, flags: int) -> None:
+    def remount(self, path: str, field: str, *, want_dir: bool | None, flags: int) -> None:
         with self.open(path, field, want_dir=want_dir) as fd:
             syscalls.mount(None, f"/proc/self/fd/{fd}", None, flags, None)
 

@@ -53,16 +53,20 @@ def _run(argv: list[str]) -> None:
 def cleanup(base: str) -> None:
     """Best-effort removal of every loop device and mount under ``base``.
 
-    Loop devices are detached first (a busy one is marked to detach on last
-    close), then mounts are lazily unmounted deepest first; a pool that is
-    itself a mounted filesystem goes last, once nothing holds it.
+    Loop devices are detached first, the ones over them (read-only views)
+    before them (a busy one is marked to detach on last close), then mounts
+    are lazily unmounted deepest first; a pool that is itself a mounted
+    filesystem goes last, once nothing holds it.
     """
     real = os.path.realpath(base)
 
     def detach() -> None:
-        for d in loopdev.scan():
-            if d.backing_file.startswith(real + "/"):
-                _run(["losetup", "-d", d.path])
+        attached = loopdev.scan()
+        ours = [d for d in attached if d.backing_file.startswith(real + "/")]
+        # Loop devices over those (a read-only view, csi.node.views) hold them open: first.
+        over = [d for d in attached if d.backing_file in {o.path for o in ours}]
+        for d in over + ours:
+            _run(["losetup", "-d", d.path])
 
     detach()
     for _ in range(20):

@@ -2,15 +2,25 @@
 
 Flags arrive allow-listed (csi.services.validation); here they become
 mount(2) bits and a filesystem data string. :func:`shows` is the one test of
-whether a mount is a volume's device.
+whether a mount is a volume's device; :func:`users` finds every mount of a
+volume's devices, and :func:`stage_marker` tells a raw block volume's stage.
 """
 
 from __future__ import annotations
 
+import os
+
 from csi.errors import InvalidArgument
 from csi.host import syscalls
-from csi.host.mountinfo import Mount
+from csi.host.mountinfo import NODE_FILESYSTEMS, Mount, MountTable
 from csi.model import Device
+
+#: A raw block volume is staged by binding its device node onto this file in
+#: the staging directory. The mount is the proof, kept by the kernel (gone
+#: with a reboot, as the device is), that the volume is staged at *that*
+#: path: without it, a raw block stage would be the bare attached device, and
+#: an unstage given any path would have to guess.
+STAGED = "elv-staged-device"
 
 FLAG_BITS = {
     "ro": syscalls.MS_RDONLY,
@@ -64,7 +74,30 @@ def bind_bits(flags: tuple[str, ...], readonly: bool) -> int:
 def shows(mount: Mount, dev: Device, *, node_bind: bool) -> bool:
     """Whether ``mount`` is ``dev``: mounted from it, or, with ``node_bind``
     (a raw block publish), a bind of its /dev node, which mountinfo shows
-    as devtmpfs with the node's name for root."""
+    as devtmpfs (or the tmpfs a container's /dev may be) with the node's
+    name for root."""
     if (mount.major, mount.minor) == (dev.major, dev.minor):
         return True
-    return node_bind and mount.fstype == "devtmpfs" and mount.root == "/" + dev.name
+    return node_bind and mount.fstype in NODE_FILESYSTEMS and mount.root == "/" + dev.name
+
+
+def shows_any(mount: Mount, devs: list[Device], rdev: tuple[int, int] | None = None) -> bool:
+    """Whether the mount is one of ``devs`` (a volume's device and its
+    read-only views). ``rdev`` is the device the file visible at the mount
+    point is, known for a path's top mount only: it recognises a node bound
+    from a /dev that is not devtmpfs."""
+    if any(shows(mount, d, node_bind=True) for d in devs):
+        return True
+    return rdev is not None and rdev in {(d.major, d.minor) for d in devs}
+
+
+def users(table: MountTable, devs: list[Device], exclude: set[str]) -> list[Mount]:
+    """Every mount of ``devs`` (filesystem mounts and node binds) not at a path in ``exclude``."""
+    found = [m for d in devs for m in table.of_device(d.major, d.minor) + table.of_device_node(d.name)]
+    return [m for m in found if m.mount_point not in exclude]
+
+
+def stage_marker(mount: Mount, dev: Device, rdev: tuple[int, int] | None = None) -> bool:
+    """Whether the mount is a raw block stage of ``dev`` (its node bound onto
+    STAGED); ``rdev`` as for :func:`shows_any`."""
+    return shows_any(mount, [dev], rdev) and os.path.basename(mount.mount_point) == STAGED

@@ -15,7 +15,7 @@ import asyncio
 import errno
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from csi.backend.base import NodeBackend
 from csi.errors import (
@@ -33,7 +33,8 @@ from csi.host.fs import FsTool, device_size, read_fs_size
 from csi.host.mountinfo import Mount, MountTable
 from csi.host.paths import PathGuard
 from csi.model import DEFAULT_FS, AccessType, Capability, Device, Health, Mode, Volume, round_up
-from csi.node.mounts import bind_bits, mount_options, shows
+from csi.node.mounts import STAGED, bind_bits, mount_options, shows, shows_any, stage_marker, users
+from csi.node.views import Views
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,19 @@ log = logging.getLogger(__name__)
 #: mount point after that (umount says EINVAL but mountinfo lists it, e.g. a
 #: mount hidden under another) is reported instead of retried forever.
 MAX_STACKED = 16
+
+
+@dataclass
+class _Work:
+    """What one stage or publish made, so a failure undoes exactly that."""
+
+    #: Set once the call has checked that the path holds nothing of the
+    #: volume's: from then on, a mount of the volume's there is this call's.
+    began: bool = False
+    #: Paths it created (parents first).
+    created: list[str] = field(default_factory=list)
+    #: Read-only views it made.
+    views: list[Device] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -71,10 +85,11 @@ def _mount_error(e: OSError, what: str) -> ElvError:
 
 
 class NodeOps:
-    def __init__(self, backend: NodeBackend, guard: PathGuard, fs: FsTool) -> None:
+    def __init__(self, backend: NodeBackend, guard: PathGuard, fs: FsTool, views: Views) -> None:
         self.backend = backend
         self.guard = guard
         self.fs = fs
+        self.views = views
 
     async def _volume(self, volume_id: str) -> Volume:
         vol = await self.backend.get_volume(volume_id)
@@ -107,28 +122,78 @@ class NodeOps:
         real = self.guard.real(staging)
         was_attached = await self.backend.find_device(volume_id) is not None
         dev = await self.backend.attach(volume_id)
-        if fs_type is None:
-            return  # raw block: the attached device is the staged state
+        work = _Work()
         try:
-            await self._stage_mount(vol, dev, fs_type, staging, real, cap)
+            if fs_type is None:
+                await self._stage_block(vol, dev, staging, real, work)
+            else:
+                await self._stage_mount(vol, dev, fs_type, staging, real, cap, work)
         except BaseException:
+            # The marker (raw block) or the staging path itself (a filesystem).
+            at, real_at = (
+                (os.path.join(staging, STAGED), os.path.join(real, STAGED)) if fs_type is None else (staging, real)
+            )
+            await self._undo(work, at, "staging_target_path", real_at, [dev])
             # Leave no loop device behind for a stage that did not happen.
-            if not was_attached and not self._users(await self._table(), dev, set()):
+            if not was_attached and not users(await self._table(), [dev], set()):
                 await self.backend.detach(volume_id)
             raise
 
+    async def _stage_block(self, vol: Volume, dev: Device, staging: str, real: str, work: _Work) -> None:
+        """Bind the device node onto STAGED in the staging directory (see there)."""
+        marker, real_marker = os.path.join(staging, STAGED), os.path.join(real, STAGED)
+        table = await self._table()
+        top = table.top(real_marker)
+        rdev = await asyncio.to_thread(self.guard.device, marker, "staging_target_path")
+        if top is not None and stage_marker(top, dev, rdev):
+            return  # a repeat
+        elsewhere = [m for m in table.of_device_node(dev.name) if stage_marker(m, dev)]
+        if elsewhere:
+            raise FailedPrecondition(
+                f"volume {vol.id} is already staged at {os.path.dirname(elsewhere[0].mount_point)} on this node; "
+                "a volume is staged at one path at a time: unstage it there first"
+            )
+        if top is not None or table.top(real) is not None:
+            raise AlreadyExists(f"something else is already mounted at {staging}")
+        work.began = True
+        await asyncio.to_thread(self.guard.make, staging, "staging_target_path", want_dir=True, created=work.created)
+        await asyncio.to_thread(self.guard.make, marker, "staging_target_path", want_dir=False, created=work.created)
+        try:
+            await asyncio.to_thread(
+                self.guard.mount,
+                marker,
+                "staging_target_path",
+                want_dir=False,
+                source=dev.path,
+                fstype=None,
+                flags=syscalls.MS_BIND,
+                data=None,
+            )
+        except OSError as e:
+            raise _mount_error(e, f"staging volume {vol.id}") from e
+        log.info("staged %s (%s, raw block) at %s", vol.id, dev.path, staging)
+
     async def _stage_mount(
-        self, vol: Volume, dev: Device, fs_type: str, staging: str, real: str, cap: Capability
+        self, vol: Volume, dev: Device, fs_type: str, staging: str, real: str, cap: Capability, work: _Work
     ) -> None:
         table = await self._table()
         top = table.top(real)
-        if top is not None:
-            if not shows(top, dev, node_bind=False):
-                raise AlreadyExists(f"another device is already mounted at {staging}")
+        if top is not None and shows(top, dev, node_bind=False):
             if cap.mount_flags and ("ro" in cap.mount_flags) != top.readonly:
                 raise AlreadyExists(f"volume {vol.id} is staged at {staging} with other mount flags")
             return
-        await asyncio.to_thread(self.guard.make, staging, "staging_target_path", want_dir=True)
+        elsewhere = users(table, [dev], {real})
+        if elsewhere:
+            # The CO promises one staging path per volume; a second one would be a
+            # second mount that every later unstage counts as a user, for ever.
+            raise FailedPrecondition(
+                f"volume {vol.id} is already staged or published at {elsewhere[0].mount_point} on this node; "
+                "a volume is staged at one path at a time: unstage it there first"
+            )
+        if top is not None:
+            raise AlreadyExists(f"another device is already mounted at {staging}")
+        work.began = True
+        await asyncio.to_thread(self.guard.make, staging, "staging_target_path", want_dir=True, created=work.created)
         fresh = await self._format_if_blank(vol, dev, fs_type)
         bits, data = mount_options(cap.mount_flags, fs_type)
         if not fresh and fs_type == "ext4" and await self._smaller(fs_type, dev):
@@ -210,24 +275,147 @@ class NodeOps:
             await self.fs.grow(fs_type, dev.path, mount_point)
             log.info("grew %s on %s to fill the device", fs_type, dev.path)
 
-    # -- unstage ------------------------------------------------------------------
+    # -- what is the volume's -------------------------------------------------------
 
-    def _users(self, table: MountTable, dev: Device | None, exclude: set[str]) -> list[Mount]:
+    async def _devices(self, dev: Device | None) -> list[Device]:
+        """The volume's device and its read-only views: what its mounts show."""
         if dev is None:
             return []
-        found = table.of_device(dev.major, dev.minor) + table.of_device_node(dev.name)
-        return [m for m in found if m.mount_point not in exclude]
+        return [dev, *await self.views.of(dev)]
+
+    async def _peel(self, path: str, field: str, real: str, devs: list[Device], busy: str) -> tuple[bool, bool]:
+        """Unmount the volume's own mounts from the top of the stack at ``path``,
+        one at a time, re-reading the table before each: mounts may stack (a
+        retried mount, a kubelet restart). Stops at the first mount that is not
+        the volume's, and never unmounts it. Returns (unmounted anything,
+        something else is still mounted there).
+
+        FailedPrecondition when a mount of the volume's lies under a foreign
+        one: ours cannot be undone without undoing theirs. EBUSY is InUse
+        (``busy``); EINVAL (gone meanwhile) is re-read."""
+        peeled = False
+        for _ in range(MAX_STACKED):
+            stack = (await self._table()).stack(real)
+            if not stack:
+                return peeled, False
+            rdev = await asyncio.to_thread(self.guard.device, path, field) if devs else None
+            if not devs or not shows_any(stack[0], devs, rdev):
+                if any(shows_any(m, devs) for m in stack[1:]):
+                    raise FailedPrecondition(
+                        f"something else is mounted at {path} over the volume's own mount; unmount it first"
+                    )
+                return peeled, True
+            try:
+                await asyncio.to_thread(self.guard.umount, path, field)
+                peeled = True
+            except OSError as e:
+                if e.errno == errno.EBUSY:
+                    raise InUse(busy) from e
+                if e.errno != errno.EINVAL:
+                    raise Internal(f"unmounting {path} failed: {e.strerror}") from e
+        raise Internal(f"{path} is still a mount point after {MAX_STACKED} unmounts; check the mount table")
+
+    async def _drop_unused_views(self, dev: Device) -> None:
+        """Remove the read-only views of the device that nothing binds any more
+        (the last read-only publish went, or a killed publish left one)."""
+        views = await self.views.of(dev)
+        if not views:
+            return
+        table = await self._table()
+        for view in views:
+            if not users(table, [view], set()):
+                await self.views.drop(view)
+
+    async def _undo(self, work: _Work, path: str, field: str, real: str, devs: list[Device]) -> None:
+        """Undo what a failed stage or publish made at ``path``, and only that:
+        the path held nothing of the volume's when the call began its work, so
+        a mount of the volume's on top of it now is this call's. Logged, never
+        raised: the call's own error is the answer."""
+        if not work.began:
+            return
+        try:
+            await self._peel(path, field, real, [*devs, *work.views], f"{path} is busy")
+            for view in work.views:
+                if not users(await self._table(), [view], set()):
+                    await self.views.drop(view)
+            for made in reversed(work.created):
+                await asyncio.to_thread(self.guard.remove, made, field)
+        except Exception:
+            log.exception("could not undo all a failed call made at %s", path)
+
+    # -- unstage ------------------------------------------------------------------
 
     async def unstage(self, volume_id: str, staging: str) -> None:
+        """Undo the volume's stage at ``staging``. The volume not staged there is
+        success, and then nothing is touched: not what is mounted there (another
+        volume's, or not ELV's at all), nor the volume's stage elsewhere."""
         real = self.guard.real(staging)
         dev = await self.backend.find_device(volume_id)
+        if dev is None:
+            # Not attached: nothing at the path, or anywhere, is the volume's; but
+            # a raw block stage's marker file outlives its mount across a reboot.
+            await self._remove_stale_marker(volume_id, os.path.join(staging, STAGED))
+            return
+        devs = await self._devices(dev)
         table = await self._table()
-        users = self._users(table, dev, {real})
-        if users:
-            raise InUse(f"volume {volume_id} is still published at {users[0].mount_point}; unpublish it first")
-        await self._unmount_stack(staging, "staging_target_path", real, table, f"the filesystem at {staging} is busy")
+        real_marker = os.path.join(real, STAGED)
+        marker = table.top(real_marker)
+        rdev = await asyncio.to_thread(self.guard.device, os.path.join(staging, STAGED), "staging_target_path")
+        if marker is not None and stage_marker(marker, dev, rdev):
+            await self._unstage_here(volume_id, os.path.join(staging, STAGED), real_marker, devs, table)
+        elif any(stage_marker(m, dev) for m in table.stack(real_marker)[1:]):
+            raise FailedPrecondition(
+                f"something else is mounted at {staging} over volume {volume_id}'s stage; unmount it first"
+            )
+        elif not await self._unstage_mount(volume_id, staging, real, devs, table):
+            return
+        # The marker file (a raw block stage's, or one a killed stage made and
+        # never mounted on): removed only while empty, as everything is.
+        marker_path = os.path.join(staging, STAGED)
+        if await asyncio.to_thread(self.guard.lstat, marker_path, "staging_target_path") is not None:
+            await asyncio.to_thread(self.guard.remove, marker_path, "staging_target_path")
+        # Attached and mounted nowhere now. That is also a raw block stage of an
+        # older driver (no marker), or what a failed or killed stage left:
+        # either way the device is the volume's, and nothing uses it.
+        await self._drop_unused_views(dev)
         await self.backend.detach(volume_id)
         log.info("unstaged %s from %s", volume_id, staging)
+
+    async def _remove_stale_marker(self, volume_id: str, marker: str) -> None:
+        st = await asyncio.to_thread(self.guard.lstat, marker, "staging_target_path")
+        if st is not None and await self.backend.get_volume(volume_id) is not None:
+            await asyncio.to_thread(self.guard.remove, marker, "staging_target_path")
+
+    async def _unstage_here(self, volume_id: str, path: str, real: str, devs: list[Device], table: MountTable) -> None:
+        """Unmount the volume's stage at ``path``: InUse while it is published."""
+        published = users(table, devs, {real})
+        if published:
+            raise InUse(f"volume {volume_id} is still published at {published[0].mount_point}; unpublish it first")
+        await self._peel(path, "staging_target_path", real, devs, f"the filesystem at {path} is busy")
+
+    async def _unstage_mount(
+        self, volume_id: str, staging: str, real: str, devs: list[Device], table: MountTable
+    ) -> bool:
+        """Unstage a filesystem stage at ``staging``; False when the volume is
+        staged elsewhere, not here (then nothing is touched)."""
+        dev, stack = devs[0], table.stack(real)
+        if stack and shows_any(stack[0], devs):
+            await self._unstage_here(volume_id, staging, real, devs, table)
+            return True
+        if any(shows_any(m, devs) for m in stack[1:]):
+            raise FailedPrecondition(
+                f"something else is mounted at {staging} over volume {volume_id}'s stage; unmount it first"
+            )
+        elsewhere = users(table, devs, {real})
+        staged = [m for m in elsewhere if (m.major, m.minor) == (dev.major, dev.minor) or stage_marker(m, dev)]
+        if staged:
+            log.info(
+                "volume %s is not staged at %s (it is at %s): nothing to do", volume_id, staging, staged[0].mount_point
+            )
+            return False
+        if elsewhere:
+            raise InUse(f"volume {volume_id} is still published at {elsewhere[0].mount_point}; unpublish it first")
+        return True
 
     # -- publish ------------------------------------------------------------------
 
@@ -245,75 +433,99 @@ class NodeOps:
             top = table.top(real_staging)
             if top is None or not shows(top, dev, node_bind=False):
                 raise FailedPrecondition(f"volume {volume_id} is not staged at {staging}")
-        if self._published(table.top(real_target), dev, block, readonly, volume_id, target):
+        devs = await self._devices(dev) if block else [dev]
+        if await self._published(table.top(real_target), devs, block, readonly, volume_id, target):
             return
         if cap.mode == Mode.SINGLE_NODE_SINGLE_WRITER:
-            others = self._users(table, dev, {real_staging, real_target})
+            others = [m for m in users(table, devs, {real_staging, real_target}) if not stage_marker(m, dev)]
             if others:
                 raise FailedPrecondition(
                     f"volume {volume_id} is single-writer (ReadWriteOncePod) and already published at {others[0].mount_point}"
                 )
-        await asyncio.to_thread(self.guard.make, target, "target_path", want_dir=not block)
         bits = bind_bits(cap.mount_flags, readonly)
+        work = _Work(began=True)
         try:
+            await asyncio.to_thread(self.guard.make, target, "target_path", want_dir=not block, created=work.created)
             if block:
-                await asyncio.to_thread(self._bind_device, dev, target, bits)
+                await self._bind_device(dev, target, bits, readonly, work)
             else:
                 await asyncio.to_thread(
                     self.guard.bind, staging, "staging_target_path", target, "target_path", flags=bits
                 )
-        except OSError as e:
-            raise _mount_error(e, f"publishing volume {volume_id}") from e
+        except BaseException as e:
+            # Nothing of the volume's was at the target when this call began.
+            await self._undo(work, target, "target_path", real_target, devs)
+            if isinstance(e, OSError):
+                raise _mount_error(e, f"publishing volume {volume_id}") from e
+            raise
         log.info("published %s at %s%s", volume_id, target, " (ro)" if readonly else "")
 
-    @staticmethod
-    def _published(
-        current: Mount | None, dev: Device, block: bool, readonly: bool, volume_id: str, target: str
+    async def _published(
+        self, current: Mount | None, devs: list[Device], block: bool, readonly: bool, volume_id: str, target: str
     ) -> bool:
         """Whether the volume is published at the target already, as asked
         (a repeat); AlreadyExists if something else is, or it is otherwise."""
         if current is None:
             return False
-        if not shows(current, dev, node_bind=block):
+        rdev = await asyncio.to_thread(self.guard.device, target, "target_path") if block else None
+        if not shows_any(current, devs, rdev):
             raise AlreadyExists(f"something else is already mounted at {target}")
-        if current.readonly != readonly:
-            raise AlreadyExists(f"volume {volume_id} is already published at {target} with readonly={current.readonly}")
+        # A raw block publish is read-only when it binds a read-only view (the
+        # mount's own flag does not stop writes to a device node).
+        is_ro = shows_any(current, devs[1:], rdev) if block else current.readonly
+        if is_ro != readonly:
+            raise AlreadyExists(f"volume {volume_id} is already published at {target} with readonly={is_ro}")
         return True
 
-    def _bind_device(self, dev: Device, target: str, bits: int) -> None:
-        self.guard.mount(
-            target, "target_path", want_dir=False, source=dev.path, fstype=None, flags=syscalls.MS_BIND, data=None
+    async def _bind_device(self, dev: Device, target: str, bits: int, readonly: bool, work: _Work) -> None:
+        source = dev
+        if readonly:
+            source, made = await self.views.get(dev)
+            if made:
+                work.views.append(source)
+        await asyncio.to_thread(
+            self.guard.mount,
+            target,
+            "target_path",
+            want_dir=False,
+            source=source.path,
+            fstype=None,
+            flags=syscalls.MS_BIND,
+            data=None,
         )
         if bits:
-            self.guard.remount(
-                target, "target_path", want_dir=False, flags=syscalls.MS_REMOUNT | syscalls.MS_BIND | bits
+            # The target now shows the device node, no longer a regular file.
+            await asyncio.to_thread(
+                self.guard.remount,
+                target,
+                "target_path",
+                want_dir=None,
+                flags=syscalls.MS_REMOUNT | syscalls.MS_BIND | bits,
             )
-
-    async def _unmount_stack(self, path: str, field: str, real: str, table: MountTable, busy: str) -> None:
-        """Unmount ``path`` until nothing is mounted there: mounts may stack
-        (a retried mount, a kubelet restart). EBUSY is InUse(``busy``); EINVAL
-        (not a mount point any more) is what a repeat finds, and is fine."""
-        for _ in range(MAX_STACKED):
-            if table.top(real) is None:
-                return
-            try:
-                await asyncio.to_thread(self.guard.umount, path, field)
-            except OSError as e:
-                if e.errno == errno.EBUSY:
-                    raise InUse(busy) from e
-                if e.errno != errno.EINVAL:
-                    raise Internal(f"unmounting {path} failed: {e.strerror}") from e
-            table = await self._table()
-        raise Internal(f"{path} is still a mount point after {MAX_STACKED} unmounts; check the mount table")
 
     # -- unpublish ----------------------------------------------------------------
 
     async def unpublish(self, volume_id: str, target: str) -> None:
+        """Undo the volume's publish at ``target``: unmount its own mounts there,
+        then remove the target if it holds nothing. Not published there is
+        success, and then nothing is touched: another volume's mount, a mount
+        ELV did not make, a path holding data."""
         real = self.guard.real(target)
         if await asyncio.to_thread(self.guard.lstat, target, "target_path") is None:
             return  # already gone: kubelet retries teardown forever on any error
-        await self._unmount_stack(target, "target_path", real, await self._table(), f"the mount at {target} is busy")
-        await asyncio.to_thread(self.guard.remove, target, "target_path")
+        dev = await self.backend.find_device(volume_id)
+        devs = await self._devices(dev)
+        peeled, covered = await self._peel(target, "target_path", real, devs, f"the mount at {target} is busy")
+        if dev is not None:
+            await self._drop_unused_views(dev)
+        if covered:
+            log.info("left %s as it is: what is mounted there is not volume %s's", target, volume_id)
+            return
+        if not peeled and await self.backend.get_volume(volume_id) is None:
+            return  # not one of this driver's volumes: nothing here is ours to remove
+        if not await asyncio.to_thread(self.guard.remove, target, "target_path"):
+            log.warning("kept %s: it is not empty, so it is not only volume %s's", target, volume_id)
+            return
         log.info("unpublished %s from %s", volume_id, target)
 
     # -- stats and expansion ------------------------------------------------------
@@ -329,7 +541,8 @@ class NodeOps:
         top = table.top(real)
         if dev is None or top is None:
             raise NotFound(f"volume {volume_id} is not staged or published at {path}")
-        if not shows(top, dev, node_bind=True):
+        rdev = await asyncio.to_thread(self.guard.device, path, "volume_path")
+        if not shows_any(top, await self._devices(dev), rdev):
             raise NotFound(f"volume {volume_id} is not mounted at {path}")
         return vol, dev, top
 
@@ -355,6 +568,7 @@ class NodeOps:
             want = round_up(required, self.backend.granularity)
             vol = await self.backend.expand_volume(volume_id, want)
         size = await self.backend.refresh_device(volume_id)
+        await self.views.refresh(dev)
         if required and size < required:
             raise OutOfRange(f"the device shows {size} bytes after growing to {vol.size}; retry")
         if vol.access == AccessType.MOUNT and top.fstype != "devtmpfs":

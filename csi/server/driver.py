@@ -27,10 +27,12 @@ from csi.backend.base import Backend
 from csi.config import Config
 from csi.errors import ElvError
 from csi.host.fs import FsTool
+from csi.host.loop import LoopTool
 from csi.host.paths import PathGuard
 from csi.host.runner import Runner
 from csi.host.sockets import SocketError, prepare_socket
 from csi.node.ops import NodeOps
+from csi.node.views import Views
 from csi.server.interceptor import RpcInterceptor
 from csi.services.controller import ControllerService
 from csi.services.gate import Gate
@@ -105,7 +107,12 @@ class Driver:
             csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(cfg, self.backend, self.gate), server)
             csi_pb2_grpc.add_GroupControllerServicer_to_server(GroupControllerService(self.backend, self.gate), server)
         if cfg.mode.node:
-            ops = NodeOps(self.backend, PathGuard(cfg.kubelet_dir), FsTool(self.runner, xfs_config=cfg.xfs_config))
+            ops = NodeOps(
+                self.backend,
+                PathGuard(cfg.kubelet_dir),
+                FsTool(self.runner, xfs_config=cfg.xfs_config),
+                Views(LoopTool(self.runner, direct_io=False)),
+            )
             csi_pb2_grpc.add_NodeServicer_to_server(NodeService(cfg, ops, self.gate), server)
         path = cfg.socket_path
         prepare_socket(path)

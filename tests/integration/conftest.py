@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.fixtures import _require_root, base, driver
+from tests.support.fixtures import _nothing_left, _require_root, base, driver
 from tests.support.markers import mark_folder
 
-__all__ = ["_require_root", "base", "driver"]
+__all__ = ["_nothing_left", "_require_root", "base", "driver"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

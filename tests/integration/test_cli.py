@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from csi.host.mountinfo import MountTable
+from tests.support import observe
 from tests.support.driver import Driver, leftovers
 from tests.support.paths import REPO
 
@@ -28,13 +28,6 @@ def elv(d: Driver, *args: str, check: bool = True) -> subprocess.CompletedProces
     if check:
         assert r.returncode == 0, f"elv {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}"
     return r
-
-
-def ns_mounts(pid: int) -> MountTable:
-    from csi.host.mountinfo import parse
-
-    with open(f"/proc/{pid}/mountinfo") as f:
-        return MountTable(parse(f.read()))
 
 
 @pytest.fixture
@@ -131,8 +124,8 @@ def test_attach_into_plain_namespace(driver: Driver, plain_ns: int) -> None:
     inside = os.path.join(driver.base, "ns-data")
     elv(driver, "attach", "hot", "--pid", str(plain_ns), "--path", inside)
     subprocess.run(["nsenter", "-t", str(plain_ns), "-m", "sh", "-c", f"echo hot > {inside}/f"], check=True)
-    assert ns_mounts(plain_ns).top(inside) is not None
-    assert MountTable.load().top(os.path.realpath(inside)) is None, "the mount must not appear on the host"
+    assert observe.top(inside, plain_ns) is not None
+    assert observe.top(inside) is None, "the mount must not appear on the host"
     # The driver knows it is in use.
     assert elv(driver, "volume", "delete", "hot", check=False).returncode == 1
     shown = json.loads(elv(driver, "volume", "show", "hot", "--json").stdout)
@@ -147,7 +140,7 @@ def test_attach_into_plain_namespace(driver: Driver, plain_ns: int) -> None:
     ).stdout.split()
     assert int(df[-1]) > 500 * 2**20, "grew from 448 MiB"
     elv(driver, "detach", "hot", "--pid", str(plain_ns))
-    assert ns_mounts(plain_ns).top(inside) is None
+    assert observe.top(inside, plain_ns) is None
     assert leftovers(driver.base) == []
     # The data survived: attach again, read-only this time.
     elv(driver, "attach", "hot", "--pid", str(plain_ns), "--path", inside, "--readonly")
@@ -167,7 +160,7 @@ def test_attach_into_container_root(driver: Driver, container: tuple[int, str]) 
     elv(driver, "volume", "create", "ctr", "--size", "64Mi")
     elv(driver, "attach", "ctr", "--pid", str(pid), "--path", "/data")
     subprocess.run(["nsenter", "-t", str(pid), "-m", "-r", "sh", "-c", "echo in-container > /data/f"], check=True)
-    assert ns_mounts(pid).top("/data") is not None
+    assert observe.top("/data", pid) is not None
     assert not os.path.exists("/data/f"), "the path is inside the container, never the host's /data"
     # A symlink inside the container is refused.
     subprocess.run(["nsenter", "-t", str(pid), "-m", "-r", "ln", "-s", "/etc", "/sneaky"], check=True)
@@ -179,7 +172,7 @@ def test_attach_into_container_root(driver: Driver, container: tuple[int, str]) 
     r = elv(driver, "attach", "ctr", "--pid", str(os.getpid()), "--path", "/data", check=False)
     assert r.returncode == 1 and "host's mount namespace" in r.stderr
     elv(driver, "detach", "ctr", "--pid", str(pid))
-    assert ns_mounts(pid).top("/data") is None
+    assert observe.top("/data", pid) is None
     elv(driver, "volume", "delete", "ctr")
 
 

@@ -10,9 +10,8 @@ import subprocess
 import grpc
 import pytest
 
-from csi.host import loop as loopdev
-from csi.host.mountinfo import MountTable
 from csi.v1 import csi_pb2
+from tests.support import observe
 from tests.support.driver import Driver, MiB, leftovers
 from tests.support.rpc import SNRO, SNSW, block_cap, code_of, mount_cap
 
@@ -22,7 +21,7 @@ def image(d: Driver, vid: str) -> str:
 
 
 def loops_of(d: Driver, vid: str) -> list[str]:
-    return [x.path for x in loopdev.scan() if x.backing_file == os.path.realpath(image(d, vid))]
+    return [x.path for x in observe.loops() if x.backing_file == os.path.realpath(image(d, vid))]
 
 
 @pytest.mark.parametrize("fs", ["ext4", "xfs"])
@@ -37,10 +36,10 @@ def test_whole_life_mount(driver: Driver, fs: str) -> None:
     driver.stage(vid, staging, cap)
     driver.stage(vid, staging, cap)  # idempotent
     assert len(loops_of(driver, vid)) == 1, "never two loop devices for one volume"
-    assert [x.direct_io for x in loopdev.scan() if x.backing_file == os.path.realpath(image(driver, vid))] == [True]
+    assert [x.direct_io for x in observe.loops() if x.backing_file == os.path.realpath(image(driver, vid))] == [True]
     driver.publish(vid, staging, target, cap)
     driver.publish(vid, staging, target, cap)  # idempotent
-    top = MountTable.load().top(os.path.realpath(target))
+    top = observe.top(target)
     assert top is not None and top.fstype == fs
     with open(os.path.join(target, "data"), "w") as f:
         f.write("payload")
@@ -117,7 +116,7 @@ def test_unstage_while_published_is_refused(driver: Driver) -> None:
     driver.stage(vid, staging)
     driver.publish(vid, staging, target)
     assert code_of(driver.unstage, vid, staging) == grpc.StatusCode.FAILED_PRECONDITION
-    assert MountTable.load().top(os.path.realpath(target)) is not None
+    assert observe.top(target) is not None
     driver.unpublish(vid, target)
     driver.unstage(vid, staging)
     driver.delete(vid)
@@ -136,7 +135,7 @@ def test_readonly_publish(driver: Driver) -> None:
     assert code_of(driver.publish, vid, staging, target, readonly=False) == grpc.StatusCode.ALREADY_EXISTS
     other = driver.path("t", "ro2")
     driver.publish(vid, staging, other, mount_cap(mode=SNRO))
-    top = MountTable.load().top(os.path.realpath(other))
+    top = observe.top(other)
     assert top is not None and top.readonly
     driver.unpublish(vid, target)
     driver.unpublish(vid, other)

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from tests.support.driver import stop_cleanly
-from tests.support.fixtures import base
+from tests.support.fixtures import _nothing_left, base
 from tests.support.lvm import GuestVg, LvmDriver, class_config, destroy_vg, make_vg, ours, wait_for, write_config
 from tests.support.markers import mark_folder
 
-__all__ = ["base"]
+__all__ = ["_nothing_left", "base"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -47,6 +47,22 @@ def vg(dm_ready: None) -> Iterator[GuestVg]:
     finally:
         problems = destroy_vg(v)
         assert not problems, problems
+
+
+@pytest.fixture(autouse=True)
+def _no_lv_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every test that used the VG: no LV of ELV's (read with lvs) that
+    was not there before it. Tests of the module that keeps one driver for
+    all of them (the fuzz test: its accepted creates stay until it ends) are
+    checked when that driver's fixture ends instead."""
+    shared = "lvm_fuzz_driver" in request.fixturenames
+    vg: GuestVg | None = request.getfixturevalue("vg") if "vg" in request.fixturenames and not shared else None
+    before = set(ours(vg)) if vg else set()
+    yield
+    if vg is not None:
+        left = sorted(set(ours(vg)) - before)
+        if left:
+            pytest.fail(f"the test left LVs of ELV's behind: {left}", pytrace=False)
 
 
 @pytest.fixture

@@ -3,13 +3,17 @@ publish, grow online, unstage, delete; and the codes the contract promises."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+import subprocess
 
 import grpc
 import pytest
 
 from csi.model import DEVICE_CLASS as CLASS
 from csi.v1 import csi_pb2
+from tests.support import observe
 from tests.support.lvm import GuestVg, LvmDriver, MiB, lv
 from tests.support.rpc import block_cap, code_of, mount_cap
 
@@ -72,14 +76,94 @@ def test_mount_life(driver: LvmDriver, vg: GuestVg, cls: str, fs: str) -> None:
 
 def test_block_life(driver: LvmDriver, vg: GuestVg) -> None:
     vid = driver.create("blk", 32 * MiB, block_cap(), parameters={CLASS: "thin"})
-    staging, target = driver.path("st", vid), driver.path("pub", vid)
+    staging, target, ro = driver.path("st", vid), driver.path("pub", vid), driver.path("pub", vid + "-ro")
+    driver.stage(vid, staging, block_cap())
+    row = lv(vg.name, lv_name(vid))
+    assert row is not None and row["lv_attr"][4] == "a", "stage activates the LV"
+    major, minor = int(row["lv_kernel_major"]), int(row["lv_kernel_minor"])
+    dm = f"/dev/dm-{minor}"
+    # The stage is a bind of the LV's node inside the staging directory.
+    (marker,) = observe.mounts_under(staging)
+    assert marker.fstype == "devtmpfs" and marker.root == f"/dm-{minor}"
+    driver.publish(vid, staging, target, block_cap())
+    st = os.stat(target)
+    assert stat.S_ISBLK(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (major, minor)
+    with open(target, "r+b") as f:
+        f.seek(4096)
+        f.write(b"raw bytes")
+        f.flush()
+        os.fsync(f.fileno())
+    with open(dm, "rb") as f:
+        f.seek(4096)
+        assert f.read(9) == b"raw bytes", "a write to the target reached the LV"
+    # A read-only publish beside it: the kernel refuses writes, the LV keeps its bytes.
+    driver.publish(vid, staging, ro, block_cap(), readonly=True)
+    assert [v.readonly for v in observe.loops_over(dm)] == [True], "one read-only view of the LV"
+    with pytest.raises(OSError) as ei, open(ro, "r+b") as f:
+        f.seek(4096)
+        f.write(b"overwrite")
+        f.flush()
+        os.fsync(f.fileno())
+    assert ei.value.errno in (errno.EPERM, errno.EROFS, errno.EACCES), ei.value
+    with open(ro, "rb") as f:
+        f.seek(4096)
+        assert f.read(9) == b"raw bytes"
+    assert code_of(driver.unstage, vid, staging) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(driver.delete, vid) == grpc.StatusCode.FAILED_PRECONDITION
+    driver.unpublish(vid, ro)
+    driver.unpublish(vid, target)
+    assert not os.path.exists(target) and not os.path.exists(ro)
+    assert observe.loops_over(dm) == [], "the read-only view outlived its publish"
+    driver.unstage(vid, staging)
+    row = lv(vg.name, lv_name(vid))
+    assert row is not None and row["lv_attr"][4] == "-", "unstage deactivates the LV"
+    assert observe.mounts_under(staging) == [] and os.listdir(staging) == []
+    # The bytes outlive a restage.
     driver.stage(vid, staging, block_cap())
     driver.publish(vid, staging, target, block_cap())
-    with open(target, "r+b") as f:
-        f.write(b"raw bytes")
+    with open(target, "rb") as f:
+        f.seek(4096)
+        assert f.read(9) == b"raw bytes"
     driver.unpublish(vid, target)
     driver.unstage(vid, staging)
     driver.delete(vid)
+
+
+def test_teardown_touches_only_the_volumes_own_mounts(driver: LvmDriver, vg: GuestVg) -> None:
+    """Ownership is decided by device numbers, and device-mapper's (254:N)
+    work as the loop devices' do: another volume's mounts and a mount ELV did
+    not make survive every teardown call about them."""
+    a = driver.create("own-a", 64 * MiB, mount_cap(), parameters={CLASS: "thin"})
+    b = driver.create("own-b", 64 * MiB, mount_cap(), parameters={CLASS: "thick"})
+    sa, sb, tb = driver.path("st", "a"), driver.path("st", "b"), driver.path("pub", "b")
+    foreign = driver.path("pub", "foreign")
+    os.makedirs(foreign)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "foreign", foreign], check=True)
+    try:
+        driver.stage(b, sb)
+        driver.publish(b, sb, tb)
+        driver.stage(a, sa)
+        before = [(m.mount_point, m.major, m.minor) for m in observe.mounts_under(driver.kubelet)]
+        for path in (tb, sb, foreign):
+            assert code_of(driver.unpublish, a, path) == grpc.StatusCode.OK
+            assert code_of(driver.unstage, a, path) == grpc.StatusCode.OK
+        assert [(m.mount_point, m.major, m.minor) for m in observe.mounts_under(driver.kubelet)] == before
+        top = observe.top(foreign)
+        assert top is not None and top.source == "foreign"
+        assert driver.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(volume_id=b, volume_path=tb)).usage, (
+            "B's publish is intact"
+        )
+        # A second staging path is refused; A stays staged where it was.
+        assert code_of(driver.stage, a, driver.path("st", "a2")) == grpc.StatusCode.FAILED_PRECONDITION
+        row = lv(vg.name, lv_name(a))
+        assert row is not None and row["lv_attr"][4] == "a"
+    finally:
+        subprocess.run(["umount", foreign], check=False)
+    driver.unstage(a, sa)
+    driver.unpublish(b, tb)
+    driver.unstage(b, sb)
+    driver.delete(a)
+    driver.delete(b)
 
 
 def test_bad_class_and_params(driver: LvmDriver) -> None:

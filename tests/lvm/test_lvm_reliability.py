@@ -13,9 +13,9 @@ import time
 import grpc
 import pytest
 
-from csi.host.mountinfo import MountTable
 from csi.model import DEVICE_CLASS as CLASS
 from csi.v1 import csi_pb2
+from tests.support import observe
 from tests.support.lvm import GuestVg, LvmDriver, MiB, lvm, lvs, ours
 from tests.support.rpc import block_cap, code_of, mount_cap
 
@@ -74,7 +74,7 @@ def test_reboot_restages_with_data(driver: LvmDriver, vg: GuestVg) -> None:
         made.append((vid, name, cap, fs, st, pub))
     # The reboot: the driver dies, the mounts go, the LVs are no longer active.
     driver.kill()
-    for m in sorted(MountTable.load().under(os.path.realpath(driver.base)), key=lambda m: -len(m.mount_point)):
+    for m in sorted(observe.mounts_under(driver.base), key=lambda m: -len(m.mount_point)):
         subprocess.run(["umount", m.mount_point], check=True)
     lvm("vgchange", "-an", vg.name)
     assert all(r["lv_attr"][4] == "-" for r in lvs(vg.name)), "every LV is inactive after the 'reboot'"

@@ -9,9 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from csi.host import loop as loopdev
-from csi.host.mountinfo import MountTable
 from csi.v1 import csi_pb2
+from tests.support import observe
 from tests.support.driver import Driver, MiB
 from tests.support.machine import DriverMachine, code_and_id, run_machine
 from tests.support.rpc import code_of, mount_cap
@@ -37,8 +36,8 @@ def test_identical_creates_make_one_volume(driver: Driver) -> None:
         codes = set(pool.map(lambda _: code_of(driver.node.NodeStageVolume, stage), range(32)))
     assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.ABORTED}
     image = os.path.realpath(os.path.join(driver.pool, "volumes", vid + ".img"))
-    assert len([x for x in loopdev.scan() if x.backing_file == image]) == 1, "one loop device per volume"
-    assert len(MountTable.load().at(os.path.realpath(staging))) == 1, "one mount per staging path"
+    assert len([x for x in observe.loops() if x.backing_file == image]) == 1, "one loop device per volume"
+    assert len(observe.stack(staging)) == 1, "one mount per staging path"
     driver.unstage(vid, staging)
     driver.delete(vid)
 

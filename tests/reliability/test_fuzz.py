@@ -17,8 +17,9 @@ from collections.abc import Iterator
 import pytest
 
 from csi.host import scratch
+from tests.support import observe
 from tests.support.driver import Driver
-from tests.support.fuzz import CALLS, Fuzzed, fuzz_rpc, seed, state
+from tests.support.fuzz import CALLS, Fuzzed, fuzz_rpc, seed, state, undo
 
 EXAMPLES = int(os.environ.get("ELV_FUZZ_EXAMPLES", "150"))
 
@@ -28,11 +29,17 @@ def fuzz_driver() -> Iterator[Fuzzed]:
     base = scratch.make("fuzz")
     d = Driver(base, "--max-volumes-per-node", "3").start()
     fz = Fuzzed(d, seed(d), lambda: state(d), EXAMPLES)
-    yield fz
-    rc = d.stop()
-    log = d.log()
-    scratch.remove(base)
+    try:
+        yield fz
+        undo(d, fz.known[0])
+    finally:
+        rc = d.stop()
+        log = d.log()
+        # This driver outlives its tests (the per-test check skips it): check it here.
+        left = observe.leftovers(base) + observe.processes_using(base)
+        scratch.remove(base)
     assert rc == 0, log[-3000:]
+    assert not left, f"the fuzz test left behind: {left}"
     print(fz.summary("fuzz test", "fuzz-summary.txt"))
 
 

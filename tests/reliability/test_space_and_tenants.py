@@ -7,9 +7,8 @@ import subprocess
 
 import grpc
 
-from csi.host import loop as loopdev
-from csi.host.mountinfo import MountTable
 from csi.v1 import csi_pb2
+from tests.support import observe
 from tests.support.driver import Driver, MiB, leftovers
 from tests.support.rpc import block_cap, code_of, mount_cap
 
@@ -167,12 +166,10 @@ def test_reboot_restage_keeps_data(base: str) -> None:
         vols.append((vid, cap, staging, target, fs))
     # "Reboot": the driver dies, every mount is gone, every loop device detached.
     d.kill()
-    real = os.path.realpath(base)
-    for m in sorted(MountTable.load().under(real), key=lambda m: -len(m.mount_point)):
+    for m in sorted(observe.mounts_under(base), key=lambda m: -len(m.mount_point)):
         subprocess.run(["umount", m.mount_point], check=True)
-    for dev in loopdev.scan():
-        if dev.backing_file.startswith(real + "/"):
-            subprocess.run(["losetup", "-d", dev.path], check=True)
+    for dev in observe.loops_under(base):
+        subprocess.run(["losetup", "-d", dev.path], check=True)
     assert leftovers(base) == []
     d.start()
     # kubelet stages and publishes every volume again.

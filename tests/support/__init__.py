@@ -12,7 +12,9 @@
     machine.py    the driver state machine (hypothesis.stateful)
     sanity.py     running csi-sanity and reading its report
     lvm.py        the in-guest VG, ``elv serve --backend lvm``, the owner filter (ours)
-    fakes.py      recording fakes: FakeBackend, FakeNodeOps, and the one FakeRunner
+    observe.py    what a test sees of the host, read from /proc and /sys directly (leak checks)
+    fakes.py      recording fakes: FakeBackend, FakeNodeOps, FakeViews, and the one FakeRunner
+    fake_mounts.py  a mount table in memory, for node work without root
     fake_lvm.py   an in-memory LVM that answers through FakeRunner
     cluster.py    the one-node Kubernetes cluster of host processes
     k8s.py        its summary, and the objects the cluster tests create

@@ -14,10 +14,9 @@ from collections.abc import Iterator
 
 import grpc
 
-from csi.host import loop as loopdev
 from csi.host import scratch as scratch_dirs
-from csi.host.mountinfo import MountTable
 from csi.v1 import csi_pb2, csi_pb2_grpc
+from tests.support import observe
 from tests.support.forked import ForkedDriver
 from tests.support.paths import REPO
 from tests.support.rpc import mount_cap
@@ -26,11 +25,9 @@ MiB = 1024 * 1024
 
 
 def leftovers(base: str) -> list[str]:
-    """Mounts and loop devices that belong to this scratch directory."""
-    real = os.path.realpath(base)
-    found = [f"mount {m.mount_point}" for m in MountTable.load().under(real)]
-    found += [f"loop {d.path} -> {d.backing_file}" for d in loopdev.scan() if d.backing_file.startswith(real + "/")]
-    return found
+    """Mounts and loop devices that belong to this scratch directory, read
+    from /proc/self/mountinfo and /sys/block (never the driver's helpers)."""
+    return observe.leftovers(base)
 
 
 class Driver:
@@ -209,7 +206,7 @@ def stop_cleanly(d: Driver, base: str) -> None:
     log, nothing left mounted or attached under ``base`` (each test must undo
     what it did through CSI; scratch() cleans up by force only after a failure)."""
     rc = d.stop()
-    left = leftovers(base)
+    left = leftovers(base) + observe.processes_using(base)
     assert rc == 0, f"driver exited with {rc}:\n{d.log()[-3000:]}"
     assert "Traceback" not in d.log(), d.log()[-5000:]
     assert not left, f"test left behind: {left}"

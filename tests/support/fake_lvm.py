@@ -13,12 +13,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
+from csi.backend.lvm import devnode, wipe
 from csi.backend.lvm.backend import LvmBackend
 from csi.backend.lvm.classes import parse_config
 from csi.backend.lvm.command import Lvm
 from csi.backend.lvm.store import LvStore
 from csi.errors import CommandError
 from csi.host.fs import FsTool
+from csi.model import Device
 from tests.support.fakes import FakeRunner
 
 MiB = 1024 * 1024
@@ -297,3 +301,23 @@ def backend_over(lvm: FakeLvm, config: str) -> LvmBackend:
     runner: Any = lvm.runner()
     store = LvStore(settings, Lvm(runner, udev=False), runner, FsTool(runner), "elv.csi.dev", make_nodes=True)
     return LvmBackend(settings, store)
+
+
+def fake_sysfs(monkeypatch: pytest.MonkeyPatch, lvm: FakeLvm) -> None:
+    """sysfs and /dev as the fake LVM would make them: an active LV with minor
+    N is the disk dm-N (254:N), with its node at /dev/dm-N."""
+
+    def by_dm_name(name: str, *a: Any) -> tuple[str, int, int] | None:
+        for lv in lvm.lvs.values():
+            if lv.active and devnode.dm_name(lv.vg, lv.name) == name:
+                return f"dm-{lv.minor}", 254, lv.minor
+        return ("dm-99", 254, 99) if name.endswith("-cow") else None
+
+    async def fake_wait(major: int, minor: int, **kw: Any) -> Device:
+        return Device(f"dm-{minor}", f"/dev/dm-{minor}", major, minor)
+
+    monkeypatch.setattr(devnode, "wait_for_device", fake_wait)
+    monkeypatch.setattr(devnode, "kernel_name", lambda major, minor, *a: f"dm-{minor}")
+    monkeypatch.setattr(devnode, "find_dm_by_name", by_dm_name)
+    monkeypatch.setattr(devnode, "scan_dm_by_name", lambda name, *a: (by_dm_name(name), lvm.sysfs_sure))
+    monkeypatch.setattr(wipe, "zero_out", lambda path, stop=None: lvm.calls.append(("zero_out", path)))

@@ -352,6 +352,34 @@ class FakeBackend(Recorder):
         ]
 
 
+class FakeViews(Recorder):
+    """The read-only views of devices (csi.node.views), in memory: a view is
+    a device ``loop<900+n>`` over its source device's path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.over: dict[str, Device] = {}  # view name -> the device it shows
+
+    async def of(self, dev: Device) -> list[Device]:
+        return [Device(n, "/dev/" + n, 7, int(n[4:])) for n, src in sorted(self.over.items()) if src == dev]
+
+    async def get(self, dev: Device) -> tuple[Device, bool]:
+        found = await self.of(dev)
+        if found:
+            return found[0], False
+        self._record("get", dev)
+        n = 900 + len(self.over)
+        self.over[f"loop{n}"] = dev
+        return Device(f"loop{n}", f"/dev/loop{n}", 7, n), True
+
+    async def drop(self, view: Device) -> None:
+        self._record("drop", view)
+        self.over.pop(view.name, None)
+
+    async def refresh(self, dev: Device) -> None:
+        self._record("refresh", dev)
+
+
 class FakeNodeOps(Recorder):
     """NodeOps with the same methods, recording instead of mounting.
 

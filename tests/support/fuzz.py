@@ -19,9 +19,8 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from csi.host import loop as loopdev
-from csi.host.mountinfo import MountTable
 from csi.v1 import csi_pb2
+from tests.support import observe
 from tests.support.driver import Driver, MiB
 
 SERVICES = {
@@ -146,9 +145,8 @@ def state(d: Driver) -> tuple[object, ...]:
 
 
 def mounts_and_loops(d: Driver) -> tuple[object, ...]:
-    real = os.path.realpath(d.base)
-    mounts = sorted((m.mount_point, m.readonly) for m in MountTable.load().under(real))
-    loops = sorted(x.backing_file for x in loopdev.scan() if x.backing_file.startswith(real + "/"))
+    mounts = sorted((m.mount_point, m.readonly) for m in observe.mounts_under(d.base))
+    loops = sorted(x.backing_file for x in observe.loops_under(d.base))
     return (mounts, loops)
 
 
@@ -172,6 +170,21 @@ class Fuzzed:
         with open(os.path.join("ci-out", out), "w") as f:
             f.write(line + "\n")
         return line
+
+
+def undo(d: Driver, seeded: str) -> None:
+    """Remove through CSI what the seed and the fuzzer's accepted calls made:
+    publishes of the seed (a fuzzed NodePublishVolume may be valid), its
+    stage, every snapshot and every volume."""
+    staging = os.path.realpath(d.path("st"))
+    for m in sorted(observe.mounts_under(d.kubelet), key=lambda m: -len(m.mount_point)):
+        if m.mount_point != staging:
+            d.unpublish(seeded, m.mount_point)
+    d.unstage(seeded, d.path("st"))
+    for e in d.controller.ListSnapshots(csi_pb2.ListSnapshotsRequest()).entries:
+        d.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=e.snapshot.snapshot_id))
+    for v in d.controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries:
+        d.delete(v.volume.volume_id)
 
 
 def seed(d: Driver, **params: str) -> list[str]:

@@ -13,10 +13,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from csi.host import loop as loopdev
 from csi.host import scratch
-from csi.host.mountinfo import MountTable
 from csi.v1 import csi_pb2
+from tests.support import observe
 from tests.support.driver import Driver, MiB, leftovers
 from tests.support.rpc import code_of, mount_cap
 
@@ -64,12 +63,18 @@ class DriverMachine(RuleBasedStateMachine):
 
     def foreign_intact(self) -> None:
         assert os.path.exists(self.foreign_loop) and any(
-            x.path == self.foreign_loop and x.backing_file == os.path.realpath(self.foreign_img) for x in loopdev.scan()
+            x.path == self.foreign_loop and x.backing_file == os.path.realpath(self.foreign_img)
+            for x in observe.loops()
         ), "a foreign loop device was touched"
         assert os.path.exists(os.path.join(self.d.pool, "volumes", "README.txt")), "a foreign file was touched"
 
     def remove_foreign(self) -> None:
         subprocess.run(["losetup", "-d", self.foreign_loop], check=True)
+
+    def is_staged(self, name: str) -> bool:
+        """A filesystem stage is a mount at the staging path; a raw block stage
+        a bind of the device node onto a file in it (csi.node.mounts.STAGED)."""
+        return observe.mounts_under(self.staging(name)) != []
 
     def staging(self, name: str) -> str:
         return self.d.path("st", name)
@@ -157,10 +162,9 @@ class DriverMachine(RuleBasedStateMachine):
     def agrees_with_model(self) -> None:
         listed = sorted(e.volume.volume_id for e in self.d.controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries)
         assert listed == sorted(self.ids[n] for n in self.model), "one volume per name, none lost or leaked"
-        table = MountTable.load()
         for name, state in self.model.items():
-            staged = table.top(os.path.realpath(self.staging(name))) is not None
-            published = table.top(os.path.realpath(self.target(name))) is not None
+            staged = self.is_staged(name)
+            published = observe.top(self.target(name)) is not None
             assert staged == (state in ("staged", "published")), (name, state)
             assert published == (state == "published"), (name, state)
         self.foreign_intact()

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from csi.backend.lvm import devnode, wipe
+from csi.backend.lvm import wipe
 from csi.backend.lvm.backend import LvmBackend
 from csi.backend.lvm.report import hex_encode
 from csi.errors import AlreadyExists, FailedPrecondition, InUse, NotFound, OutOfRange, ResourceExhausted
-from csi.model import DEVICE_CLASS, AccessType, Device, Source, VolumeSpec, ids
-from tests.support.fake_lvm import CLASSES, FakeLv, FakeLvm, GiB, MiB, backend_over
+from csi.model import DEVICE_CLASS, AccessType, Source, VolumeSpec, ids
+from tests.support.fake_lvm import CLASSES, FakeLv, FakeLvm, GiB, MiB, backend_over, fake_sysfs
 
 OWNER = "elv.owner=elv.csi.dev"
 CONFIG = f"""
@@ -26,22 +26,7 @@ freeze-dir = "/nonexistent/elv-freeze"
 
 @pytest.fixture(autouse=True)
 def _no_device_nodes(monkeypatch: pytest.MonkeyPatch, lvm: FakeLvm) -> None:
-    """sysfs and /dev as the fake LVM would make them."""
-
-    def by_dm_name(name: str, *a: Any) -> tuple[str, int, int] | None:
-        for lv in lvm.lvs.values():
-            if lv.active and devnode.dm_name(lv.vg, lv.name) == name:
-                return f"dm-{lv.minor}", 254, lv.minor
-        return ("dm-99", 254, 99) if name.endswith("-cow") else None
-
-    async def fake_wait(major: int, minor: int, **kw: Any) -> Device:
-        return Device(f"dm-{minor}", f"/dev/dm-{minor}", major, minor)
-
-    monkeypatch.setattr(devnode, "wait_for_device", fake_wait)
-    monkeypatch.setattr(devnode, "kernel_name", lambda major, minor, *a: f"dm-{minor}")
-    monkeypatch.setattr(devnode, "find_dm_by_name", by_dm_name)
-    monkeypatch.setattr(devnode, "scan_dm_by_name", lambda name, *a: (by_dm_name(name), lvm.sysfs_sure))
-    monkeypatch.setattr(wipe, "zero_out", lambda path, stop=None: lvm.calls.append(("zero_out", path)))
+    fake_sysfs(monkeypatch, lvm)
 
 
 @pytest.fixture

@@ -135,6 +135,27 @@ async def test_attach_runs_losetup_with_safe_arguments(tmp_path: Path) -> None:
     assert argv == ("losetup", "--find", "--show", "--nooverlap", "--direct-io=on", "--", "-rf.img")
 
 
+async def test_a_read_only_view_runs_losetup_read_only_and_buffered(tmp_path: Path) -> None:
+    runner = FakeRunner({"losetup": (0, b"/dev/loop12\n", b"")})
+    tool = LoopTool(runner, sys_block=str(tmp_path), use_ioctl=False)  # type: ignore[arg-type]
+    assert await tool.attach_read_only("/dev/loop3", 4096) == "loop12"
+    (argv,) = runner.argvs()
+    # Never --nooverlap (it would hand back a writable device over the same file), never direct I/O.
+    assert argv == ("losetup", "--find", "--show", "--read-only", "--sector-size=4096", "--", "/dev/loop3")
+
+
+def test_read_only_and_block_size_from_sysfs(tmp_path: Path) -> None:
+    make_sysfs(tmp_path, {"loop12": "/dev/loop3", "loop3": "/pool/a.img"})
+    (tmp_path / "loop12" / "ro").write_text("1\n")
+    (tmp_path / "loop3" / "ro").write_text("0\n")
+    (tmp_path / "loop3" / "queue").mkdir()
+    (tmp_path / "loop3" / "queue" / "logical_block_size").write_text("4096\n")
+    assert loop.read_only("loop12", str(tmp_path)) is True
+    assert loop.read_only("loop3", str(tmp_path)) is False
+    assert loop.read_only("loop99", str(tmp_path)) is False
+    assert loop.logical_block_size("loop3", str(tmp_path)) == 4096
+
+
 async def test_attach_refuses_an_unexpected_device_name(tmp_path: Path) -> None:
     runner = FakeRunner({"losetup": (0, b"/dev/sda\n", b"")})
     tool = LoopTool(runner, direct_io=False, sys_block=str(tmp_path), use_ioctl=False)  # type: ignore[arg-type]

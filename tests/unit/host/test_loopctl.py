@@ -19,6 +19,9 @@ def test_loop_config_layout() -> None:
     name = raw[8 + 56 : 8 + 56 + 64]
     assert name.rstrip(b"\0") == b"/pool/volumes/v-loop-abc.img"
     assert struct.unpack_from("<I", loopctl.pack_config(7, "x", direct_io=False), 60)[0] == 0
+    ro = loopctl.pack_config(7, "/dev/loop3", direct_io=False, block_size=4096, read_only=True)
+    assert struct.unpack_from("<II", ro, 0) == (7, 4096)
+    assert struct.unpack_from("<I", ro, 60)[0] == loopctl.LO_FLAGS_READ_ONLY
 
 
 def test_long_file_names_are_truncated_not_overflowed() -> None:

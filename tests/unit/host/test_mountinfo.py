@@ -85,6 +85,14 @@ def test_devtmpfs_bind_of_a_device_node(table: MountTable) -> None:
     assert dev not in table.of_device_node("loop4")
 
 
+def test_a_node_bound_from_a_tmpfs_dev_is_a_bind_of_a_device_node() -> None:
+    # In a container whose /dev is a tmpfs, ELV makes the node there; its bind shows as tmpfs.
+    line = "90 31 0:55 /dm-3 /var/lib/kubelet/x/dev rw,relatime - tmpfs tmpfs rw"
+    other = "91 31 0:56 /dm-3 /var/lib/kubelet/y/dev rw,relatime - ext4 /dev/sda1 rw"
+    t = MountTable(parse(line + "\n" + other))
+    assert [m.mount_id for m in t.of_device_node("dm-3")] == [90]
+
+
 def test_stacked_mounts_top_is_the_last_mounted(table: MountTable) -> None:
     stack = table.at(STACKED)
     assert [m.mount_id for m in stack] == [80, 81]
@@ -100,6 +108,14 @@ def test_stacked_top_does_not_depend_on_listing_order(data_dir: Path) -> None:
     top = t.top(STACKED)
     assert top is not None
     assert top.mount_id == 81
+
+
+def test_stack_lists_the_visible_mount_first(table: MountTable, data_dir: Path) -> None:
+    assert [m.mount_id for m in table.stack(STACKED)] == [81, 80]
+    assert [m.mount_id for m in table.stack(GLOBAL)] == [60]
+    assert table.stack("/nonexistent") == []
+    reordered = MountTable(list(reversed(parse((data_dir / "mountinfo-node.txt").read_text()))))
+    assert [m.mount_id for m in reordered.stack(STACKED)] == [81, 80]
 
 
 def test_top_and_at_of_a_plain_path(table: MountTable) -> None:

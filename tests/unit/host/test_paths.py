@@ -170,6 +170,13 @@ def test_open_checks_the_type(guard: PathGuard, root: Path) -> None:
         pass
     with pytest.raises(NotFound, match="does not exist"), guard.open(f"{root}/missing", "p", want_dir=True):
         pass
+    # None: anything but a symlink (a device node bound onto a raw block target).
+    for name in ("dir", "file"):
+        with guard.open(f"{root}/{name}", "p", want_dir=None) as fd:
+            assert fd >= 0
+    (root / "link").symlink_to(root / "dir")
+    with pytest.raises(InvalidArgument, match="symlink"), guard.open(f"{root}/link", "p", want_dir=None):
+        pass
     with pytest.raises(NotFound), guard.open(f"{root}/missing/deeper", "p", want_dir=True):
         pass
 
@@ -185,35 +192,63 @@ def test_lstat(guard: PathGuard, root: Path) -> None:
     assert stat.S_ISLNK(link.st_mode)
     assert guard.lstat(f"{root}/missing", "p") is None
     assert guard.lstat(f"{root}/missing/deeper", "p") is None
+    # Beneath a file, or beneath a symlink (never followed): not there either.
+    (root / "f").touch()
+    assert guard.lstat(f"{root}/f/deeper", "p") is None
+    assert guard.lstat(f"{root}/link/passwd", "p") is None
 
 
 def test_remove_is_idempotent(guard: PathGuard, root: Path) -> None:
     (root / "d").mkdir()
-    (root / "f").write_text("x")
-    guard.remove(f"{root}/d", "p")
-    guard.remove(f"{root}/f", "p")
+    (root / "f").touch()
+    assert guard.remove(f"{root}/d", "p") is True
+    assert guard.remove(f"{root}/f", "p") is True
     assert tree(root) == []
-    guard.remove(f"{root}/d", "p")
-    guard.remove(f"{root}/f", "p")
-    guard.remove(f"{root}/missing/deeper", "p")
+    assert guard.remove(f"{root}/d", "p") is True
+    assert guard.remove(f"{root}/f", "p") is True
+    assert guard.remove(f"{root}/missing/deeper", "p") is True
 
 
-def test_remove_leaves_a_non_empty_directory(guard: PathGuard, root: Path) -> None:
+def test_remove_keeps_anything_that_holds_data(guard: PathGuard, root: Path) -> None:
     (root / "d").mkdir()
     (root / "d" / "data").write_text("precious")
-    with pytest.raises(OSError, match="not empty"):
-        guard.remove(f"{root}/d", "p")
+    (root / "f").write_text("precious too")
+    assert guard.remove(f"{root}/d", "p") is False
+    assert guard.remove(f"{root}/f", "p") is False
     assert (root / "d" / "data").read_text() == "precious"
+    assert (root / "f").read_text() == "precious too"
 
 
-def test_remove_unlinks_a_symlink_without_following_it(guard: PathGuard, root: Path, tmp_path: Path) -> None:
+def test_remove_keeps_a_symlink_and_never_follows_it(guard: PathGuard, root: Path, tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.mkdir()
-    (victim / "data").write_text("keep")
     (root / "link").symlink_to(victim)
-    guard.remove(f"{root}/link", "p")
-    assert not (root / "link").is_symlink()
-    assert (victim / "data").read_text() == "keep"
+    assert guard.remove(f"{root}/link", "p") is False
+    assert (root / "link").is_symlink()
+    assert victim.is_dir()
+
+
+def test_make_records_what_it_created(guard: PathGuard, root: Path) -> None:
+    (root / "pods").mkdir()
+    created: list[str] = []
+    assert guard.make(f"{root}/pods/uid/volumes/mount", "p", want_dir=True, created=created) is True
+    assert created == [f"{root}/pods/uid", f"{root}/pods/uid/volumes", f"{root}/pods/uid/volumes/mount"]
+    again: list[str] = []
+    assert guard.make(f"{root}/pods/uid/volumes/mount", "p", want_dir=True, created=again) is False
+    assert again == []
+    for path in reversed(created):
+        assert guard.remove(path, "p") is True
+    assert tree(root) == ["pods"]
+
+
+def test_device_of_a_path(guard: PathGuard, root: Path) -> None:
+    (root / "f").touch()
+    (root / "d").mkdir()
+    assert guard.device(f"{root}/f", "p") is None
+    assert guard.device(f"{root}/d", "p") is None
+    assert guard.device(f"{root}/missing", "p") is None
+    (root / "link").symlink_to("/dev/null")
+    assert guard.device(f"{root}/link", "p") is None  # not followed (and /dev/null is not a block device)
 
 
 def test_a_root_that_is_a_symlink_works(tmp_path: Path) -> None:

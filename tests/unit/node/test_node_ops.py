@@ -1,23 +1,20 @@
-"""NodeOps logic that needs no mount: option mapping and the format-only-if-blank rule."""
+"""NodeOps logic that needs no mount: option mapping and the format-only-if-blank rule.
+(Stage, publish and teardown over an in-memory mount table: test_node_teardown.py.)"""
 
 from __future__ import annotations
 
-import asyncio
-import errno
-import os
 from pathlib import Path
 
 import pytest
 
-from csi.errors import ElvError, FailedPrecondition, Internal, InUse, InvalidArgument
+from csi.errors import FailedPrecondition, InvalidArgument
 from csi.host import syscalls
 from csi.host.fs import FsTool
-from csi.host.mountinfo import Mount, MountTable
 from csi.host.paths import PathGuard
 from csi.model import AccessType, Capability, Device, Mode
 from csi.node.mounts import bind_bits, mount_options
 from csi.node.ops import NodeOps
-from tests.support.fakes import FakeBackend, FakeRunner
+from tests.support.fakes import FakeBackend, FakeRunner, FakeViews
 
 DEV = Device(name="loop40", path="/dev/loop40", major=7, minor=40)
 
@@ -51,7 +48,7 @@ def make_ops(tmp_path: Path, blkid: tuple[int, bytes, bytes]) -> tuple[NodeOps, 
     backend = FakeBackend()
     runner = FakeRunner({"blkid": blkid})
     (tmp_path / "kubelet").mkdir(exist_ok=True)
-    ops = NodeOps(backend, PathGuard(str(tmp_path / "kubelet")), FsTool(runner))  # type: ignore[arg-type]
+    ops = NodeOps(backend, PathGuard(str(tmp_path / "kubelet")), FsTool(runner), FakeViews())  # type: ignore[arg-type]
     return ops, backend, runner
 
 
@@ -152,54 +149,3 @@ async def test_unpublish_of_a_missing_target_is_a_no_op(tmp_path: Path) -> None:
     await ops.unpublish("v-fake-" + "0" * 32, f"{tmp_path}/kubelet/pods/uid/volumes/x/mount")
     assert runner.calls == []
     assert backend.calls == []
-
-
-async def test_unpublish_removes_an_unmounted_target(tmp_path: Path) -> None:
-    ops, _, _ = make_ops(tmp_path, (2, b"", b""))
-    target = tmp_path / "kubelet" / "pods" / "uid" / "mount"
-    target.mkdir(parents=True)
-    await ops.unpublish("v-fake-" + "0" * 32, str(target))
-    assert not target.exists()
-    assert target.parent.is_dir()
-
-
-def _mounted_at(path: str) -> MountTable:
-    m = Mount(7, 1, 7, 40, "/", path, frozenset({"rw"}), "ext4", "/dev/loop40", frozenset({"rw"}))
-    return MountTable([m])
-
-
-async def test_unstage_maps_umount_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ops, backend, _ = make_ops(tmp_path, (2, b"", b""))
-    staging = f"{tmp_path}/kubelet/plugins/x/globalmount"
-
-    async def table() -> MountTable:
-        return _mounted_at(ops.guard.real(staging))
-
-    monkeypatch.setattr(ops, "_table", table)
-    for err, exc in ((errno.EBUSY, InUse), (errno.EPERM, Internal)):
-
-        def umount(*_: object, err: int = err) -> None:
-            raise OSError(err, os.strerror(err))
-
-        monkeypatch.setattr(ops.guard, "umount", umount)
-        with pytest.raises(exc):
-            await ops.unstage("v-fake-" + "0" * 32, staging)
-    assert backend.called("detach") == []
-
-
-async def test_unstage_does_not_spin_when_umount_keeps_failing_with_einval(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    ops, _, _ = make_ops(tmp_path, (2, b"", b""))
-    staging = f"{tmp_path}/kubelet/plugins/x/globalmount"
-
-    async def table() -> MountTable:
-        return _mounted_at(ops.guard.real(staging))
-
-    def umount(*_: object) -> None:
-        raise OSError(errno.EINVAL, "Invalid argument")
-
-    monkeypatch.setattr(ops, "_table", table)
-    monkeypatch.setattr(ops.guard, "umount", umount)
-    with pytest.raises(ElvError):
-        await asyncio.wait_for(ops.unstage("v-fake-" + "0" * 32, staging), timeout=0.5)

@@ -15,7 +15,7 @@ from csi.node.ops import NodeOps
 from csi.services.gate import Gate
 from csi.services.node import NodeService
 from csi.v1 import csi_pb2, csi_pb2_grpc
-from tests.support.fakes import FakeBackend, FakeNodeOps, GiB
+from tests.support.fakes import FakeBackend, FakeNodeOps, FakeViews, GiB
 from tests.support.rpc import expect, mount_cap
 
 S = grpc.StatusCode
@@ -224,7 +224,7 @@ async def test_node_info_and_capabilities(stub, config: Config) -> None:
 @pytest.fixture
 async def real_stub(serve, config: Config) -> tuple[csi_pb2_grpc.NodeStub, FakeBackend]:
     backend = FakeBackend()
-    ops = NodeOps(backend, PathGuard(config.kubelet_dir), FsTool(Runner()))  # type: ignore[arg-type]
+    ops = NodeOps(backend, PathGuard(config.kubelet_dir), FsTool(Runner()), FakeViews())  # type: ignore[arg-type]
     channel = await serve((csi_pb2_grpc.add_NodeServicer_to_server, NodeService(config, ops, Gate())))
     return csi_pb2_grpc.NodeStub(channel), backend
 
