@@ -86,12 +86,15 @@ def split_parameters(stored: Mapping[str, str]) -> tuple[dict[str, str], dict[st
 
 def check_compatible(existing: Volume, spec: VolumeSpec, placement: frozenset[str] = frozenset()) -> None:
     """A CreateVolume retry that finds the volume made: AlreadyExists unless it
-    is what ``spec`` asks for (or bigger)."""
+    is what ``spec`` asks for (or bigger, within the request's limit: the spec
+    forbids answering with a volume larger than ``limit_bytes``)."""
     diffs = []
     if existing.name != spec.name:
         diffs.append("name (ID collision)")
     if existing.size < spec.size:
         diffs.append(f"size ({existing.size} < {spec.size})")
+    if spec.limit and existing.size > spec.limit:
+        diffs.append(f"size ({existing.size} > limit_bytes {spec.limit})")
     if existing.access != spec.access:
         diffs.append(f"access type ({existing.access.value})")
     if existing.fs_type != spec.fs_type:

@@ -109,11 +109,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise InvalidArgument(f"the capability asks for {from_caps} but {v.FSTYPE_KEY} says {from_params}")
             fs_type = from_caps or from_params or DEFAULT_FS
         minimum = max(self._backend.min_size, v.fs_minimum(fs_type))
-        size = v.size(
-            request.capacity_range if request.HasField("capacity_range") else None,
-            minimum=minimum,
-            granularity=self._backend.granularity,
-        )
+        capacity_range = request.capacity_range if request.HasField("capacity_range") else None
+        size = v.size(capacity_range, minimum=minimum, granularity=self._backend.granularity)
         self._check_topology(
             request.accessibility_requirements if request.HasField("accessibility_requirements") else None
         )
@@ -129,6 +126,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             source=source,
             parameters=shaping,
             mutable=mutable,
+            limit=capacity_range.limit_bytes if capacity_range is not None else 0,
         )
         vid = self._backend.volume_id(name, shaping)
         keys = [vid] + ([source.id] if source else [])

@@ -109,8 +109,7 @@ class LvmBackend(SnapshotsByPart):
                 return vol
         if spec.source is not None:
             return await self.cloner.create(spec, cls, oid, layout)
-        extent = self.store.extent(view, cls)
-        size = round_up(spec.size, extent)
+        size = self.store.lv_size(view, cls, spec)
         now = time.time_ns()
         tags = model.volume_tags(self.store.owner, spec, now)
         if cls.thin_pool is not None:

@@ -19,11 +19,11 @@ from csi.backend.lvm.classes import DeviceClass, LvmSettings
 from csi.backend.lvm.command import Lvm
 from csi.backend.lvm.inventory import Inventory, View
 from csi.backend.lvm.report import LvInfo
-from csi.errors import CommandError, FailedPrecondition, InUse, NotFound, ResourceExhausted, Unavailable
+from csi.errors import CommandError, FailedPrecondition, InUse, NotFound, OutOfRange, ResourceExhausted, Unavailable
 from csi.host.fs import FsTool
 from csi.host.mountinfo import Mount, MountTable
 from csi.host.runner import Runner
-from csi.model import Device, ids
+from csi.model import Device, VolumeSpec, ids, round_up
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,18 @@ class LvStore:
         if space is None:
             raise Unavailable(f"volume group {cls.vg} of device class {cls.name} is missing")
         return space.extent_size
+
+    def lv_size(self, view: View, cls: DeviceClass, spec: VolumeSpec) -> int:
+        """The size of the LV for ``spec``: whole extents, and never past the
+        request's limit (the spec forbids a volume larger than limit_bytes)."""
+        extent = self.extent(view, cls)
+        size = round_up(spec.size, extent)
+        if spec.limit and size > spec.limit:
+            raise OutOfRange(
+                f"device class {cls.name} allocates in {extent}-byte extents: "
+                f"{spec.size} bytes rounds up to {size}, past limit_bytes={spec.limit}"
+            )
+        return size
 
     @contextlib.asynccontextmanager
     async def reserve(self, cls: DeviceClass, size: int, what: str, copies: int = 1) -> AsyncIterator[None]:

@@ -69,6 +69,16 @@ async def test_create_volume_is_idempotent_and_checks_compatibility(backend: Loo
     assert len(await backend.list_volumes()) == 1
 
 
+async def test_a_repeat_whose_limit_the_volume_exceeds_is_already_exists(backend: LoopBackend) -> None:
+    first = await backend.create_volume(spec(size=16 * MiB))
+    # The spec: a volume of this name that is larger than limit_bytes is not compatible.
+    with pytest.raises(AlreadyExists, match="limit_bytes"):
+        await backend.create_volume(spec(size=8 * MiB, limit=12 * MiB))
+    assert await backend.create_volume(spec(size=8 * MiB, limit=16 * MiB)) == first
+    assert await backend.create_volume(spec(size=8 * MiB, limit=32 * MiB)) == first
+    assert [v.id for v in await backend.list_volumes()] == [first.id]
+
+
 async def test_create_volume_beyond_the_pool_is_resource_exhausted(backend: LoopBackend) -> None:
     with pytest.raises(ResourceExhausted, match="cannot promise"):
         await backend.create_volume(spec(size=1 << 60))

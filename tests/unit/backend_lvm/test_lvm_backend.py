@@ -88,6 +88,22 @@ async def test_create_thick_is_idempotent_and_tagged(backend: LvmBackend, lvm: F
     assert [v.id for v in await backend.list_volumes()] == [vol.id]
 
 
+async def test_limit_bytes_holds_for_repeats_and_extent_rounding(backend: LvmBackend, lvm: FakeLvm) -> None:
+    vol = await backend.create_volume(spec("pvc-1", 63 * MiB))
+    assert vol.size == 64 * MiB
+    # A repeat whose limit the (extent-rounded) volume exceeds is not the same request.
+    with pytest.raises(AlreadyExists, match="limit_bytes"):
+        await backend.create_volume(spec("pvc-1", 63 * MiB, limit=63 * MiB))
+    assert await backend.create_volume(spec("pvc-1", 63 * MiB, limit=64 * MiB)) == vol
+    # A new volume is never made larger than its limit by extent rounding (4 MiB here).
+    with pytest.raises(OutOfRange, match="limit_bytes"):
+        await backend.create_volume(spec("pvc-2", 5 * MiB, limit=5 * MiB))
+    with pytest.raises(OutOfRange, match="limit_bytes"):
+        await backend.create_volume(spec("pvc-3", 65 * MiB, limit=65 * MiB, source=Source("volume", vol.id)))
+    assert len(lvcreates(lvm)) == 1
+    assert (await backend.create_volume(spec("pvc-2", 4 * MiB, limit=5 * MiB))).size == 4 * MiB
+
+
 async def test_hostile_names_never_reach_lvm(backend: LvmBackend, lvm: FakeLvm) -> None:
     name = "-rf /; $(reboot) é\n"
     vol = await backend.create_volume(spec(name))

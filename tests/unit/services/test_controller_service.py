@@ -159,6 +159,15 @@ async def test_create_volume_topology_with_this_node(stub, backend: FakeBackend)
     assert len(backend.called("create_volume")) == 1
 
 
+async def test_create_volume_hands_the_limit_to_the_backend(stub, backend: FakeBackend) -> None:
+    # The backend's idempotency check (csi.backend.base.check_compatible) needs
+    # the limit: a volume of this name larger than it is not the same request.
+    rng = csi_pb2.CapacityRange(required_bytes=32 * MiB, limit_bytes=40 * MiB)
+    await stub.CreateVolume(create_req(capacity_range=rng))
+    await stub.CreateVolume(create_req("pvc-2", capacity_range=csi_pb2.CapacityRange(required_bytes=32 * MiB)))
+    assert [(s.size, s.limit) for (s,) in backend.called("create_volume")] == [(32 * MiB, 40 * MiB), (32 * MiB, 0)]
+
+
 async def test_create_volume_backend_errors_pass_through(stub, backend: FakeBackend) -> None:
     await stub.CreateVolume(create_req())
     # Same name, incompatible request: the backend says ALREADY_EXISTS.
