@@ -14,7 +14,7 @@ from csi.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgume
 from csi.model import DEFAULT_FS, PROVISIONING, AccessType, Volume, VolumeSpec, ids
 from csi.services import Context, convert
 from csi.services import validation as v
-from csi.services.gate import Gate
+from csi.services.gate import Gate, name_key
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
 T = TypeVar("T")
@@ -128,8 +128,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             mutable=mutable,
             limit=capacity_range.limit_bytes if capacity_range is not None else 0,
         )
-        vid = self._backend.volume_id(name, shaping)
-        keys = [vid] + ([source.id] if source else [])
+        keys = [name_key("volume", name)] + ([source.id] if source else [])
         vol = await self._gate.rpc(request, keys, lambda: self._backend.create_volume(spec))
         return csi_pb2.CreateVolumeResponse(volume=convert.volume(vol, self._topology))
 
@@ -290,8 +289,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         name = v.name(request.name)
         src = v.required_id(request.source_volume_id, "source_volume_id")
         v.parameters(dict(request.parameters), v.SNAPSHOT)
-        sid = self._backend.snapshot_id(name, src)
-        snap = await self._gate.rpc(request, [sid, src], lambda: self._backend.create_snapshot(name, src))
+        keys = [name_key("snapshot", name), src]
+        snap = await self._gate.rpc(request, keys, lambda: self._backend.create_snapshot(name, src))
         return csi_pb2.CreateSnapshotResponse(snapshot=convert.snapshot(snap))
 
     async def DeleteSnapshot(

@@ -132,12 +132,6 @@ class LoopBackend(SnapshotsByPart):
 
     # -- IDs --------------------------------------------------------------------
 
-    def volume_id(self, name: str, parameters: Mapping[str, str]) -> str:
-        return str(ids.make("v", POOL, name))
-
-    def snapshot_id(self, name: str, source_volume_id: str) -> str:
-        return str(ids.make("s", POOL, name))
-
     def _vid(self, volume_id: str) -> ids.ObjectId | None:
         oid = ids.parse(volume_id, "v")
         return oid if oid is not None and oid.pool == POOL else None
@@ -219,12 +213,12 @@ class LoopBackend(SnapshotsByPart):
         return SourceImage(path, size, formatted, block)
 
     async def create_volume(self, spec: VolumeSpec) -> Volume:
-        oid = ids.make("v", POOL, spec.name)
-        existing = self.store.volumes.get(str(oid))
+        existing = self.store.volume_named(spec.name)
         if existing is not None:
             check_compatible(existing, spec, self.parameters.placement)
             return existing
         src = await self._source(spec.source, spec) if spec.source else None
+        oid = self.store.fresh("v", POOL, spec.name)
         # The image is built under its final name: until the metadata commits it,
         # it is garbage that startup removes, never a volume (see store.py).
         final = self.store.volume_image(oid)

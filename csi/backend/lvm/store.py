@@ -66,6 +66,32 @@ class LvStore:
     async def view(self, fresh: bool = False, reload: bool = False) -> View:
         return await self.inv.view(fresh, reload)
 
+    # -- names ------------------------------------------------------------------------
+
+    def named(self, view: View, kind: model.Kind, name: str) -> list[LvInfo]:
+        """ELV's LVs of this kind that carry this CSI name (finished or
+        half-made; never one being deleted), the oldest first. A new object's
+        LV name comes from a fresh ID (csi.model.ids.new), so the name lives
+        only in its tag; LVs made when names were hashed carry the tag too."""
+        want = report.hex_encode(name)
+        found = [
+            lv
+            for lv in view.all()
+            if lv.tag(model.NAME) == want
+            and lv.tag(model.KIND) == kind
+            and model.owned(lv, self.owner)
+            and not lv.has(model.WIPE)
+            and self.class_of(lv) is not None
+        ]
+        return sorted(found, key=lambda lv: (int(lv.tag(model.CREATED) or 0), lv.name))
+
+    def fresh(self, view: View, cls: DeviceClass, kind: ids.Kind, name: str) -> ids.ObjectId:
+        """A new ID for an object called ``name`` whose LV name no LV in the class's VG has."""
+        while True:
+            oid = ids.new(kind, cls.name, name)
+            if view.lv(cls.vg, model.lv_name(oid)) is None:
+                return oid
+
     async def find(
         self, object_id: str, kind: model.Kind, fresh: bool = False, reload: bool = False
     ) -> tuple[DeviceClass, LvInfo, View] | None:

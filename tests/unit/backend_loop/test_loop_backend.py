@@ -43,8 +43,8 @@ def attach_in_sysfs(sysfs: Path, name: str, image: str) -> None:
 
 async def test_create_volume_makes_a_sparse_image(backend: LoopBackend) -> None:
     vol = await backend.create_volume(spec(size=64 * MiB))
-    assert vol.id == str(ids.make("v", "loop", "pvc-1"))
-    assert vol.id == backend.volume_id("pvc-1", {})
+    oid = ids.parse(vol.id, "v")
+    assert oid is not None and oid.pool == "loop" and oid.may_be_named("pvc-1")
     image = backend.store.volume_image(ids.parse(vol.id, "v"))  # type: ignore[arg-type]
     st = os.stat(image)
     assert st.st_size == 64 * MiB
@@ -141,6 +141,43 @@ async def test_delete_of_a_published_volume_is_in_use(backend: LoopBackend) -> N
     assert await backend.get_volume(vol.id) is None
 
 
+async def test_a_name_made_again_is_a_new_volume_with_a_new_id(backend: LoopBackend) -> None:
+    old = await backend.create_volume(spec("data"))
+    await backend.delete_volume(old.id)
+    new = await backend.create_volume(spec("data"))
+    assert new.id != old.id, "an ID must name one volume for ever"
+    assert await backend.get_volume(old.id) is None
+    # A CO that still holds the old ID deletes nothing of the new volume.
+    await backend.delete_volume(old.id)
+    assert await backend.get_volume(new.id) == new
+    assert os.path.exists(backend.store.volume_image(ids.parse(new.id, "v")))  # type: ignore[arg-type]
+    with pytest.raises(NotFound):
+        await backend.expand_volume(old.id, 64 * MiB)
+    # While it exists, the name still finds it.
+    assert await backend.create_volume(spec("data")) == new
+    assert [v.id for v in await backend.list_volumes()] == [new.id]
+
+
+async def test_a_volume_made_with_a_legacy_id_keeps_it(backend: LoopBackend, tmp_path: Path, sysfs: Path) -> None:
+    # A pool from before IDs were unique: the ID was the hash of the name, and
+    # stays so. A restart finds it by its name, and a repeat create returns it.
+    made = await backend.create_volume(spec("old-pvc"))
+    legacy = str(ids.legacy("v", "loop", "old-pvc"))
+    vdir = backend.store.volumes_dir
+    for f in os.listdir(vdir):
+        os.rename(os.path.join(vdir, f), os.path.join(vdir, f.replace(made.id, legacy)))
+    with open(os.path.join(vdir, legacy + ".json")) as f:
+        text = f.read()
+    with open(os.path.join(vdir, legacy + ".json"), "w") as f:
+        f.write(text.replace(made.id, legacy))
+    again = LoopBackend(str(tmp_path / "pool"), FakeRunner(), sys_block=str(sysfs))  # type: ignore[arg-type]
+    await again.start()
+    assert [v.id for v in await again.list_volumes()] == [legacy]
+    assert (await again.create_volume(spec("old-pvc"))).id == legacy
+    await again.delete_volume(legacy)
+    assert os.listdir(vdir) == []
+
+
 async def test_expand_volume(backend: LoopBackend) -> None:
     vol = await backend.create_volume(spec(size=16 * MiB))
     grown = await backend.expand_volume(vol.id, 48 * MiB)
@@ -168,6 +205,9 @@ async def test_state_survives_a_restart(backend: LoopBackend, tmp_path: Path, sy
     done = await again.get_volume(a.id)
     assert done is not None
     assert (done.formatted, done.formatting) == ("ext4", None)
+    # The name index is rebuilt from the metadata: a repeat create is still idempotent.
+    assert (await again.create_volume(spec("a", 16 * MiB))).id == a.id
+    assert len(await again.list_volumes()) == 2
 
 
 async def test_health(backend: LoopBackend, sysfs: Path) -> None:
