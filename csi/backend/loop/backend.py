@@ -127,8 +127,13 @@ class LoopBackend(SnapshotsByPart):
             oid = self._vid(vol.id)
             if vol.thick and oid is not None:
                 dev = self._loop.lookup(self.store.volume_image(oid))
-                if dev is not None:
+                if dev is None:
+                    continue
+                try:
                     await self._loop.stop_discards(dev.name)
+                except FailedPrecondition as e:
+                    # Not a reason to serve nothing: its next stage says so too.
+                    log.warning("thick volume %s: %s", vol.id, e.message)
 
     async def stop(self) -> None:
         await self.alloc.settle()

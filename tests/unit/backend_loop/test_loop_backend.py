@@ -220,3 +220,19 @@ async def test_health(backend: LoopBackend, sysfs: Path) -> None:
     backend._loop.seed()
     assert not (await backend.health(vol.id)).abnormal
     assert (await backend.health("v-loop-" + "2" * 32)).abnormal
+
+
+async def test_start_stops_discards_on_a_staged_thick_volume(backend: LoopBackend, tmp_path: Path, sysfs: Path) -> None:
+    # A thick volume staged by a driver that let its device discard: the next
+    # start turns that off at once, not only at the next stage. Thin ones keep it.
+    thick = await backend.create_volume(spec("thick", parameters={"elv.csi.dev/provisioning": "thick"}, thick=True))
+    thin = await backend.create_volume(spec("thin"))
+    for name, vol in (("loop3", thick), ("loop4", thin)):
+        attach_in_sysfs(sysfs, name, backend.store.volume_image(ids.parse(vol.id, "v")))  # type: ignore[arg-type]
+        (sysfs / name / "queue").mkdir()
+        (sysfs / name / "queue" / "discard_max_bytes").write_text("4294966784\n")
+        (sysfs / name / "queue" / "discard_max_hw_bytes").write_text("4294966784\n")
+    again = LoopBackend(str(tmp_path / "pool"), FakeRunner(), sys_block=str(sysfs))  # type: ignore[arg-type]
+    await again.start()
+    assert (sysfs / "loop3" / "queue" / "discard_max_bytes").read_text() == "0"
+    assert (sysfs / "loop4" / "queue" / "discard_max_bytes").read_text() == "4294966784\n"
