@@ -236,3 +236,29 @@ async def test_start_stops_discards_on_a_staged_thick_volume(backend: LoopBacken
     await again.start()
     assert (sysfs / "loop3" / "queue" / "discard_max_bytes").read_text() == "0"
     assert (sysfs / "loop4" / "queue" / "discard_max_bytes").read_text() == "4294966784\n"
+
+
+async def test_a_create_cut_before_its_metadata_leaves_no_volume(
+    backend: LoopBackend, tmp_path: Path, sysfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The image is built under its final (new) name; the metadata is the commit
+    # point. A crash between the two leaves an image that startup removes, and
+    # the retry (same name) makes the volume afresh.
+    seen: list[str] = []
+
+    async def crash(vol: object) -> None:
+        seen.extend(os.listdir(backend.store.volumes_dir))
+        raise KeyboardInterrupt  # a BaseException, as a kill would cut it: no cleanup of its own
+
+    monkeypatch.setattr(backend.store, "put_volume", crash)
+    with pytest.raises(KeyboardInterrupt):
+        await backend.create_volume(spec("cut"))
+    assert len(seen) == 1 and seen[0].endswith(".img"), seen
+    # A real kill runs no handler: put the image back as the crash left it.
+    open(os.path.join(backend.store.volumes_dir, seen[0]), "wb").close()
+    again = LoopBackend(str(tmp_path / "pool"), FakeRunner(), sys_block=str(sysfs))  # type: ignore[arg-type]
+    await again.start()
+    assert os.listdir(again.store.volumes_dir) == [] and await again.list_volumes() == []
+    vol = await again.create_volume(spec("cut"))
+    assert vol.id + ".img" != seen[0]
+    assert sorted(os.listdir(again.store.volumes_dir)) == [vol.id + ".img", vol.id + ".json"]
