@@ -86,12 +86,15 @@ def split_parameters(stored: Mapping[str, str]) -> tuple[dict[str, str], dict[st
 
 def check_compatible(existing: Volume, spec: VolumeSpec, placement: frozenset[str] = frozenset()) -> None:
     """A CreateVolume retry that finds the volume made: AlreadyExists unless it
-    is what ``spec`` asks for (or bigger)."""
+    is what ``spec`` asks for (or bigger, within the request's limit: the spec
+    forbids answering with a volume larger than ``limit_bytes``)."""
     diffs = []
     if existing.name != spec.name:
-        diffs.append("name (ID collision)")
+        diffs.append("name")
     if existing.size < spec.size:
         diffs.append(f"size ({existing.size} < {spec.size})")
+    if spec.limit and existing.size > spec.limit:
+        diffs.append(f"size ({existing.size} > limit_bytes {spec.limit})")
     if existing.access != spec.access:
         diffs.append(f"access type ({existing.access.value})")
     if existing.fs_type != spec.fs_type:
@@ -118,7 +121,7 @@ def check_source_fits(spec: VolumeSpec, access: AccessType, fs: str | None, size
 
 
 def member_name(group_name: str, volume_id: str) -> str:
-    """The (internal) name of a group member's snapshot; IDs derive from it.
+    """The (internal) name of a group member's snapshot (its record keeps it).
     U+0001 cannot occur in a CSI name, so this never collides with a user's."""
     return f"\x01group\x01{group_name}\x01{volume_id}"
 
@@ -156,20 +159,14 @@ class ControllerBackend(Common, Protocol):
     parameters: Parameters
     min_size: int
 
-    def volume_id(self, name: str, parameters: Mapping[str, str]) -> str:
-        """The ID a volume of this name gets (pure; no I/O)."""
-
-    def snapshot_id(self, name: str, source_volume_id: str) -> str:
-        """The ID a snapshot of this name gets (pure; no I/O)."""
-
-    def group_snapshot_id(self, name: str) -> str:
-        """The ID a group snapshot of this name gets (pure; no I/O)."""
-
     async def create_volume(self, spec: VolumeSpec) -> Volume:
-        """Create the volume, or return it if it exists and matches ``spec``.
-        Raises AlreadyExists if it exists and differs, NotFound if the source
-        is missing, ResourceExhausted if there is no room. A failure leaves
-        nothing behind under the volume's name."""
+        """Create the volume, or return it if one of that name exists and
+        matches ``spec``. A new volume gets a new ID (csi.model.ids.new), never
+        one an earlier volume had. Raises AlreadyExists if it exists and
+        differs, NotFound if the source is missing, ResourceExhausted if there
+        is no room. A failure leaves nothing behind under the volume's name.
+        Creates of one name must not overlap: the caller serialises them (the
+        services' gate, on the name)."""
 
     async def delete_volume(self, volume_id: str) -> None:
         """Delete the volume. Missing is success. InUse while staged/published."""
@@ -182,7 +179,8 @@ class ControllerBackend(Common, Protocol):
 
     async def create_snapshot(self, name: str, source_volume_id: str) -> Snapshot:
         """Snapshot the volume (crash-consistent), or return the existing
-        snapshot of that name. AlreadyExists if the name has another source."""
+        snapshot of that name. AlreadyExists if the name has another source.
+        A new snapshot gets a new ID, as a new volume does."""
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         """Delete the snapshot. Missing is success."""
@@ -200,7 +198,8 @@ class ControllerBackend(Common, Protocol):
 
     async def create_group_snapshot(self, name: str, volume_ids: list[str]) -> GroupSnapshot:
         """Snapshot several volumes at one point in time, or return the existing
-        group of that name (AlreadyExists if it has other members)."""
+        group of that name (AlreadyExists if it has other members). A new
+        group, and each of its snapshots, gets a new ID."""
 
     async def delete_group_snapshot(self, group_id: str) -> None:
         """Delete the group and its member snapshots. Missing is success."""
@@ -235,8 +234,6 @@ class NodeBackend(Common, Protocol):
 class SnapshotPart(Protocol):
     """A backend's snapshots and group snapshots, kept in a part of their own."""
 
-    def group_id(self, name: str) -> str: ...
-
     async def get(self, snapshot_id: str) -> Snapshot | None: ...
 
     async def all(self) -> list[Snapshot]: ...
@@ -257,9 +254,6 @@ class SnapshotsByPart:
     :class:`SnapshotPart` (``snaps``); their contracts are documented there."""
 
     snaps: SnapshotPart
-
-    def group_snapshot_id(self, name: str) -> str:
-        return self.snaps.group_id(name)
 
     async def get_snapshot(self, snapshot_id: str) -> Snapshot | None:
         return await self.snaps.get(snapshot_id)

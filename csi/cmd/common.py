@@ -145,21 +145,37 @@ async def find_volume(client: Client, name_or_id: str) -> csi_pb2.ListVolumesRes
     raise CliError(f"no volume named {name_or_id!r}", "see `elv volume list`")
 
 
+async def all_snapshots(client: Client) -> list[csi_pb2.Snapshot]:
+    out: list[csi_pb2.Snapshot] = []
+    token = ""
+    while True:
+        page = await call(client.endpoint, _snapshot_lister(client, token))
+        out.extend(e.snapshot for e in page.entries)
+        if not page.next_token:
+            return out
+        token = page.next_token
+
+
+def _snapshot_lister(client: Client, token: str) -> Callable[[], Awaitable[csi_pb2.ListSnapshotsResponse]]:
+    req = csi_pb2.ListSnapshotsRequest(starting_token=token)
+    return lambda: client.controller.ListSnapshots(req, timeout=60)
+
+
 async def find_snapshot(client: Client, name_or_id: str) -> csi_pb2.Snapshot:
-    info = await plugin(client)
-    candidates = {name_or_id}
-    for pool in filter(None, info.manifest.get("pools", "").split(",")):
-        candidates.add(str(ids.make("s", pool, name_or_id)))
-    for sid in sorted(candidates):
-        if ids.parse(sid, "s") is None:
-            continue
-        try:
-            return (
-                await client.controller.GetSnapshot(csi_pb2.GetSnapshotRequest(snapshot_id=sid), timeout=30)
-            ).snapshot
-        except grpc.aio.AioRpcError as e:
-            if e.code() != grpc.StatusCode.NOT_FOUND:
-                raise explain(e, client.endpoint) from None
+    """The snapshot with this ID, or the one this name can belong to. CSI shows
+    a snapshot's ID but not its name; every ID starts with its name's hash
+    (csi.model.ids), which picks it out of the listing."""
+    snaps = await all_snapshots(client)
+    for s in snaps:
+        if s.snapshot_id == name_or_id:
+            return s
+    named = [s for s in snaps if (oid := ids.parse(s.snapshot_id, "s")) is not None and oid.may_be_named(name_or_id)]
+    if len(named) == 1:
+        return named[0]
+    if named:
+        raise CliError(
+            f"{len(named)} snapshots may be named {name_or_id!r}", "give its ID (`elv volume show VOLUME` lists them)"
+        )
     raise CliError(f"no snapshot named {name_or_id!r}", "list them with `elv volume show VOLUME`")
 
 

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
 
-from csi.errors import CommandError, Internal
+from csi.errors import CommandError, FailedPrecondition, Internal
 from csi.host import loopctl
 from csi.host.runner import Runner
 
+log = logging.getLogger(__name__)
 SYS_BLOCK = "/sys/block"
 _DELETED = " (deleted)"
 _LOOP_NAME = re.compile(r"^loop[0-9]+$")
@@ -139,6 +141,68 @@ def logical_block_size(name: str, sys_block: str = SYS_BLOCK) -> int:
         return int(f.read().strip())
 
 
+# -- discards: what may free blocks of a backing file ------------------------------------
+#
+# Measured on 6.18 (ext4 pool; 6.1 behaves the same): the loop driver turns
+# REQ_OP_DISCARD into a hole punched in the backing file, and so it does
+# REQ_OP_WRITE_ZEROES unless the request carries NOUNMAP. BLKZEROOUT
+# (blkdiscard -z) carries it; ext4's lazy inode-table init does not, which is
+# how a thick volume lost 4 MiB of every 64 MiB a few seconds after its first
+# mount. Both reach one fallocate path that the driver refuses while the
+# device's discard limit is 0; the block layer then writes zeroes itself.
+# So ``discard_max_bytes`` = 0 is the knob that keeps every block allocated:
+# fstrim and blkdiscard answer "not supported", mount -o discard is ignored,
+# lazy init writes real zeroes. ``write_zeroes_max_bytes`` is read-only;
+# ``write_zeroes_unmap_max_bytes`` (6.17+) is 0 for loop devices already,
+# and set to 0 as well in case a later kernel offers it.
+#
+# Since the queue-limits rework (6.9) that setting outlives a detach and
+# cannot be undone (the discard granularity then reads 0, and every value
+# but 0 is refused): a device left so is removed after its detach, and an
+# attach that wants discards (a thin volume) passes over a free one left so.
+
+
+def _queue_file(name: str, attr: str, sys_block: str) -> str:
+    if not _LOOP_NAME.match(name):
+        raise ValueError(f"not a loop device name: {name!r}")
+    return os.path.join(sys_block, name, "queue", attr)
+
+
+def _read_queue(name: str, attr: str, sys_block: str) -> int | None:
+    try:
+        with open(_queue_file(name, attr, sys_block), encoding="ascii") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def stop_discards(name: str, sys_block: str = SYS_BLOCK) -> None:
+    """Make the device unable to free blocks of its backing file (a thick
+    volume's device, for all its life). Idempotent; blocking."""
+    for attr in ("discard_max_bytes", "write_zeroes_unmap_max_bytes"):
+        value = _read_queue(name, attr, sys_block)
+        if value is None and attr == "write_zeroes_unmap_max_bytes":
+            continue  # older kernels have no such limit
+        if value == 0:
+            continue
+        try:
+            with open(_queue_file(name, attr, sys_block), "w", encoding="ascii") as f:
+                f.write("0")
+        except OSError as e:
+            raise FailedPrecondition(
+                f"cannot turn off discards on /dev/{name} ({attr}: {e.strerror}); a thick volume would lose "
+                "its allocation: the node plugin needs a writable /sys"
+            ) from e
+
+
+def discards_stopped(name: str, sys_block: str = SYS_BLOCK) -> bool:
+    """The device's driver could discard, but :func:`stop_discards` (or anyone)
+    turned it off; attached or not."""
+    limit = _read_queue(name, "discard_max_bytes", sys_block)
+    hardware = _read_queue(name, "discard_max_hw_bytes", sys_block)
+    return limit == 0 and bool(hardware)
+
+
 def device_numbers(name: str) -> tuple[int, int]:
     st = os.stat("/dev/" + name)
     return os.major(st.st_rdev), os.minor(st.st_rdev)
@@ -196,22 +260,38 @@ class LoopTool:
             self._index[backing_file] = found[0].name
         return found
 
-    async def attach(self, backing_file: str, block_size: int = 0) -> LoopDevice:
+    async def attach(self, backing_file: str, block_size: int = 0, *, discards: bool = True) -> LoopDevice:
         """Attach the file, or return the device it is already attached to.
-        ``block_size`` is the device's logical block size (0: the kernel's 512)."""
+        ``block_size`` is the device's logical block size (0: the kernel's 512).
+        ``discards=False`` keeps every block of the file allocated for as long
+        as the device lives (see :func:`stop_discards`); it is applied again
+        to a device found attached, which an older driver may have left."""
         existing = self.lookup(backing_file)
         if existing is not None:
+            if not discards:
+                await asyncio.to_thread(stop_discards, existing.name, self._sys_block)
             return existing
         async with self._attaching:
             if self._ioctl:
-                name = await asyncio.to_thread(loopctl.attach, backing_file, self._direct_io, block_size)
+                avoid = None if not discards else self._discards_stopped
+                name = await asyncio.to_thread(loopctl.attach, backing_file, self._direct_io, block_size, avoid)
             else:
                 name = await self._losetup_attach(backing_file, block_size)
-        self._index[backing_file] = name
+            self._index[backing_file] = name
+            if not discards:
+                # Before the caller (mkfs, mount) can write anything through it.
+                await asyncio.to_thread(stop_discards, name, self._sys_block)
         found = self.lookup(backing_file)
         if found is None:
             raise Internal(f"/dev/{name} is not attached to the volume's backing file after attaching")
         return found
+
+    def _discards_stopped(self, n: int) -> bool:
+        return discards_stopped(f"loop{n}", self._sys_block)
+
+    async def stop_discards(self, name: str) -> None:
+        """:func:`stop_discards` on an attached device (a volume made thick while staged)."""
+        await asyncio.to_thread(stop_discards, name, self._sys_block)
 
     async def attach_read_only(self, device: str, block_size: int) -> str:
         """A new read-only loop device over the block device ``device``; its
@@ -220,7 +300,7 @@ class LoopTool:
         caller looks for one it already made)."""
         async with self._attaching:
             if self._ioctl:
-                return await asyncio.to_thread(loopctl.attach, device, False, block_size, True)
+                return await asyncio.to_thread(loopctl.attach, device, False, block_size, None, True)
             return await self._losetup_attach(device, block_size, read_only=True)
 
     async def _losetup_attach(self, backing_file: str, block_size: int = 0, *, read_only: bool = False) -> str:
@@ -248,13 +328,25 @@ class LoopTool:
         if self._ioctl:
             await asyncio.to_thread(loopctl.detach, name)
             await self._wait_detached(name)
-            return
-        try:
-            await self._run.run(["losetup", "--detach", "/dev/" + name])
-        except CommandError:
-            # Already gone is fine; anything else is re-raised below.
-            if os.path.exists(os.path.join(self._sys_block, name, "loop", "backing_file")):
-                raise
+        else:
+            try:
+                await self._run.run(["losetup", "--detach", "/dev/" + name])
+            except CommandError:
+                # Already gone is fine; anything else is re-raised below.
+                if os.path.exists(os.path.join(self._sys_block, name, "loop", "backing_file")):
+                    raise
+        await self._remove_if_discards_stopped(name)
+
+    async def _remove_if_discards_stopped(self, name: str) -> None:
+        """A device whose discards were stopped keeps that after its detach
+        (see the notes above :func:`stop_discards`): remove it, so no later
+        volume, ELV's or anyone's, gets a device that cannot discard. Under
+        the attach lock, so this driver's own attach is never handed it
+        meanwhile; if someone else took it, it stays (EBUSY)."""
+        async with self._attaching:
+            if await asyncio.to_thread(discards_stopped, name, self._sys_block):
+                removed = await asyncio.to_thread(loopctl.remove, int(name[4:]))
+                log.debug("removed /dev/%s after its detach: %s", name, removed)
 
     async def _wait_detached(self, name: str, timeout: float = 5.0) -> None:
         """The kernel finishes a detach at the device's last close; wait (bounded)."""

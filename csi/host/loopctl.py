@@ -11,13 +11,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import struct
 import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 LOOP_CLR_FD = 0x4C01
 LOOP_SET_CAPACITY = 0x4C07
 LOOP_CONFIGURE = 0x4C0A
+LOOP_CTL_REMOVE = 0x4C81
 LOOP_CTL_GET_FREE = 0x4C82
 LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_DIRECT_IO = 16
@@ -47,15 +52,30 @@ def _open_node(path: str) -> int:
             delay = min(delay * 2, 0.05)
 
 
-def attach(backing_file: str, direct_io: bool = True, block_size: int = 0, read_only: bool = False) -> str:
+def attach(
+    backing_file: str,
+    direct_io: bool = True,
+    block_size: int = 0,
+    avoid: Callable[[int], bool] | None = None,
+    read_only: bool = False,
+) -> str:
     """Attach ``backing_file`` to a free loop device; return its name ("loop3").
-    A ``read_only`` device opens its backing file for reading only."""
+    A ``read_only`` device opens its backing file for reading only.
+
+    ``avoid(n)`` true: a free device not to use (see csi.host.loop, "discards").
+    It is removed, as the kernel hands out the lowest free device again and
+    again; if it cannot be removed it is used after all."""
     ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
     try:
         ffd = os.open(backing_file, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         try:
+            passed: set[int] = set()
             for _ in range(64):
                 n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+                if avoid is not None and n not in passed and avoid(n):
+                    passed.add(n)
+                    if _remove(ctl, n):
+                        continue
                 lfd = _open_node(f"/dev/loop{n}")
                 try:
                     try:
@@ -76,6 +96,26 @@ def attach(backing_file: str, direct_io: bool = True, block_size: int = 0, read_
             raise OSError(errno.EBUSY, "no free loop device after 64 attempts")
         finally:
             os.close(ffd)
+    finally:
+        os.close(ctl)
+
+
+def _remove(ctl: int, n: int) -> bool:
+    try:
+        fcntl.ioctl(ctl, LOOP_CTL_REMOVE, n)
+    except OSError as e:
+        # EBUSY: someone attached it meanwhile; ENODEV/ENXIO: gone already.
+        log.debug("could not remove /dev/loop%d: %s", n, e)
+        return e.errno in (errno.ENODEV, errno.ENXIO, errno.ENOENT)
+    return True
+
+
+def remove(n: int) -> bool:
+    """Remove the unattached device /dev/loop<n> (LOOP_CTL_REMOVE); False if
+    it is in use again. The next LOOP_CTL_GET_FREE makes a fresh one if needed."""
+    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return _remove(ctl, n)
     finally:
         os.close(ctl)
 

@@ -83,6 +83,9 @@ class VolumeSpec:
     parameters: Mapping[str, str] = field(default_factory=dict)
     #: Mutable parameters (a VolumeAttributesClass) it is created with.
     mutable: Mapping[str, str] = field(default_factory=dict)
+    #: The request's ``limit_bytes`` (0: none). ``size`` is within it; a
+    #: volume of this name that already exists must be too.
+    limit: int = 0
 
 
 @dataclass(frozen=True)

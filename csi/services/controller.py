@@ -14,7 +14,7 @@ from csi.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgume
 from csi.model import DEFAULT_FS, PROVISIONING, AccessType, Volume, VolumeSpec, ids
 from csi.services import Context, convert
 from csi.services import validation as v
-from csi.services.gate import Gate
+from csi.services.gate import Gate, name_key
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
 T = TypeVar("T")
@@ -110,11 +110,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise InvalidArgument(f"the capability asks for {from_caps} but {v.FSTYPE_KEY} says {from_params}")
             fs_type = from_caps or from_params or DEFAULT_FS
         minimum = max(self._backend.min_size, v.fs_minimum(fs_type))
-        size = v.size(
-            request.capacity_range if request.HasField("capacity_range") else None,
-            minimum=minimum,
-            granularity=self._backend.granularity,
-        )
+        capacity_range = request.capacity_range if request.HasField("capacity_range") else None
+        size = v.size(capacity_range, minimum=minimum, granularity=self._backend.granularity)
         self._check_topology(
             request.accessibility_requirements if request.HasField("accessibility_requirements") else None
         )
@@ -130,9 +127,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             source=source,
             parameters=shaping,
             mutable=mutable,
+            limit=capacity_range.limit_bytes if capacity_range is not None else 0,
         )
-        vid = self._backend.volume_id(name, shaping)
-        keys = [vid] + ([source.id] if source else [])
+        keys = [name_key("volume", name)] + ([source.id] if source else [])
         vol = await self._gate.rpc(request, keys, lambda: self._backend.create_volume(spec))
         return csi_pb2.CreateVolumeResponse(volume=convert.volume(vol, self._topology))
 
@@ -293,8 +290,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         name = v.name(request.name)
         src = v.required_id(request.source_volume_id, "source_volume_id")
         v.parameters(dict(request.parameters), v.SNAPSHOT)
-        sid = self._backend.snapshot_id(name, src)
-        snap = await self._gate.rpc(request, [sid, src], lambda: self._backend.create_snapshot(name, src))
+        keys = [name_key("snapshot", name), src]
+        snap = await self._gate.rpc(request, keys, lambda: self._backend.create_snapshot(name, src))
         return csi_pb2.CreateSnapshotResponse(snapshot=convert.snapshot(snap))
 
     async def DeleteSnapshot(

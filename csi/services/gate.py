@@ -1,7 +1,8 @@
 """Per-volume serialisation with join-on-retry.
 
 Every mutating RPC runs through :meth:`Gate.run` under the keys it touches
-(a volume ID, a snapshot ID, a source volume being copied):
+(a volume ID, a snapshot ID, a source volume being copied; a create, whose
+object has no ID until it is made, takes its name: :func:`name_key`):
 
 * the same request arriving again while the first is still running *joins*
   it: it waits for the same result instead of redoing the work. CSI callers
@@ -86,6 +87,13 @@ class Gate:
         """:meth:`run` for an RPC: named after it, and the same request again
         (secrets aside, see :func:`fingerprint`) joins the one in flight."""
         return await self.run(type(request).__name__.removesuffix("Request"), keys, fingerprint(request), work)
+
+
+def name_key(kind: str, name: str) -> str:
+    """The key a create takes: the object's name, since a new object gets a
+    new ID only once it is made (csi.model.ids). Two creates of one name then
+    never overlap, and a retry joins the first. No ID has this form."""
+    return f"{kind} named {name!r}"
 
 
 def fingerprint(request: Message) -> bytes:

@@ -7,7 +7,7 @@ from csi.errors import InvalidArgument, NotFound
 from csi.model import GroupSnapshot
 from csi.services import Context, convert
 from csi.services import validation as v
-from csi.services.gate import Gate
+from csi.services.gate import Gate, name_key
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
 RPC = csi_pb2.GroupControllerServiceCapability.RPC
@@ -46,8 +46,8 @@ class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):
             raise InvalidArgument("source_volume_ids is required")
         vids = [v.required_id(x, "source_volume_ids") for x in request.source_volume_ids]
         v.parameters(dict(request.parameters), v.SNAPSHOT)
-        gid = self._backend.group_snapshot_id(name)
-        group = await self._gate.rpc(request, [gid, *vids], lambda: self._backend.create_group_snapshot(name, vids))
+        keys = [name_key("group snapshot", name), *vids]
+        group = await self._gate.rpc(request, keys, lambda: self._backend.create_group_snapshot(name, vids))
         return csi_pb2.CreateVolumeGroupSnapshotResponse(group_snapshot=group_message(group))
 
     async def DeleteVolumeGroupSnapshot(

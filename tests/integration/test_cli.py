@@ -108,6 +108,17 @@ def test_volume_commands(driver: Driver) -> None:
     for name in ("db-copy", "restored", "raw"):
         elv(driver, "volume", "delete", name)
     elv(driver, "volume", "snapshot", "db", "nightly", "--delete")
+    # Deleted and made again, a name is a new volume: the old one's ID and
+    # snapshots are not the new one's (a loop snapshot outlives its source).
+    old_id = json.loads(elv(driver, "volume", "show", "db", "--json").stdout)["id"]
+    elv(driver, "volume", "snapshot", "db", "weekly")
+    elv(driver, "volume", "delete", "db")
+    elv(driver, "volume", "create", "db", "--size", "64Mi")
+    shown = json.loads(elv(driver, "volume", "show", "db", "--json").stdout)
+    assert shown["id"] != old_id and shown["snapshots"] == []
+    elv(driver, "volume", "snapshot", "db", "weekly", "--delete")  # found by its name alone
+    r = elv(driver, "volume", "snapshot", "db", "weekly", "--delete", check=False)
+    assert r.returncode == 1 and "no snapshot named 'weekly'" in r.stderr
     elv(driver, "volume", "delete", "db")
     assert json.loads(elv(driver, "volume", "list", "--json").stdout) == []
 

@@ -156,23 +156,29 @@ def test_deleted_thick_volume_is_wiped(driver: LvmDriver, vg: GuestVg) -> None:
 
 
 def test_foreign_lvs_are_never_touched(driver: LvmDriver, vg: GuestVg) -> None:
-    # An LV with exactly the name ELV would give volume "intruder", but no owner tag.
-
-    name = "elv-" + str(ids.make("v", "thick", "intruder"))
-    lvm("lvcreate", "-q", "-y", "-n", name, "-L", "8m", "--addtag", "someone.else", vg.name)
+    # An LV with exactly the name ELV once gave volume "intruder" (the hash of
+    # the name: ids.legacy) and its name tag, but no owner tag.
+    vid = str(ids.legacy("v", "thick", "intruder"))
+    name = "elv-" + vid
+    name_tag = "elv.name=" + b"intruder".hex()
+    lvm("lvcreate", "-q", "-y", "-n", name, "-L", "8m", "--addtag", "someone.else", "--addtag", name_tag, vg.name)
     lvm("lvcreate", "-q", "-y", "-n", "admin-data", "-L", "8m", vg.name)
+    made = ""
     try:
-        assert (
-            code_of(driver.create, "intruder", 8 * MiB, parameters={CLASS: "thick"}) == grpc.StatusCode.ALREADY_EXISTS
-        )
-        driver.delete(str(ids.make("v", "thick", "intruder")))
-        listed = driver.controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries
-        assert all("intruder" not in e.volume.volume_id for e in listed)
+        # Not ELV's, so not the volume of that name: a new volume gets an LV of its own.
+        made = driver.create("intruder", 8 * MiB, parameters={CLASS: "thick"})
+        assert made != vid
+        driver.delete(vid)
+        listed = [e.volume.volume_id for e in driver.controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries]
+        assert made in listed and vid not in listed
         driver.restart()  # startup recovery must leave them alone too
         names = {r["lv_name"]: r for r in lvs(vg.name)}
         assert name in names and "admin-data" in names
-        assert names[name]["lv_tags"] == "someone.else" and names["admin-data"]["lv_tags"] == ""
+        assert set(names[name]["lv_tags"].split(",")) == {"someone.else", name_tag}
+        assert names["admin-data"]["lv_tags"] == ""
     finally:
+        if made:
+            driver.delete(made)
         lvm("lvremove", "-y", f"{vg.name}/{name}", f"{vg.name}/admin-data", check=False)
 
 

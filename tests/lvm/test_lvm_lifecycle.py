@@ -183,3 +183,42 @@ def test_bad_class_and_params(driver: LvmDriver) -> None:
         )
     ).volume.volume_id
     driver.delete(vid)
+
+
+@pytest.mark.parametrize("cls", ["thick", "thin"])
+def test_names_and_ids(driver: LvmDriver, vg: GuestVg, cls: str) -> None:
+    """An ID names one volume for ever; the name finds the volume while it
+    exists; a repeat must fit the request's limit."""
+    name = "again-" + cls
+
+    def create(required: int, limit: int = 0) -> str:
+        req = csi_pb2.CreateVolumeRequest(
+            name=name,
+            volume_capabilities=[mount_cap()],
+            parameters={CLASS: cls},
+            capacity_range=csi_pb2.CapacityRange(required_bytes=required, limit_bytes=limit),
+        )
+        return driver.controller.CreateVolume(req).volume.volume_id
+
+    def snapshots_of(vid: str) -> list[str]:
+        resp = driver.controller.ListSnapshots(csi_pb2.ListSnapshotsRequest(source_volume_id=vid))
+        return [e.snapshot.snapshot_id for e in resp.entries]
+
+    old = create(64 * MiB)
+    snap = driver.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name=name + "-snap", source_volume_id=old))
+    sid = snap.snapshot.snapshot_id
+    assert code_of(create, 32 * MiB, 48 * MiB) == grpc.StatusCode.ALREADY_EXISTS, "64 MiB exceeds limit_bytes"
+    assert create(32 * MiB, 64 * MiB) == old
+    driver.delete(old)
+    new = create(64 * MiB)
+    assert new != old, "an ID must name one volume for ever"
+    assert snapshots_of(new) == [] and snapshots_of(old) == [sid]
+    get = csi_pb2.ControllerGetVolumeRequest(volume_id=old)
+    assert code_of(driver.controller.ControllerGetVolume, get) == grpc.StatusCode.NOT_FOUND
+    driver.delete(old)  # a CO still holding the old ID deletes nothing of the new volume
+    row = lv(vg.name, lv_name(new))
+    assert row is not None and "elv.wipe" not in row["lv_tags"]
+    driver.restart()
+    assert create(64 * MiB) == new, "the name finds it across a restart (LVM's tags are the only state)"
+    driver.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=sid))
+    driver.delete(new)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from csi.backend.base import Parameters, member_name
+from csi.backend.base import Parameters, check_compatible, member_name
 from csi.errors import AlreadyExists, CommandError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from csi.host.paths import PathGuard
 from csi.host.runner import Result
@@ -75,7 +75,7 @@ class FakeBackend(Recorder):
     # -- helpers for tests --------------------------------------------------------
 
     def add_volume(self, name: str, size: int = GiB, **kw: Any) -> Volume:
-        vid = str(ids.make("v", POOL, name))
+        vid = str(ids.new("v", POOL, name))
         fields: dict[str, Any] = {
             "access": AccessType.MOUNT,
             "fs_type": "ext4",
@@ -108,39 +108,18 @@ class FakeBackend(Recorder):
         if not self.ready:
             raise Unavailable("the fake pool is still starting")
 
-    def volume_id(self, name: str, parameters: Mapping[str, str]) -> str:
-        return str(ids.make("v", POOL, name))
-
-    def snapshot_id(self, name: str, source_volume_id: str) -> str:
-        return str(ids.make("s", POOL, name))
-
-    def group_snapshot_id(self, name: str) -> str:
-        return str(ids.make("g", POOL, name))
+    def volume_named(self, name: str) -> Volume | None:
+        return next((v for v in self.volumes.values() if v.name == name), None)
 
     # -- volumes ----------------------------------------------------------------------
 
     async def create_volume(self, spec: VolumeSpec) -> Volume:
         self._record("create_volume", spec)
-        vid = self.volume_id(spec.name, spec.parameters)
-        existing = self.volumes.get(vid)
+        existing = self.volume_named(spec.name)
         if existing is not None:
-            if (
-                existing.size,
-                existing.access,
-                existing.fs_type,
-                dict(existing.parameters),
-                dict(existing.mutable),
-                existing.source,
-            ) != (
-                max(existing.size, spec.size),
-                spec.access,
-                spec.fs_type,
-                dict(spec.parameters),
-                dict(spec.mutable),
-                spec.source,
-            ):
-                raise AlreadyExists(f"volume {spec.name!r} already exists with different properties")
+            check_compatible(existing, spec)
             return existing
+        vid = str(ids.new("v", POOL, spec.name))
         if spec.size > self.capacity_bytes:
             raise ResourceExhausted("the fake pool is full")
         vol = Volume(
@@ -219,8 +198,8 @@ class FakeBackend(Recorder):
     # -- snapshots ----------------------------------------------------------------------
 
     def _snap(self, name: str, vol: Volume, group_id: str | None) -> Snapshot:
-        sid = self.snapshot_id(name, vol.id)
-        existing = self.snapshots.get(sid)
+        existing = next((x for x in self.snapshots.values() if x.name == name), None)
+        sid = str(ids.new("s", POOL, name))
         if existing is not None:
             if existing.source_volume_id != vol.id:
                 raise AlreadyExists(f"snapshot {name!r} already exists for another volume")
@@ -259,9 +238,9 @@ class FakeBackend(Recorder):
 
     async def create_group_snapshot(self, name: str, volume_ids: list[str]) -> GroupSnapshot:
         self._record("create_group_snapshot", name, list(volume_ids))
-        gid = self.group_snapshot_id(name)
         members = sorted(set(volume_ids))
-        existing = self.groups.get(gid)
+        existing = next((g for g in self.groups.values() if g.name == name), None)
+        gid = str(ids.new("g", POOL, name))
         if existing is not None:
             if sorted(s.source_volume_id for s in existing.snapshots) != members:
                 raise AlreadyExists(f"group snapshot {name!r} already exists with other volumes")

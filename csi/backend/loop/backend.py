@@ -111,6 +111,7 @@ class LoopBackend(SnapshotsByPart):
             log.warning("recovery: removed unfinished %s", r)
         await asyncio.to_thread(self.alloc.scan)
         await asyncio.to_thread(self._loop.seed)
+        await self._keep_thick_allocated()
         self._ready = True
         log.info(
             "loop pool %s: %d volumes, %d snapshots",
@@ -118,6 +119,21 @@ class LoopBackend(SnapshotsByPart):
             len(self.store.volumes),
             len(self.store.snapshots),
         )
+
+    async def _keep_thick_allocated(self) -> None:
+        """Thick volumes staged before this process started (by a driver that
+        let their devices discard, perhaps) stop freeing blocks now."""
+        for vol in self.store.volumes.values():
+            oid = self._vid(vol.id)
+            if vol.thick and oid is not None:
+                dev = self._loop.lookup(self.store.volume_image(oid))
+                if dev is None:
+                    continue
+                try:
+                    await self._loop.stop_discards(dev.name)
+                except FailedPrecondition as e:
+                    # Not a reason to serve nothing: its next stage says so too.
+                    log.warning("thick volume %s: %s", vol.id, e.message)
 
     async def stop(self) -> None:
         await self.alloc.settle()
@@ -131,12 +147,6 @@ class LoopBackend(SnapshotsByPart):
             raise Unavailable("/dev/loop-control is missing: load the loop module (modprobe loop)")
 
     # -- IDs --------------------------------------------------------------------
-
-    def volume_id(self, name: str, parameters: Mapping[str, str]) -> str:
-        return str(ids.make("v", POOL, name))
-
-    def snapshot_id(self, name: str, source_volume_id: str) -> str:
-        return str(ids.make("s", POOL, name))
 
     def _vid(self, volume_id: str) -> ids.ObjectId | None:
         oid = ids.parse(volume_id, "v")
@@ -219,12 +229,12 @@ class LoopBackend(SnapshotsByPart):
         return SourceImage(path, size, formatted, block)
 
     async def create_volume(self, spec: VolumeSpec) -> Volume:
-        oid = ids.make("v", POOL, spec.name)
-        existing = self.store.volumes.get(str(oid))
+        existing = self.store.volume_named(spec.name)
         if existing is not None:
             check_compatible(existing, spec, self.parameters.placement)
             return existing
         src = await self._source(spec.source, spec) if spec.source else None
+        oid = self.store.fresh("v", POOL, spec.name)
         # The image is built under its final name: until the metadata commits it,
         # it is garbage that startup removes, never a volume (see store.py).
         final = self.store.volume_image(oid)
@@ -326,14 +336,20 @@ class LoopBackend(SnapshotsByPart):
         assert oid is not None
         if want == "thick":
             # Reserve the rest of the volume now: allocate every block.
-            allocated = (await asyncio.to_thread(os.stat, self.store.volume_image(oid))).st_blocks * 512
+            image = self.store.volume_image(oid)
+            allocated = (await asyncio.to_thread(os.stat, image)).st_blocks * 512
             async with self._reserve(0, f"making volume {volume_id} thick"):
                 st = await asyncio.to_thread(os.statvfs, self.store.root)
                 if vol.size - allocated > st.f_bavail * st.f_frsize:
                     raise ResourceExhausted(f"the loop pool has no room to make volume {volume_id} thick")
-                await asyncio.to_thread(files.resize_image, self.store.volume_image(oid), vol.size, True)
-            await self.alloc.track(self.store.volume_image(oid))
-        # thick -> thin keeps the blocks; it only stops promising them.
+                # A staged volume's device stops freeing blocks first, so none is
+                # freed between the fallocate and the end of its life.
+                for dev in await asyncio.to_thread(self._loop.find_all, image):
+                    await self._loop.stop_discards(dev.name)
+                await asyncio.to_thread(files.resize_image, image, vol.size, True)
+            await self.alloc.track(image)
+        # thick -> thin keeps the blocks; it only stops promising them. A staged
+        # device keeps refusing discards until the volume is next staged.
         vol = replace(vol, thick=want == "thick")
         await self.store.put_volume(vol)
         log.info("volume %s is now %s", volume_id, want)
@@ -352,7 +368,9 @@ class LoopBackend(SnapshotsByPart):
         if not os.path.exists(image):
             raise FailedPrecondition(f"the backing file of volume {volume_id} is missing")
         vol = self.store.volumes[volume_id]
-        dev = await self._loop.attach(image, vol.block_size or LEGACY_BLOCK_SIZE)
+        # A thick volume's device may never free a block of its file: not for
+        # mkfs, ext4's lazy init, fstrim, -o discard or blkdiscard (host/loop.py).
+        dev = await self._loop.attach(image, vol.block_size or LEGACY_BLOCK_SIZE, discards=not vol.thick)
         return _device(dev.name)
 
     async def detach(self, volume_id: str) -> None:
@@ -373,7 +391,11 @@ class LoopBackend(SnapshotsByPart):
         dev = await self.find_device(volume_id)
         if dev is None:
             raise FailedPrecondition(f"volume {volume_id} is not staged on this node")
-        return await self._loop.refresh_capacity(dev.name)
+        size = await self._loop.refresh_capacity(dev.name)
+        vol = self.store.volumes.get(volume_id)
+        if vol is not None and vol.thick:
+            await self._loop.stop_discards(dev.name)  # kernels that reset limits on a resize
+        return size
 
     async def proven_blank(self, volume_id: str) -> bool:
         oid = self._vid(volume_id)

@@ -60,19 +60,18 @@ class LoopSnapshots:
     async def all(self) -> list[Snapshot]:
         return [self.store.snapshots[k] for k in sorted(self.store.snapshots)]
 
-    def group_id(self, name: str) -> str:
-        return str(ids.make("g", self.pool, name))  # what create_group names it
-
     async def create(self, name: str, source_volume_id: str) -> Snapshot:
-        return (await self.take([(name, source_volume_id)], None))[0]
+        existing = self.store.snapshot_named(name)
+        sid = self._sid(existing.id) if existing else None
+        sid = sid or self.store.fresh("s", self.pool, name)
+        return (await self.take([(sid, name, source_volume_id)], None))[0]
 
-    async def take(self, pairs: list[tuple[str, str]], group_id: str | None) -> list[Snapshot]:
-        """Snapshot each (name, volume ID) pair at one point in time; existing
-        snapshots of the same name and source are returned as they are."""
+    async def take(self, members: list[tuple[ids.ObjectId, str, str]], group_id: str | None) -> list[Snapshot]:
+        """Snapshot each (snapshot ID, name, volume ID) at one point in time;
+        existing snapshots of that ID and source are returned as they are."""
         todo: list[tuple[ids.ObjectId, str, Volume]] = []
         done: dict[str, Snapshot] = {}
-        for name, vid_s in pairs:
-            sid = ids.make("s", self.pool, name)
+        for sid, name, vid_s in members:
             existing = self.store.snapshots.get(str(sid))
             if existing is not None:
                 if existing.source_volume_id != vid_s:
@@ -95,7 +94,7 @@ class LoopSnapshots:
                         await self._copy(self._image(vol), self.store.snapshot_image(sid), vol.size)
                 for sid, name, vol in todo:
                     done[name] = await self._commit(sid, name, vol, group_id)
-        return [done[name] for name, _ in pairs]
+        return [done[name] for _, name, _ in members]
 
     def _image(self, vol: Volume) -> str:
         vid = self._vid(vol.id)
@@ -161,9 +160,10 @@ class LoopSnapshots:
         return GroupSnapshot(record["id"], record["name"], snaps, int(record["created_ns"]))
 
     async def create_group(self, name: str, volume_ids: list[str]) -> GroupSnapshot:
-        gid = ids.make("g", self.pool, name)
         members = sorted(set(volume_ids))
-        existing = self.store.groups.get(str(gid))
+        existing = self.store.group_named(name)
+        gid = ids.parse(existing["id"], "g") if existing else None
+        gid = gid or self.store.fresh("g", self.pool, name)
         if existing is not None:
             if existing["volumes"] != members:
                 raise AlreadyExists(f"group snapshot {name!r} already exists with other volumes")
@@ -171,20 +171,34 @@ class LoopSnapshots:
                 return self._group(existing)
         # Record the group first: a crash leaves a group whose snapshots the
         # retry (same name) finishes, or whose deletion removes them all.
-        pairs = [(member_name(name, v), v) for v in members]
+        todo = self._members(name, members, existing)
         record = {
             "id": str(gid),
             "name": name,
             "volumes": members,
-            "snapshots": [str(ids.make("s", self.pool, n)) for n, _ in pairs],
+            "snapshots": [str(sid) for sid, _, _ in todo],
             "created_ns": time.time_ns(),
         }
         for v in members:
             if self.store.volumes.get(v) is None or self._vid(v) is None:
                 raise NotFound(f"source volume {v} does not exist")
         await self.store.put_group(gid, record)
-        await self.take(pairs, str(gid))
+        await self.take(todo, str(gid))
         return self._group(record)
+
+    def _members(
+        self, name: str, members: list[str], record: dict[str, Any] | None
+    ) -> list[tuple[ids.ObjectId, str, str]]:
+        """(snapshot ID, name, volume ID) of each member: the IDs a record of
+        this group already gave them (a retry finishes the same snapshots), or
+        new ones."""
+        recorded = list(record["snapshots"]) if record else []
+        out = []
+        for i, vid in enumerate(members):
+            n = member_name(name, vid)
+            sid = self._sid(recorded[i]) if i < len(recorded) else None
+            out.append((sid or self.store.fresh("s", self.pool, n), n, vid))
+        return out
 
     async def get_group(self, group_id: str) -> GroupSnapshot | None:
         oid = ids.parse(group_id, "g")

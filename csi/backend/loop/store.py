@@ -23,6 +23,11 @@ half-made is ever taken for a volume, and three fsyncs per create suffice.
 File names are built only from parsed IDs (``[a-z0-9-]``), never from request
 text. The index is loaded once at startup; this process is the only writer,
 so it stays exact, and each change updates disk first and memory second.
+
+**Names.** A new object gets a fresh ID (csi.model.ids.new), so the CSI name
+is found through an index of name -> ID, rebuilt at startup from the
+metadata files (each holds its name) and kept with every change. Pools made
+when IDs were hashes of names load the same way: their IDs stay as they are.
 """
 
 from __future__ import annotations
@@ -187,6 +192,8 @@ class Store:
         self.snapshots: dict[str, Snapshot] = {}
         self.groups: dict[str, dict[str, Any]] = {}
         self.provisioned = 0  # sum of volume sizes, kept exact incrementally
+        # CSI name -> ID, one index per kind (names of different kinds may repeat).
+        self._names: dict[ids.Kind, dict[str, str]] = {"v": {}, "s": {}, "g": {}}
 
     # -- paths (from parsed IDs only) ----------------------------------------
 
@@ -204,6 +211,55 @@ class Store:
 
     def group_meta(self, gid: ids.ObjectId) -> str:
         return os.path.join(self.groups_dir, f"{gid}.json")
+
+    # -- names ------------------------------------------------------------------
+
+    def volume_named(self, name: str) -> Volume | None:
+        vid = self._names["v"].get(name)
+        return self.volumes.get(vid) if vid else None
+
+    def snapshot_named(self, name: str) -> Snapshot | None:
+        sid = self._names["s"].get(name)
+        return self.snapshots.get(sid) if sid else None
+
+    def group_named(self, name: str) -> dict[str, Any] | None:
+        gid = self._names["g"].get(name)
+        return self.groups.get(gid) if gid else None
+
+    def fresh(self, kind: ids.Kind, pool: str, name: str) -> ids.ObjectId:
+        """A new ID for a new object called ``name``; never one in use here
+        (a repeat of 64 random bits is not expected, but costs only a retry)."""
+        records: dict[ids.Kind, Mapping[str, object]] = {"v": self.volumes, "s": self.snapshots, "g": self.groups}
+        paths = {
+            "v": (self.volume_meta, self.volume_image),
+            "s": (self.snapshot_meta, self.snapshot_image),
+            "g": (self.group_meta, self.group_meta),
+        }[kind]
+        while True:
+            oid = ids.new(kind, pool, name)
+            if str(oid) not in records[kind] and not any(os.path.exists(p(oid)) for p in paths):
+                return oid
+
+    def _name(self, kind: ids.Kind, name: str, oid: str) -> None:
+        # The first holder keeps a name: a create looks the name up before it
+        # makes anything, so a second holder could only be a bug, never a retry.
+        held = self._names[kind].setdefault(name, oid)
+        if held != oid:
+            log.warning("%s and %s both claim the name %r; %s keeps it", held, oid, name, held)
+
+    def _unname(self, kind: ids.Kind, name: str | None, oid: str) -> None:
+        if name is not None and self._names[kind].get(name) == oid:
+            del self._names[kind][name]
+
+    def _index_names(self) -> None:
+        """Rebuild name -> ID from the loaded records, the oldest first."""
+        self._names = {"v": {}, "s": {}, "g": {}}
+        for v in sorted(self.volumes.values(), key=lambda x: (x.created_ns, x.id)):
+            self._name("v", v.name, v.id)
+        for sn in sorted(self.snapshots.values(), key=lambda x: (x.created_ns, x.id)):
+            self._name("s", sn.name, sn.id)
+        for gid, g in sorted(self.groups.items(), key=lambda kv: (int(kv[1].get("created_ns", 0)), kv[0])):
+            self._name("g", str(g.get("name", "")), gid)
 
     # -- startup ----------------------------------------------------------------
 
@@ -235,6 +291,7 @@ class Store:
             with open(path, encoding="utf-8") as f:
                 self.groups[gid] = json.load(f)
         self.provisioned = sum(v.size for v in self.volumes.values())
+        self._index_names()
         if removed:
             fsync_dir(self.tmp_dir)
         return removed
@@ -319,6 +376,7 @@ class Store:
         old = self.volumes.get(v.id)
         self.provisioned += v.size - (old.size if old else 0)
         self.volumes[v.id] = v
+        self._name("v", v.name, v.id)
 
     async def drop_volume(self, oid: ids.ObjectId) -> None:
         """Remove a volume: metadata first (the commit point), then the image.
@@ -328,6 +386,7 @@ class Store:
         old = self.volumes.pop(str(oid), None)
         if old is not None:
             self.provisioned -= old.size
+            self._unname("v", old.name, old.id)
         await asyncio.to_thread(_unlink_quiet, self.volume_image(oid))
         await asyncio.to_thread(self._drop_markers, oid)
 
@@ -336,16 +395,22 @@ class Store:
         assert oid is not None
         await asyncio.to_thread(atomic_write_json, self.snapshot_meta(oid), snapshot_to_json(s))
         self.snapshots[s.id] = s
+        self._name("s", s.name, s.id)
 
     async def drop_snapshot(self, oid: ids.ObjectId) -> None:
         await asyncio.to_thread(remove_durably, self.snapshot_meta(oid))
-        self.snapshots.pop(str(oid), None)
+        old = self.snapshots.pop(str(oid), None)
+        if old is not None:
+            self._unname("s", old.name, old.id)
         await asyncio.to_thread(_unlink_quiet, self.snapshot_image(oid))
 
     async def put_group(self, gid: ids.ObjectId, record: Mapping[str, Any]) -> None:
         await asyncio.to_thread(atomic_write_json, self.group_meta(gid), record)
         self.groups[str(gid)] = dict(record)
+        self._name("g", str(record.get("name", "")), str(gid))
 
     async def drop_group(self, gid: ids.ObjectId) -> None:
         await asyncio.to_thread(remove_durably, self.group_meta(gid))
-        self.groups.pop(str(gid), None)
+        old = self.groups.pop(str(gid), None)
+        if old is not None:
+            self._unname("g", str(old.get("name", "")), str(gid))

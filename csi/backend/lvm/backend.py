@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from csi.backend.base import SnapshotsByPart, check_compatible
 from csi.backend.lvm import model, params
-from csi.backend.lvm.classes import LvmSettings
+from csi.backend.lvm.classes import DeviceClass, LvmSettings
 from csi.backend.lvm.clone import Cloner
 from csi.backend.lvm.inventory import View
 from csi.backend.lvm.node import LvmNode
@@ -24,7 +24,7 @@ from csi.backend.lvm.snapshots import LvmSnapshots
 from csi.backend.lvm.store import LvStore
 from csi.backend.lvm.wipe import Wiper
 from csi.errors import AlreadyExists, CommandError, InUse, NotFound, Unavailable
-from csi.model import Capacity, Device, Health, PoolStats, Volume, VolumeSpec, ids, round_up
+from csi.model import Capacity, Device, Health, PoolStats, Volume, VolumeSpec, round_up
 
 log = logging.getLogger(__name__)
 MiB = 1024 * 1024
@@ -62,16 +62,6 @@ class LvmBackend(SnapshotsByPart):
         if not self._ready:
             raise Unavailable("the lvm backend is still starting")
 
-    # -- IDs -------------------------------------------------------------------------
-
-    def volume_id(self, name: str, parameters: Mapping[str, str]) -> str:
-        return str(ids.make("v", self.settings.pick(parameters).name, name))
-
-    def snapshot_id(self, name: str, source_volume_id: str) -> str:
-        parsed = self.store.oid(source_volume_id, "v")
-        pool = parsed[0].name if parsed else self.settings.default
-        return str(ids.make("s", pool, name))
-
     # -- volumes ---------------------------------------------------------------------
 
     async def get_volume(self, volume_id: str) -> Volume | None:
@@ -88,29 +78,42 @@ class LvmBackend(SnapshotsByPart):
                 out.append(model.to_volume(lv, str(oid)))
         return sorted(out, key=lambda v: v.id)
 
+    async def _existing(self, view: View, spec: VolumeSpec, cls: DeviceClass) -> Volume | None:
+        """The volume called ``spec.name``, checked against ``spec``; None if
+        there is none. Finishes off what a create of that name left half-made."""
+        live = []
+        for lv in self.store.named(view, "v", spec.name):
+            if lv.has(model.PENDING):
+                await self.wiper.quarantine(lv, rename=False)
+            else:
+                live.append(lv)
+        if not live:
+            return None
+        # One name, one volume; pools from before names were looked up by tag
+        # may hold one per class: the requested class's is the one.
+        candidates = [(model.parse_lv_name(x.name), x) for x in live]
+        oid, lv = next(((o, x) for o, x in candidates if o is not None and o.pool == cls.name), candidates[0])
+        assert oid is not None  # LvStore.named found its class by it
+        if oid.pool != cls.name:
+            raise AlreadyExists(f"volume {spec.name!r} already exists in device class {oid.pool}")
+        vol = model.to_volume(lv, str(oid))
+        check_compatible(vol, spec, self.parameters.placement)
+        return vol
+
     async def create_volume(self, spec: VolumeSpec) -> Volume:
         cls = self.settings.pick(spec.parameters)
         layout = params.layout(spec.parameters, cls)
-        oid = ids.make("v", cls.name, spec.name)
-        name = model.lv_name(oid)
         view = await self.store.view(fresh=True)
         if cls.vg in view.missing:
             raise Unavailable(f"volume group {cls.vg} of device class {cls.name} is missing")
-        lv = view.lv(cls.vg, name)
-        if lv is not None:
-            if not model.owned(lv, self.store.owner):
-                raise AlreadyExists(f"LV {cls.vg}/{name} exists but is not ELV's; refusing to touch it")
-            if lv.has(model.WIPE) or lv.has(model.PENDING):
-                # Left by a delete or a create that did not finish: finish it off.
-                await self.wiper.quarantine(lv)
-            else:
-                vol = model.to_volume(lv, str(oid))
-                check_compatible(vol, spec, self.parameters.placement)
-                return vol
+        existing = await self._existing(view, spec, cls)
+        if existing is not None:
+            return existing
+        oid = self.store.fresh(view, cls, "v", spec.name)
+        name = model.lv_name(oid)
         if spec.source is not None:
             return await self.cloner.create(spec, cls, oid, layout)
-        extent = self.store.extent(view, cls)
-        size = round_up(spec.size, extent)
+        size = self.store.lv_size(view, cls, spec)
         now = time.time_ns()
         tags = model.volume_tags(self.store.owner, spec, now)
         if cls.thin_pool is not None:

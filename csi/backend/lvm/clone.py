@@ -34,7 +34,7 @@ from csi.backend.lvm.store import LvStore
 from csi.backend.lvm.wipe import Wiper
 from csi.errors import CommandError, FailedPrecondition, NotFound, ResourceExhausted
 from csi.host.stoppable import Stopped, run_stoppable
-from csi.model import Volume, VolumeSpec, ids, round_up
+from csi.model import Volume, VolumeSpec, ids
 
 log = logging.getLogger(__name__)
 CHUNK = 4 * 1024 * 1024
@@ -217,7 +217,7 @@ class Cloner:
         room: Room | None,
     ) -> Volume:
         src, src_size, fs = source
-        size = round_up(spec.size, self.store.extent(view, cls))
+        size = self.store.lv_size(view, cls, spec)
         name = model.lv_name(oid)
         instant = cls.thin_pool is not None and src.thin and src.vg == cls.vg and src.pool == cls.thin_pool
         pending = not instant or size > src.size

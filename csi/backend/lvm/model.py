@@ -2,14 +2,16 @@
 
 There is no state file. An LV is ELV's only if it carries the owner tag
 (``elv.owner=<driver name>``); every other LV is left alone, whatever its
-name. Names derive from IDs, which derive from a hash of the CSI name, so
-request text never reaches LVM as a name; text that must be kept (the CSI
-name, node IDs, parameters) is hex-encoded into tags.
+name. LV names derive from IDs, which are fresh for every new object
+(csi.model.ids), so request text never reaches LVM as a name and no LV name
+is ever used twice; text that must be kept (the CSI name, node IDs,
+parameters) is hex-encoded into tags, and a CSI name is looked up by its
+tag (LvStore.named). LVs made when IDs were hashes of names keep their names.
 
-    elv-v-<class>-<hash>    a volume          elv.kind=v
-    elv-s-<class>-<hash>    a snapshot        elv.kind=s
-    elv-t-<hash>            a temporary snapshot a thick clone copies from
-    elv-q-<random>          quarantined (elv.wipe) and renamed to free its CSI name
+    elv-v-<class>-<hex>     a volume          elv.kind=v
+    elv-s-<class>-<hex>     a snapshot        elv.kind=s
+    elv-t-<hex>             a temporary snapshot a thick clone copies from
+    elv-q-<random>          quarantined (elv.wipe)
 
 One ``lvcreate`` with all its ``--addtag`` options is one metadata commit, so
 a volume appears with its tags or not at all. Work that takes more than one

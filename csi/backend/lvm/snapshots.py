@@ -31,7 +31,7 @@ from csi.backend import freeze
 from csi.backend.base import member_name
 from csi.backend.lvm import model, params
 from csi.backend.lvm.inventory import View
-from csi.backend.lvm.report import LvInfo, classify, hex_decode, not_found
+from csi.backend.lvm.report import LvInfo, classify, hex_decode, hex_encode, not_found
 from csi.backend.lvm.store import LvStore
 from csi.backend.lvm.wipe import Wiper
 from csi.errors import AlreadyExists, CommandError, NotFound
@@ -99,13 +99,10 @@ class LvmSnapshots:
         if parsed is None:
             raise NotFound(f"source volume {vid} does not exist")
         cls, void = parsed
-        sid = ids.make("s", cls.name, name)
-        lv = view.lv(cls.vg, model.lv_name(sid))
-        if lv is not None:
-            if not model.owned(lv, self.store.owner):
-                raise AlreadyExists(f"LV {lv.vg}/{lv.name} exists but is not ELV's; refusing to touch it")
-            if lv.has(model.PENDING) or lv.has(model.WIPE):
-                await self.wiper.quarantine(lv)
+        for lv in self.store.named(view, "s", name):  # found by its name tag (LvStore.named)
+            sid = model.parse_lv_name(lv.name)
+            if lv.has(model.PENDING) or sid is None:
+                await self.wiper.quarantine(lv, rename=False)
             elif lv.tag(model.SOURCE) != vid:
                 raise AlreadyExists(f"snapshot {name!r} already exists for another volume")
             else:
@@ -113,7 +110,7 @@ class LvmSnapshots:
         src = view.lv(cls.vg, model.lv_name(void))
         if src is None or not model.live(src, self.store.owner, "v"):
             raise NotFound(f"source volume {vid} does not exist")
-        return sid, name, src, model.to_volume(src, vid)
+        return self.store.fresh(view, cls, "s", name), name, src, model.to_volume(src, vid)
 
     async def _mount_points(self, todo: list[_Member]) -> list[str]:
         points = []
@@ -223,14 +220,22 @@ class LvmSnapshots:
         snaps = tuple(sorted((s for _, s in members), key=lambda s: s.id))
         return GroupSnapshot(group_id, name, snaps, min(s.created_ns for s in snaps))
 
-    def group_id(self, name: str) -> str:
-        # The group's ID names the default class: its members may live in several.
-        return str(ids.make("g", self.store.settings.default, name))
+    def _group_id(self, view: View, name: str) -> str:
+        """The ID of the group called ``name`` (its members' tags say), or a new
+        one. A group's ID names the default class: its members may live in several."""
+        want = hex_encode(name)
+        for lv in view.all():
+            if lv.tag(model.GROUP_NAME) == want and lv.tag(model.GROUP) and model.live(lv, self.store.owner, "s"):
+                return lv.tag(model.GROUP) or ""
+        while True:
+            gid = str(ids.new("g", self.store.settings.default, name))
+            if not self._members(view, gid):
+                return gid
 
     async def create_group(self, name: str, volume_ids: list[str]) -> GroupSnapshot:
         members = sorted(set(volume_ids))
-        gid = self.group_id(name)
         view = await self.store.view(fresh=True)
+        gid = self._group_id(view, name)
         existing = self._members(view, gid)
         if existing:
             sources = sorted(s.source_volume_id for _, s in existing)

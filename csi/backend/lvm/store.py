@@ -19,11 +19,11 @@ from csi.backend.lvm.classes import DeviceClass, LvmSettings
 from csi.backend.lvm.command import Lvm
 from csi.backend.lvm.inventory import Inventory, View
 from csi.backend.lvm.report import LvInfo
-from csi.errors import CommandError, FailedPrecondition, InUse, NotFound, ResourceExhausted, Unavailable
+from csi.errors import CommandError, FailedPrecondition, InUse, NotFound, OutOfRange, ResourceExhausted, Unavailable
 from csi.host.fs import FsTool
 from csi.host.mountinfo import Mount, MountTable
 from csi.host.runner import Runner
-from csi.model import Device, ids
+from csi.model import Device, VolumeSpec, ids, round_up
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,32 @@ class LvStore:
 
     async def view(self, fresh: bool = False, reload: bool = False) -> View:
         return await self.inv.view(fresh, reload)
+
+    # -- names ------------------------------------------------------------------------
+
+    def named(self, view: View, kind: model.Kind, name: str) -> list[LvInfo]:
+        """ELV's LVs of this kind that carry this CSI name (finished or
+        half-made; never one being deleted), the oldest first. A new object's
+        LV name comes from a fresh ID (csi.model.ids.new), so the name lives
+        only in its tag; LVs made when names were hashed carry the tag too."""
+        want = report.hex_encode(name)
+        found = [
+            lv
+            for lv in view.all()
+            if lv.tag(model.NAME) == want
+            and lv.tag(model.KIND) == kind
+            and model.owned(lv, self.owner)
+            and not lv.has(model.WIPE)
+            and self.class_of(lv) is not None
+        ]
+        return sorted(found, key=lambda lv: (int(lv.tag(model.CREATED) or 0), lv.name))
+
+    def fresh(self, view: View, cls: DeviceClass, kind: ids.Kind, name: str) -> ids.ObjectId:
+        """A new ID for an object called ``name`` whose LV name no LV in the class's VG has."""
+        while True:
+            oid = ids.new(kind, cls.name, name)
+            if view.lv(cls.vg, model.lv_name(oid)) is None:
+                return oid
 
     async def find(
         self, object_id: str, kind: model.Kind, fresh: bool = False, reload: bool = False
@@ -189,6 +215,18 @@ class LvStore:
         if space is None:
             raise Unavailable(f"volume group {cls.vg} of device class {cls.name} is missing")
         return space.extent_size
+
+    def lv_size(self, view: View, cls: DeviceClass, spec: VolumeSpec) -> int:
+        """The size of the LV for ``spec``: whole extents, and never past the
+        request's limit (the spec forbids a volume larger than limit_bytes)."""
+        extent = self.extent(view, cls)
+        size = round_up(spec.size, extent)
+        if spec.limit and size > spec.limit:
+            raise OutOfRange(
+                f"device class {cls.name} allocates in {extent}-byte extents: "
+                f"{spec.size} bytes rounds up to {size}, past limit_bytes={spec.limit}"
+            )
+        return size
 
     @contextlib.asynccontextmanager
     async def reserve(self, cls: DeviceClass, size: int, what: str, copies: int = 1) -> AsyncIterator[None]:

@@ -34,12 +34,12 @@ def vol(name: str, size: int = 10 * MiB, **kw) -> Volume:
         "created_ns": 1,
     }
     fields.update(kw)
-    return Volume(id=str(ids.make("v", "loop", name)), name=name, size=size, **fields)
+    return Volume(id=str(ids.legacy("v", "loop", name)), name=name, size=size, **fields)
 
 
 def snap(name: str, source: Volume) -> Snapshot:
     return Snapshot(
-        id=str(ids.make("s", "loop", name)), name=name, source_volume_id=source.id, size=source.size, created_ns=2
+        id=str(ids.legacy("s", "loop", name)), name=name, source_volume_id=source.id, size=source.size, created_ns=2
     )
 
 
@@ -150,7 +150,7 @@ def test_open_cleans_up_after_a_crash_and_keeps_good_volumes(tmp_path: Path) -> 
     good, thin = vol("good", 10 * MiB), vol("thin", 3 * MiB)
     write_volume(root, good)
     write_volume(root, thin, image=False)  # metadata without image: still a volume (the node will say it is missing)
-    orphan = ids.make("v", "loop", "orphan")
+    orphan = ids.legacy("v", "loop", "orphan")
     (root / "volumes" / f"{orphan}.img").write_bytes(b"half")
     stale = root / "volumes" / f".{good.id}.json.1a2b3c4d.tmp"
     stale.write_text("{")
@@ -159,7 +159,7 @@ def test_open_cleans_up_after_a_crash_and_keeps_good_volumes(tmp_path: Path) -> 
     (root / "tmp" / f"{orphan}.partial").write_bytes(b"x")
     (root / "tmp" / "freeze-1-0.frozen").write_text("{}")
     (root / "tmp" / ".hidden").write_text("")
-    s_orphan = ids.make("s", "loop", "orphan-snap")
+    s_orphan = ids.legacy("s", "loop", "orphan-snap")
     (root / "snapshots" / f"{s_orphan}.img").write_bytes(b"")
 
     s = Store(str(root))
@@ -193,7 +193,7 @@ def test_open_loads_snapshots_and_groups(tmp_path: Path) -> None:
     sn = snap("snap", v)
     (root / "snapshots" / f"{sn.id}.json").write_text(json.dumps(snapshot_to_json(sn)))
     (root / "snapshots" / f"{sn.id}.img").write_bytes(b"")
-    gid = ids.make("g", "loop", "grp")
+    gid = ids.legacy("g", "loop", "grp")
     (root / "groups" / f"{gid}.json").write_text(json.dumps({"id": str(gid), "snapshots": [sn.id]}))
     s = Store(str(root))
     assert s.open() == []
@@ -233,10 +233,10 @@ def test_open_survives_a_directory_in_tmp(tmp_path: Path) -> None:
 
 def test_paths_come_from_parsed_ids(tmp_path: Path) -> None:
     s = Store(str(tmp_path))
-    oid = ids.make("v", "loop", "x")
+    oid = ids.legacy("v", "loop", "x")
     assert s.volume_image(oid) == os.path.join(s.volumes_dir, f"{oid}.img")
     assert s.volume_meta(oid).endswith(f"volumes/{oid}.json")
-    sid = ids.make("s", "loop", "x")
+    sid = ids.legacy("s", "loop", "x")
     assert s.snapshot_meta(sid).endswith(f"snapshots/{sid}.json")
 
 
@@ -283,7 +283,7 @@ async def test_put_and_drop_snapshots_and_groups(tmp_path: Path) -> None:
     sn = snap("s1", vol("v1"))
     await s.put_snapshot(sn)
     assert s.snapshots == {sn.id: sn}
-    gid = ids.make("g", "loop", "grp")
+    gid = ids.legacy("g", "loop", "grp")
     await s.put_group(gid, {"id": str(gid), "snapshots": [sn.id]})
     assert str(gid) in s.groups
     await s.drop_snapshot(ids.parse(sn.id, "s"))  # type: ignore[arg-type]
@@ -332,3 +332,87 @@ async def test_format_markers_only_name_known_filesystems(tmp_path: Path) -> Non
     assert oid is not None
     with pytest.raises(ValueError, match="bad format marker"):
         await s.mark_format(oid, "../../etc", complete=True)
+
+
+# -- names ------------------------------------------------------------------------------------
+
+
+def test_open_rebuilds_the_name_index_from_the_metadata(tmp_path: Path) -> None:
+    # A pool made when IDs were hashes of names (ids.legacy) next to one made
+    # since (ids.new): both are found by name, under the IDs they have.
+    root = tmp_path / "pool"
+    Store(str(root)).open()
+    old = vol("old")
+    new = replace(vol("new"), id=str(ids.new("v", "loop", "new")))
+    write_volume(root, old)
+    write_volume(root, new)
+    sn = replace(snap("nightly", new), id=str(ids.new("s", "loop", "nightly")))
+    (root / "snapshots" / f"{sn.id}.json").write_text(json.dumps(snapshot_to_json(sn)))
+    (root / "snapshots" / f"{sn.id}.img").write_bytes(b"")
+    gid = ids.new("g", "loop", "grp")
+    (root / "groups" / f"{gid}.json").write_text(json.dumps({"id": str(gid), "name": "grp", "snapshots": []}))
+    s = Store(str(root))
+    assert s.open() == []
+    assert s.volume_named("old") == old and s.volume_named("new") == new
+    assert s.snapshot_named("nightly") == sn
+    assert s.group_named("grp") == {"id": str(gid), "name": "grp", "snapshots": []}
+    assert s.volume_named("nightly") is None, "each kind has names of its own"
+    assert s.snapshot_named("old") is None and s.group_named("new") is None
+
+
+async def test_the_name_index_follows_every_change(tmp_path: Path) -> None:
+    s = Store(str(tmp_path / "pool"))
+    s.open()
+    first = replace(vol("data"), id=str(s.fresh("v", "loop", "data")))
+    await s.put_volume(first)
+    assert s.volume_named("data") == first
+    await s.drop_volume(ids.parse(first.id, "v"))  # type: ignore[arg-type]
+    assert s.volume_named("data") is None
+    second = replace(vol("data"), id=str(s.fresh("v", "loop", "data")))
+    assert second.id != first.id, "a name made again gets a new ID"
+    await s.put_volume(second)
+    assert s.volume_named("data") == second
+    sn = replace(snap("s1", second), id=str(s.fresh("s", "loop", "s1")))
+    await s.put_snapshot(sn)
+    assert s.snapshot_named("s1") == sn
+    await s.drop_snapshot(ids.parse(sn.id, "s"))  # type: ignore[arg-type]
+    assert s.snapshot_named("s1") is None
+    gid = s.fresh("g", "loop", "g1")
+    await s.put_group(gid, {"id": str(gid), "name": "g1", "snapshots": []})
+    assert s.group_named("g1") is not None
+    await s.drop_group(gid)
+    assert s.group_named("g1") is None
+    # Reloaded from disk, the index says the same.
+    again = Store(s.root)
+    again.open()
+    assert again.volume_named("data") == second and again.snapshot_named("s1") is None
+
+
+def test_fresh_never_returns_an_id_in_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Store(str(tmp_path / "pool"))
+    s.open()
+    taken = ids.legacy("v", "loop", "x")
+    write_volume(Path(s.root), vol("x"), image=True)
+    s.open()
+    offered = [taken, taken, ids.ObjectId("v", "loop", "f" * 32)]
+    monkeypatch.setattr(ids, "new", lambda *a: offered.pop(0))
+    assert s.fresh("v", "loop", "x") == ids.ObjectId("v", "loop", "f" * 32)
+    # An image without metadata (a create that did not finish) is in use too.
+    (Path(s.volumes_dir) / f"v-loop-{'e' * 32}.img").write_bytes(b"")
+    offered[:] = [ids.ObjectId("v", "loop", "e" * 32), ids.ObjectId("v", "loop", "d" * 32)]
+    assert s.fresh("v", "loop", "y") == ids.ObjectId("v", "loop", "d" * 32)
+
+
+def test_a_name_two_records_claim_stays_with_the_older(tmp_path: Path) -> None:
+    # Never made by the driver (a create looks the name up first); if a pool
+    # has it anyway, the older volume keeps the name, and both stay listed.
+    root = tmp_path / "pool"
+    Store(str(root)).open()
+    older = replace(vol("dup"), id=str(ids.new("v", "loop", "dup")), created_ns=1)
+    newer = replace(vol("dup"), id=str(ids.new("v", "loop", "dup")), created_ns=2)
+    write_volume(root, newer)
+    write_volume(root, older)
+    s = Store(str(root))
+    s.open()
+    assert s.volume_named("dup") == older
+    assert set(s.volumes) == {older.id, newer.id}

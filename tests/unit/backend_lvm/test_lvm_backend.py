@@ -57,7 +57,8 @@ def lvcreates(lvm: FakeLvm) -> list[tuple[str, ...]]:
 
 async def test_create_thick_is_idempotent_and_tagged(backend: LvmBackend, lvm: FakeLvm) -> None:
     vol = await backend.create_volume(spec("pvc-1", 63 * MiB))
-    assert vol.id == str(ids.make("v", "thick", "pvc-1")) == backend.volume_id("pvc-1", {DEVICE_CLASS: "thick"})
+    oid = ids.parse(vol.id, "v")
+    assert oid is not None and oid.pool == "thick" and oid.may_be_named("pvc-1")
     assert vol.size == 64 * MiB, "rounded up to whole extents"
     (argv,) = lvcreates(lvm)
     assert "--config" in argv and "udev_sync=0" in argv[argv.index("--config") + 1]
@@ -71,6 +72,22 @@ async def test_create_thick_is_idempotent_and_tagged(backend: LvmBackend, lvm: F
     with pytest.raises(AlreadyExists):
         await backend.create_volume(spec("pvc-1", 63 * MiB, fs_type="xfs"))
     assert [v.id for v in await backend.list_volumes()] == [vol.id]
+
+
+async def test_limit_bytes_holds_for_repeats_and_extent_rounding(backend: LvmBackend, lvm: FakeLvm) -> None:
+    vol = await backend.create_volume(spec("pvc-1", 63 * MiB))
+    assert vol.size == 64 * MiB
+    # A repeat whose limit the (extent-rounded) volume exceeds is not the same request.
+    with pytest.raises(AlreadyExists, match="limit_bytes"):
+        await backend.create_volume(spec("pvc-1", 63 * MiB, limit=63 * MiB))
+    assert await backend.create_volume(spec("pvc-1", 63 * MiB, limit=64 * MiB)) == vol
+    # A new volume is never made larger than its limit by extent rounding (4 MiB here).
+    with pytest.raises(OutOfRange, match="limit_bytes"):
+        await backend.create_volume(spec("pvc-2", 5 * MiB, limit=5 * MiB))
+    with pytest.raises(OutOfRange, match="limit_bytes"):
+        await backend.create_volume(spec("pvc-3", 65 * MiB, limit=65 * MiB, source=Source("volume", vol.id)))
+    assert len(lvcreates(lvm)) == 1
+    assert (await backend.create_volume(spec("pvc-2", 4 * MiB, limit=5 * MiB))).size == 4 * MiB
 
 
 async def test_hostile_names_never_reach_lvm(backend: LvmBackend, lvm: FakeLvm) -> None:
@@ -100,16 +117,21 @@ async def test_thick_no_space_is_resource_exhausted(backend: LvmBackend, lvm: Fa
 
 
 async def test_foreign_lv_is_never_touched(backend: LvmBackend, lvm: FakeLvm) -> None:
-    vid = backend.volume_id("pvc-x", {})
-    lvm.add(FakeLv("elv-" + vid, "vg0", 64 * MiB, tags=["someone.else"]))
+    vid = str(ids.legacy("v", "thick", "pvc-x"))
+    # Named as ELV once named pvc-x's LV, and even carrying its name tag, but not ELV's.
+    tag = f"elv.name={hex_encode('pvc-x')}"
+    lvm.add(FakeLv("elv-" + vid, "vg0", 64 * MiB, tags=["someone.else", tag, "elv.kind=v"]))
+    lvm.add(FakeLv("elv-v-thick-" + "5" * 32, "vg0", 64 * MiB, tags=["elv.owner=other.driver", tag, "elv.kind=v"]))
     backend.store.inv.invalidate()  # changed behind the driver's back
     assert await backend.get_volume(vid) is None
-    with pytest.raises(AlreadyExists):
-        await backend.create_volume(spec("pvc-x"))
     await backend.delete_volume(vid)
     await backend.delete_volume("v-thick-../../etc")
     assert lvm.changes() == []
-    assert ("vg0", "elv-" + vid) in lvm.lvs
+    # The name is not taken by them: a new volume gets an LV of its own.
+    made = await backend.create_volume(spec("pvc-x"))
+    assert made.id != vid and [c[1] for c in lvm.changes()] == ["lvcreate"]
+    assert lvm.lvs[("vg0", "elv-" + vid)].tags == ["someone.else", tag, "elv.kind=v"]
+    assert [v.id for v in await backend.list_volumes()] == [made.id]
 
 
 async def test_delete_thick_quarantines_then_wipes(backend: LvmBackend, lvm: FakeLvm) -> None:
@@ -120,11 +142,13 @@ async def test_delete_thick_quarantines_then_wipes(backend: LvmBackend, lvm: Fak
     assert step[1:4] == ("lvchange", "--config", step[3]) and "elv.wipe" in step
     assert "elv.wipe" in lvm.lvs[("vg0", "elv-" + vol.id)].tags, "one tag is the commit point"
     assert await backend.get_volume(vol.id) is None
-    # The CSI name is free again at once: the quarantined LV is renamed out of the way.
+    # The CSI name is free again at once, for a new volume with a new ID; the
+    # deleted LV waits for the wiper untouched.
+    n = len(lvm.calls)
     again = await backend.create_volume(spec("d1"))
-    quarantined = [lv for lv in lvm.lvs.values() if lv.name.startswith("elv-q-")]
-    assert len(quarantined) == 1 and "elv.wipe" in quarantined[0].tags
-    assert again.id == vol.id
+    assert again.id != vol.id
+    assert [c[1] for c in lvm.changes()[-1:]] == ["lvcreate"] and "lvrename" not in lvm.commands()[n:]
+    assert "elv.wipe" in lvm.lvs[("vg0", "elv-" + vol.id)].tags
     await backend.wiper.pass_once()
     after = lvm.commands()[before:]
     assert "blkdiscard" in after and after.index("blkdiscard") < len(after) - 1 - after[::-1].index("lvremove")
@@ -165,7 +189,7 @@ async def test_expand_rounds_and_accepts_bigger(backend: LvmBackend, lvm: FakeLv
     assert (await backend.expand_volume(vol.id, 100 * MiB)).size == 104 * MiB
     assert all(c[1] in ("lvs", "vgs") for c in lvm.calls[n:])
     with pytest.raises(NotFound):
-        await backend.expand_volume(backend.volume_id("nope", {}), GiB)
+        await backend.expand_volume(str(ids.new("v", "thick", "nope")), GiB)
 
 
 async def test_node_attach_detach_and_formatted(backend: LvmBackend, lvm: FakeLvm) -> None:
@@ -188,7 +212,7 @@ async def test_node_attach_detach_and_formatted(backend: LvmBackend, lvm: FakeLv
     assert not lv.active
     assert "not attached" in (await backend.health(vol.id)).message
     assert not (await backend.health(vol.id, node=False)).abnormal
-    assert (await backend.health(backend.volume_id("gone", {}))).abnormal
+    assert (await backend.health(str(ids.new("v", "thin", "gone")))).abnormal
     await backend.delete_volume(vol.id)
 
 
@@ -200,7 +224,7 @@ async def test_node_lookups_of_an_inactive_volume_run_no_lvm(backend: LvmBackend
     n = len(lvm.calls)
     assert await backend.find_device(vol.id) is None
     await backend.detach(vol.id)
-    await backend.detach(backend.volume_id("never-made", {}))
+    await backend.detach(str(ids.new("v", "thin", "never-made")))
     assert lvm.calls[n:] == []
     # Active: the report confirms it is ELV's, and the device is the kernel's.
     dev = await backend.attach(vol.id)
@@ -229,7 +253,9 @@ async def test_pool_nearly_full_is_abnormal(backend: LvmBackend, lvm: FakeLvm) -
 async def test_snapshots_and_clones(backend: LvmBackend, lvm: FakeLvm) -> None:
     thin = await backend.create_volume(spec("src", 64 * MiB, "thin"))
     snap = await backend.create_snapshot("snap-1", thin.id)
-    assert snap.id == backend.snapshot_id("snap-1", thin.id) and snap.source_volume_id == thin.id
+    sid = ids.parse(snap.id, "s")
+    assert sid is not None and sid.pool == "thin" and sid.may_be_named("snap-1")
+    assert snap.source_volume_id == thin.id
     assert (await backend.create_snapshot("snap-1", thin.id)) == snap
     with pytest.raises(AlreadyExists):
         await backend.create_snapshot("snap-1", (await backend.create_volume(spec("other", 64 * MiB, "thin"))).id)
@@ -308,6 +334,11 @@ async def test_group_snapshot(backend: LvmBackend, lvm: FakeLvm) -> None:
     assert (await backend.get_group_snapshot(g.id)) is not None
     await backend.delete_group_snapshot(g.id)
     assert await backend.get_group_snapshot(g.id) is None
+    # Made again under its name, the group and its snapshots get new IDs.
+    again = await backend.create_group_snapshot("grp", [a.id, b.id])
+    assert again.id != g.id and await backend.get_group_snapshot(g.id) is None
+    assert not {s.id for s in again.snapshots} & {s.id for s in g.snapshots}
+    await backend.delete_group_snapshot(again.id)
 
 
 async def test_growing_an_origin_finishes_its_deleted_snapshots(backend: LvmBackend, lvm: FakeLvm) -> None:
@@ -320,18 +351,102 @@ async def test_growing_an_origin_finishes_its_deleted_snapshots(backend: LvmBack
     await backend.delete_volume(vol.id)
 
 
-async def test_create_races_the_wiper_for_a_reused_name(backend: LvmBackend, lvm: FakeLvm) -> None:
-    vol = await backend.create_volume(spec("reuse"))
-    await backend.delete_volume(vol.id)
-    # The wiper removes the quarantined LV just before the new create renames it.
+async def test_a_name_made_again_is_a_new_volume_with_a_new_id(backend: LvmBackend, lvm: FakeLvm) -> None:
+    old = await backend.create_volume(spec("reuse", 64 * MiB, "thin"))
+    snap = await backend.create_snapshot("reuse-snap", old.id)
+    await backend.delete_volume(old.id)
+    new = await backend.create_volume(spec("reuse", 64 * MiB, "thin"))
+    assert new.id != old.id, "an ID must name one volume for ever"
+    assert await backend.get_volume(old.id) is None
+    # A CO that still holds the old ID deletes nothing of the new volume.
+    n = len(lvm.changes())
+    await backend.delete_volume(old.id)
+    assert lvm.changes()[n:] == []
+    assert await backend.get_volume(new.id) == new
+    # The old volume's snapshot is not the new one's.
+    assert [s.source_volume_id for s in await backend.list_snapshots()] == [old.id]
+    assert await backend.create_volume(spec("reuse", 64 * MiB, "thin")) == new, "the name still finds it"
+    # A snapshot made again under its name gets a new ID too.
+    await backend.delete_snapshot(snap.id)
+    again = await backend.create_snapshot("reuse-snap", new.id)
+    assert again.id != snap.id and await backend.get_snapshot(snap.id) is None
+    assert again.source_volume_id == new.id
 
-    def vanished(args: list[str]) -> tuple[int, bytes, bytes]:
-        lvm.lvs.pop((args[0], args[1]), None)
-        return 5, b"", f'  Existing logical volume "{args[1]}" not found in volume group "{args[0]}"\n'.encode()
 
-    lvm._lvrename = vanished  # type: ignore[method-assign]
-    again = await backend.create_volume(spec("reuse"))
-    assert again.id == vol.id
+async def test_lvs_made_with_legacy_ids_keep_them(lvm: FakeLvm) -> None:
+    # LVs from before IDs were unique are named by the hash of the CSI name.
+    # They keep that ID; the name tag finds them; a repeat create returns them.
+    from csi.backend.lvm import model
+    from csi.backend.lvm.recovery import recover
+
+    old_spec = spec("old-pvc", 64 * MiB)
+    vid = ids.legacy("v", "thick", "old-pvc")
+    lvm.add(FakeLv(model.lv_name(vid), "vg0", 64 * MiB, tags=model.volume_tags("elv.csi.dev", old_spec, 5)))
+    sid = ids.legacy("s", "thick", "old-snap")
+    made = await backend_over_recovered(lvm)
+    vol = await made.create_volume(old_spec)
+    assert vol.id == str(vid) and [c[1] for c in lvm.changes()] == []
+    lvm.add(
+        FakeLv(
+            model.lv_name(sid),
+            "vg0",
+            64 * MiB,
+            origin=model.lv_name(vid),
+            tags=model.snapshot_tags("elv.csi.dev", "old-snap", vol, 6),
+        )
+    )
+    made.store.inv.invalidate()
+    assert (await made.create_snapshot("old-snap", vol.id)).id == str(sid)
+    assert [v.id for v in await made.list_volumes()] == [str(vid)]
+    await recover(made.store, made.wiper)  # a restart changes nothing of them
+    assert (await made.get_volume(str(vid))) == vol
+
+
+async def backend_over_recovered(lvm: FakeLvm) -> LvmBackend:
+    from csi.backend.lvm.recovery import recover
+
+    b = backend_over(lvm, CONFIG)
+    await recover(b.store, b.wiper)
+    return b
+
+
+async def test_one_name_is_one_volume_across_classes(backend: LvmBackend, lvm: FakeLvm) -> None:
+    thick = await backend.create_volume(spec("one", 64 * MiB, "thick"))
+    with pytest.raises(AlreadyExists, match="device class thick"):
+        await backend.create_volume(spec("one", 64 * MiB, "thin"))
+    assert [v.id for v in await backend.list_volumes()] == [thick.id]
+    # A pool from before names were looked up by tag may hold the name in two
+    # classes: each class's request keeps finding its own.
+    from csi.backend.lvm import model
+
+    twin = ids.legacy("v", "thin", "one")
+    twin_spec = spec("one", 64 * MiB, "thin")
+    lvm.add(
+        FakeLv(
+            model.lv_name(twin),
+            "vg0",
+            64 * MiB,
+            "thin",
+            pool="pool0",
+            tags=model.volume_tags("elv.csi.dev", twin_spec, 9),
+        )
+    )
+    backend.store.inv.invalidate()
+    assert (await backend.create_volume(twin_spec)).id == str(twin)
+    assert (await backend.create_volume(spec("one", 64 * MiB, "thick"))).id == thick.id
+
+
+async def test_a_half_made_lv_of_the_name_is_quarantined_by_the_next_create(backend: LvmBackend, lvm: FakeLvm) -> None:
+    from csi.backend.lvm import model
+
+    left = ids.new("v", "thick", "half")
+    tags = model.volume_tags("elv.csi.dev", spec("half"), 3, pending=True)
+    lvm.add(FakeLv(model.lv_name(left), "vg0", 64 * MiB, tags=tags))
+    backend.store.inv.invalidate()
+    vol = await backend.create_volume(spec("half"))
+    assert vol.id != str(left)
+    assert "elv.wipe" in lvm.lvs[("vg0", model.lv_name(left))].tags
+    assert [v.id for v in await backend.list_volumes()] == [vol.id]
 
 
 async def test_clone_of_a_thick_snapshot_whose_origin_is_inactive(

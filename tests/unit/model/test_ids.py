@@ -11,8 +11,8 @@ from csi.model import ids
 HEX = "0123456789abcdef" * 2
 
 
-def test_make_and_parse_round_trip() -> None:
-    oid = ids.make("v", "loop", "pvc-0d3c0c6e")
+def test_new_and_parse_round_trip() -> None:
+    oid = ids.new("v", "loop", "pvc-0d3c0c6e")
     text = str(oid)
     assert text == f"v-loop-{oid.digest}"
     assert len(oid.digest) == 32
@@ -21,8 +21,26 @@ def test_make_and_parse_round_trip() -> None:
 
 @pytest.mark.parametrize("kind", ["v", "s", "g"])
 def test_every_kind_round_trips(kind: ids.Kind) -> None:
-    oid = ids.make(kind, "vg0", "name")
+    oid = ids.new(kind, "vg0", "name")
     assert ids.parse(str(oid), kind) == oid
+    assert ids.parse(str(ids.legacy(kind, "vg0", "name")), kind) == ids.legacy(kind, "vg0", "name")
+
+
+def test_a_name_never_gets_the_same_id_twice() -> None:
+    # A volume deleted and made again under its name is another volume: an ID
+    # held for the old one must never name the new one.
+    made = {str(ids.new("v", "loop", "data")) for _ in range(1000)}
+    assert len(made) == 1000
+    assert str(ids.legacy("v", "loop", "data")) not in made
+
+
+def test_every_id_starts_with_its_names_hash() -> None:
+    # What lets a client that knows only a name pick the object out of a listing.
+    name = "nightly"
+    for oid in (ids.new("s", "loop", name), ids.legacy("s", "loop", name)):
+        assert oid.digest.startswith(hashlib.sha256(name.encode()).hexdigest()[:16])
+        assert oid.may_be_named(name)
+        assert not oid.may_be_named("nightly2")
 
 
 POOLS = st.builds(
@@ -35,9 +53,15 @@ POOLS = st.builds(
 @settings(database=None, max_examples=150)
 @given(name=st.text(max_size=64), pool=POOLS)
 def test_round_trip_property(name: str, pool: str) -> None:
-    oid = ids.make("s", pool, name)
+    oid = ids.new("s", pool, name)
     assert ids.parse(str(oid), "s") == oid
     assert ids.parse(str(oid), "v") is None
+    assert oid.may_be_named(name)
+
+
+def test_legacy_ids_are_the_first_128_bits_of_sha256() -> None:
+    # The IDs pools made before IDs were unique: they must keep parsing.
+    assert str(ids.legacy("v", "loop", "pvc-1")) == "v-loop-" + hashlib.sha256(b"pvc-1").hexdigest()[:32]
 
 
 def test_digest_is_the_first_128_bits_of_sha256() -> None:
@@ -57,9 +81,11 @@ def test_digest_is_deterministic_and_name_sensitive() -> None:
 
 
 @pytest.mark.parametrize("pool", ["", "Loop", "1loop", "lo-op", "a" * 17, "lo op", "../x"])
-def test_make_refuses_bad_pools(pool: str) -> None:
+def test_new_refuses_bad_pools(pool: str) -> None:
     with pytest.raises(ValueError, match="invalid pool"):
-        ids.make("v", pool, "x")
+        ids.new("v", pool, "x")
+    with pytest.raises(ValueError, match="invalid pool"):
+        ids.legacy("v", pool, "x")
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
 import pytest
 
 from csi.config import Config
-from csi.model import AccessType, Health, ids
+from csi.errors import Aborted
+from csi.model import AccessType, Health, Snapshot, Volume, VolumeSpec, ids
 from csi.services.controller import ControllerService, paginate
 from csi.services.gate import Gate
 from csi.v1 import csi_pb2, csi_pb2_grpc
@@ -45,7 +47,8 @@ async def test_create_volume(stub, backend: FakeBackend) -> None:
         create_req(parameters={"csi.storage.k8s.io/fstype": "xfs", "csi.storage.k8s.io/pvc/name": "data"})
     )
     vol = resp.volume
-    assert vol.volume_id == str(ids.make("v", "fake", "pvc-1"))
+    oid = ids.parse(vol.volume_id, "v")
+    assert oid is not None and oid.pool == "fake" and oid.may_be_named("pvc-1")
     assert vol.capacity_bytes == 300 * MiB  # xfs needs at least 300 MiB
     assert [dict(t.segments) for t in vol.accessible_topology] == [{TOPO: "node-a"}]
     ((spec,),) = backend.called("create_volume")
@@ -79,6 +82,50 @@ async def test_create_volume_is_idempotent(stub, backend: FakeBackend) -> None:
     assert first.volume.volume_id == second.volume.volume_id
     assert first.volume.capacity_bytes == second.volume.capacity_bytes == 100 * MiB
     assert len(backend.volumes) == 1
+
+
+async def test_creates_of_one_name_take_one_gate_key(config: Config, backend: FakeBackend) -> None:
+    # A new volume (or snapshot) gets a new ID only once it is made, so creates
+    # are serialised on the name: the same request joins the running one, a
+    # different one for the name is ABORTED, and one volume is made.
+    svc = ControllerService(config, backend, Gate())
+    started, release = asyncio.Event(), asyncio.Event()
+    create = backend.create_volume
+
+    async def slow_create(spec: VolumeSpec) -> Volume:
+        started.set()
+        await release.wait()
+        return await create(spec)
+
+    backend.create_volume = slow_create  # type: ignore[method-assign]
+    first = asyncio.ensure_future(svc.CreateVolume(create_req("same"), None))
+    await started.wait()
+    joined = asyncio.ensure_future(svc.CreateVolume(create_req("same"), None))
+    bigger = create_req("same", capacity_range=csi_pb2.CapacityRange(required_bytes=200 * MiB))
+    with pytest.raises(Aborted):
+        await svc.CreateVolume(bigger, None)
+    release.set()
+    made = (await first).volume.volume_id
+    assert (await joined).volume.volume_id == made
+    other = (await svc.CreateVolume(create_req("other"), None)).volume.volume_id
+    assert [s.name for (s,) in backend.called("create_volume")] == ["same", "other"]
+
+    snap_started, snap_release = asyncio.Event(), asyncio.Event()
+    snap_create = backend.create_snapshot
+
+    async def slow_snap(name: str, vid: str) -> Snapshot:
+        snap_started.set()
+        await snap_release.wait()
+        return await snap_create(name, vid)
+
+    backend.create_snapshot = slow_snap  # type: ignore[method-assign]
+    req = csi_pb2.CreateSnapshotRequest(name="s", source_volume_id=made)
+    task = asyncio.ensure_future(svc.CreateSnapshot(req, None))
+    await snap_started.wait()
+    with pytest.raises(Aborted):
+        await svc.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="s", source_volume_id=other), None)
+    snap_release.set()
+    assert (await task).snapshot.source_volume_id == made
 
 
 async def test_create_volume_defaults(stub, backend: FakeBackend) -> None:
@@ -176,6 +223,15 @@ async def test_create_volume_topology_with_this_node(stub, backend: FakeBackend)
     resp = await stub.CreateVolume(req)
     assert resp.volume.volume_id
     assert len(backend.called("create_volume")) == 1
+
+
+async def test_create_volume_hands_the_limit_to_the_backend(stub, backend: FakeBackend) -> None:
+    # The backend's idempotency check (csi.backend.base.check_compatible) needs
+    # the limit: a volume of this name larger than it is not the same request.
+    rng = csi_pb2.CapacityRange(required_bytes=32 * MiB, limit_bytes=40 * MiB)
+    await stub.CreateVolume(create_req(capacity_range=rng))
+    await stub.CreateVolume(create_req("pvc-2", capacity_range=csi_pb2.CapacityRange(required_bytes=32 * MiB)))
+    assert [(s.size, s.limit) for (s,) in backend.called("create_volume")] == [(32 * MiB, 40 * MiB), (32 * MiB, 0)]
 
 
 async def test_create_volume_backend_errors_pass_through(stub, backend: FakeBackend) -> None:

@@ -182,12 +182,13 @@ async def test_group_with_other_members_already_exists(group, backend: FakeBacke
     await expect(group.CreateVolumeGroupSnapshot(req), S.ALREADY_EXISTS)
 
 
-async def test_create_and_delete_of_one_group_take_the_same_gate_key(backend: FakeBackend) -> None:
-    # The group's ID comes from the backend before the create runs, so a
-    # delete of that ID waits for (is refused during) the create, and back.
+async def test_creates_of_one_group_name_take_one_gate_key(backend: FakeBackend) -> None:
+    # A new group gets a new ID only once it is made, so creates are serialised
+    # on the name: a different request for the name is ABORTED, the same one
+    # joins, and the group is made once.
     gate = Gate()
     svc = GroupControllerService(backend, gate)
-    a = backend.add_volume("a")
+    a, b = backend.add_volume("a"), backend.add_volume("b")
     started, release = asyncio.Event(), asyncio.Event()
     create = backend.create_group_snapshot
 
@@ -200,9 +201,12 @@ async def test_create_and_delete_of_one_group_take_the_same_gate_key(backend: Fa
     req = csi_pb2.CreateVolumeGroupSnapshotRequest(name="g", source_volume_ids=[a.id])
     task = asyncio.ensure_future(svc.CreateVolumeGroupSnapshot(req, None))
     await started.wait()
-    gid = backend.group_snapshot_id("g")
+    other = csi_pb2.CreateVolumeGroupSnapshotRequest(name="g", source_volume_ids=[b.id])
     with pytest.raises(Aborted):
-        await svc.DeleteVolumeGroupSnapshot(csi_pb2.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=gid), None)
+        await svc.CreateVolumeGroupSnapshot(other, None)
+    joined = asyncio.ensure_future(svc.CreateVolumeGroupSnapshot(req, None))
+    await asyncio.sleep(0)
     release.set()
     created = (await task).group_snapshot
-    assert created.group_snapshot_id == gid
+    assert (await joined).group_snapshot.group_snapshot_id == created.group_snapshot_id
+    assert len(backend.called("create_group_snapshot")) == 1
