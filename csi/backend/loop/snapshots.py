@@ -89,7 +89,7 @@ class LoopSnapshots:
             for _, _, vol in todo:
                 need += (await asyncio.to_thread(os.stat, self._image(vol))).st_blocks * 512
             async with self._reserve(need, "snapshots"):
-                async with self._frozen([v for _, _, v in todo]):
+                async with self.frozen([v for _, _, v in todo]):
                     for sid, _, vol in todo:
                         # Straight to the final name: without metadata it is garbage, not a snapshot.
                         await self._copy(self._image(vol), self.store.snapshot_image(sid), vol.size)
@@ -125,7 +125,7 @@ class LoopSnapshots:
         return snap
 
     @contextlib.asynccontextmanager
-    async def _frozen(self, volumes: list[Volume]) -> AsyncIterator[None]:
+    async def frozen(self, volumes: list[Volume]) -> AsyncIterator[None]:
         """Freeze the mounted filesystems of these volumes for the duration.
 
         A marker in tmp/ names each mount point before it is frozen, so a crash
@@ -145,7 +145,7 @@ class LoopSnapshots:
             yield
 
     async def thaw_leftovers(self) -> None:
-        """Thaw what an interrupted snapshot left frozen (see _frozen)."""
+        """Thaw what an interrupted snapshot or clone left frozen (see frozen)."""
         await freeze.thaw_leftovers(self._fs, self.store.tmp_dir)
 
     async def delete(self, snapshot_id: str) -> None:
