@@ -54,11 +54,16 @@ class LoopSnapshots:
         oid = ids.parse(volume_id, "v")
         return oid if oid is not None and oid.pool == self.pool else None
 
+    def _visible(self, snap: Snapshot) -> bool:
+        """A group's member exists once its group's record does (see create_group)."""
+        return snap.group_id is None or snap.group_id in self.store.groups
+
     async def get(self, snapshot_id: str) -> Snapshot | None:
-        return self.store.snapshots.get(snapshot_id) if self._sid(snapshot_id) else None
+        snap = self.store.snapshots.get(snapshot_id) if self._sid(snapshot_id) else None
+        return snap if snap is not None and self._visible(snap) else None
 
     async def all(self) -> list[Snapshot]:
-        return [self.store.snapshots[k] for k in sorted(self.store.snapshots)]
+        return [self.store.snapshots[k] for k in sorted(self.store.snapshots) if self._visible(self.store.snapshots[k])]
 
     def group_id(self, name: str) -> str:
         return str(ids.make("g", self.pool, name))  # what create_group names it
@@ -84,10 +89,20 @@ class LoopSnapshots:
                 raise NotFound(f"source volume {vid_s} does not exist")
             todo.append((sid, name, vol))
         if todo:
-            # A copy needs what its source has allocated (holes stay holes).
-            need = 0
-            for _, _, vol in todo:
-                need += (await asyncio.to_thread(os.stat, self._image(vol))).st_blocks * 512
+            await self._take(todo, group_id, done)
+        return [done[name] for name, _ in pairs]
+
+    async def _take(
+        self, todo: list[tuple[ids.ObjectId, str, Volume]], group_id: str | None, done: dict[str, Snapshot]
+    ) -> None:
+        """Copy the sources frozen together, then commit each copy. A failure
+        anywhere removes every copy this call made, committed or not: a group
+        is never left with some of its members."""
+        # A copy needs what its source has allocated (holes stay holes).
+        need = 0
+        for _, _, vol in todo:
+            need += (await asyncio.to_thread(os.stat, self._image(vol))).st_blocks * 512
+        try:
             async with self._reserve(need, "snapshots"):
                 async with self.frozen([v for _, _, v in todo]):
                     for sid, _, vol in todo:
@@ -95,7 +110,10 @@ class LoopSnapshots:
                         await self._copy(self._image(vol), self.store.snapshot_image(sid), vol.size)
                 for sid, name, vol in todo:
                     done[name] = await self._commit(sid, name, vol, group_id)
-        return [done[name] for name, _ in pairs]
+        except BaseException:
+            for sid, _, _ in todo:
+                await self.delete(str(sid))
+            raise
 
     def _image(self, vol: Volume) -> str:
         vid = self._vid(vol.id)
@@ -161,30 +179,47 @@ class LoopSnapshots:
         return GroupSnapshot(record["id"], record["name"], snaps, int(record["created_ns"]))
 
     async def create_group(self, name: str, volume_ids: list[str]) -> GroupSnapshot:
+        """Snapshot the members frozen together, then write the group's record.
+
+        **The record is the group's commit point**, as a volume's metadata
+        is the volume's: it is written only after every member snapshot is
+        committed, and removed before them on delete. Until then the members
+        are invisible (get, all), a failure removes them, and startup
+        removes the members of a group without a record (Store.open). So a
+        failed or killed create leaves nothing, and its name stays free.
+        """
         gid = ids.make("g", self.pool, name)
         members = sorted(set(volume_ids))
         existing = self.store.groups.get(str(gid))
         if existing is not None:
             if existing["volumes"] != members:
                 raise AlreadyExists(f"group snapshot {name!r} already exists with other volumes")
-            if len(existing["snapshots"]) == len(members):
-                return self._group(existing)
-        # Record the group first: a crash leaves a group whose snapshots the
-        # retry (same name) finishes, or whose deletion removes them all.
-        pairs = [(member_name(name, v), v) for v in members]
-        record = {
-            "id": str(gid),
-            "name": name,
-            "volumes": members,
-            "snapshots": [str(ids.make("s", self.pool, n)) for n, _ in pairs],
-            "created_ns": time.time_ns(),
-        }
+            return self._group(existing)
         for v in members:
             if self.store.volumes.get(v) is None or self._vid(v) is None:
                 raise NotFound(f"source volume {v} does not exist")
-        await self.store.put_group(gid, record)
-        await self.take(pairs, str(gid))
+        pairs = [(member_name(name, v), v) for v in members]
+        try:
+            # Members an earlier attempt left (were its cleanup to fail) are
+            # from another instant: never reuse them.
+            await self._drop_members(str(gid))
+            snaps = await self.take(pairs, str(gid))
+            record = {
+                "id": str(gid),
+                "name": name,
+                "volumes": members,
+                "snapshots": [s.id for s in snaps],
+                "created_ns": time.time_ns(),
+            }
+            await self.store.put_group(gid, record)
+        except BaseException:
+            await self._drop_members(str(gid))
+            raise
         return self._group(record)
+
+    async def _drop_members(self, group_id: str) -> None:
+        for snap in [s for s in self.store.snapshots.values() if s.group_id == group_id]:
+            await self.delete(snap.id)
 
     async def get_group(self, group_id: str) -> GroupSnapshot | None:
         oid = ids.parse(group_id, "g")
@@ -198,7 +233,9 @@ class LoopSnapshots:
         if oid is None or oid.pool != self.pool:
             return
         record = self.store.groups.get(group_id)
-        if record is not None:
-            for sid in record["snapshots"]:
-                await self.delete(sid)
+        # The record first (the commit point): a crash or a failure after it
+        # leaves members without a group, which a retry or startup removes.
         await self.store.drop_group(oid)
+        for sid in record["snapshots"] if record is not None else []:
+            await self.delete(sid)
+        await self._drop_members(group_id)
