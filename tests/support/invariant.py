@@ -115,6 +115,38 @@ def places(mount_points: list[str]) -> list[Place]:
     return out
 
 
+def device_places(device: str) -> list[Place]:
+    """A raw block volume's places: its first block and one SPREAD further
+    on, both written with O_DIRECT (a raw device has no freeze to write a
+    cache back, so it gets no cached place)."""
+    return [Place(device, 0, True), Place(device, SPREAD - BLOCK, True)]
+
+
+def prepare_device(device: str) -> None:
+    """Fill the span between a raw volume's places with random data (a copy
+    must read it) and write round 0, durably."""
+    with open(device, "r+b") as f:
+        for _ in range(SPREAD // MiB):
+            f.write(os.urandom(MiB))
+        for i, p in enumerate(device_places(device)):
+            f.seek(p.offset)
+            f.write(block(i, 0))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_device_values(device: str) -> list[int]:
+    values = []
+    with open(device, "rb") as f:
+        for i, p in enumerate(device_places(device)):
+            f.seek(p.offset)
+            idx, n = parse(f.read(BLOCK))
+            if idx != i:
+                raise TornBlock(f"place {i} holds the record of place {idx}")
+            values.append(n)
+    return values
+
+
 def read_values(mount_points: list[str]) -> list[int]:
     """The values of the places, in the writer's order, as a mounted filesystem shows them."""
     values = []
@@ -232,13 +264,14 @@ class Proof:
 
 def raw_copies(proof: Proof, sources: list[str], count: int, base: str) -> None:
     """Copy ``sources`` (images or devices) with cp under the load, as a
-    driver without a freeze would, and count the copies that are torn."""
+    driver without a freeze would (and never sharing blocks, which would be
+    one instant on a pool that can), and count the copies that are torn."""
     for i in range(RAW_COPIES):
         values: list[int] = []
         dsts = []
         for j, src in enumerate(sources):
             dst = os.path.join(base, f"raw-{i}-{j}.img")
-            subprocess.run(["cp", "--sparse=always", "--", src, dst], check=True)
+            subprocess.run(["cp", "--reflink=never", "--sparse=always", "--", src, dst], check=True)
             dsts.append(dst)
         try:
             found = [scan(d, count) for d in dsts]

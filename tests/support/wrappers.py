@@ -118,5 +118,16 @@ def small_pool(base: str, size_mib: int) -> str:
     return pool
 
 
+def xfs_pool(base: str, size_mib: int) -> str:
+    """Mount an xfs filesystem (which can reflink) at base/pool."""
+    img, pool = os.path.join(base, "pool.img"), os.path.join(base, "pool")
+    with open(img, "wb") as f:
+        f.truncate(size_mib * MiB)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", img], check=True)
+    os.makedirs(pool, exist_ok=True)
+    subprocess.run(["mount", "-o", "loop", img, pool], check=True)
+    return pool
+
+
 def unmount_pool(base: str) -> None:
     subprocess.run(["umount", os.path.join(base, "pool")], check=False, capture_output=True)
