@@ -4,7 +4,10 @@ A snapshot is a read-only copy of the volume's image: a reflink where the
 pool filesystem can share blocks (xfs, btrfs), a sparse copy elsewhere
 (``cp --reflink=auto --sparse=always``). The filesystem of a staged volume
 is frozen around the copy so the snapshot is crash-consistent; a group
-snapshot freezes all its members together, so they share one point in time.
+snapshot freezes all its members together, so they share one point in time,
+and exists once its record, written after all its members, does
+(create_group). Clones of a volume copy under the same freeze (the
+backend's _copy_point_in_time).
 """
 
 from __future__ import annotations
