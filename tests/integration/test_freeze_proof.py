@@ -18,7 +18,7 @@ PROOFS = {"snapshot": fp.prove_snapshots, "group": fp.prove_groups, "clone": fp.
 @pytest.mark.parametrize("kind", sorted(PROOFS))
 def test_point_in_time_under_load(driver: Driver, base: str, kind: str, fs: str) -> None:
     setup = fp.Setup(driver, fs, {}, fp.loop_image(driver), f"loop, {fs}")
-    PROOFS[kind](setup, base).check()
+    PROOFS[kind](setup, base).check(f"freeze-proof-{kind}-{fs}.txt")
 
 
 @pytest.mark.parametrize("kind", ["snapshot", "clone"])
@@ -29,7 +29,7 @@ def test_raw_block_on_a_reflink_pool_is_one_instant(base: str, kind: str) -> Non
     xfs_pool(base, 1024)
     d = Driver(base).start()
     try:
-        fp.prove_raw_block(d, base, kind, "loop on an xfs pool").check()
+        fp.prove_raw_block(d, base, kind, "loop on an xfs pool").check(f"freeze-proof-raw-block-{kind}.txt")
     finally:
         assert d.stop() == 0
         unmount_pool(base)

@@ -24,4 +24,4 @@ PROOFS = {"snapshot": fp.prove_snapshots, "group": fp.prove_groups, "clone": fp.
 @pytest.mark.parametrize("kind", sorted(PROOFS))
 def test_point_in_time_under_load(driver: LvmDriver, vg: GuestVg, base: str, kind: str, cls: str) -> None:
     setup = fp.Setup(driver, "ext4", {DEVICE_CLASS: cls}, fp.staged_device, f"lvm {cls}, ext4")
-    PROOFS[kind](setup, base).check()
+    PROOFS[kind](setup, base).check(f"lvm-freeze-proof-{kind}-{cls}.txt")

@@ -253,8 +253,14 @@ class Proof:
             f"without a freeze {self.raw_torn}/{self.raw} raw copies were torn"
         )
 
-    def check(self) -> None:
+    def check(self, out: str) -> None:
+        """Print the figures (and write them to ci-out/OUT, which scripts/test
+        prints), then assert: the load tore a raw copy, enough trials ran,
+        and none of them restored a state that never existed."""
         print(self.summary())
+        os.makedirs("ci-out", exist_ok=True)
+        with open(os.path.join("ci-out", out), "w", encoding="utf-8") as f:
+            f.write(self.summary() + "\n")
         if self.raw_examples:
             print(f"  e.g. a raw copy: {self.raw_examples[0]}")
         assert self.raw_torn > 0, f"the load cannot show a torn copy, so it proves nothing: {self.summary()}"
