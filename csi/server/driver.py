@@ -56,7 +56,6 @@ WATCHDOG_SLACK = 12.0
 EXIT_WATCHDOG = 3
 
 
-
 def secure_socket(path: str, group: str | None) -> None:
     if group:
         os.chown(path, -1, grp.getgrnam(group).gr_gid)

@@ -71,6 +71,8 @@ class SourceImage:
     #: The filesystem really on it (None: never formatted).
     formatted: str | None
     block_size: int
+    #: The source volume (None for a snapshot, which nothing writes to).
+    volume: Volume | None = None
 
 
 class LoopBackend(SnapshotsByPart):
@@ -207,6 +209,7 @@ class LoopBackend(SnapshotsByPart):
 
     async def _source(self, src: Source, spec: VolumeSpec) -> SourceImage:
         """The image of a content source, checked to fit ``spec``."""
+        vol: Volume | None = None
         if src.kind == "snapshot":
             sid = self._sid(src.id)
             snap = self.store.snapshots.get(src.id) if sid else None
@@ -226,7 +229,7 @@ class LoopBackend(SnapshotsByPart):
         if asked and int(asked) != block:
             raise FailedPrecondition(f"the source has {block}-byte blocks; a copy of it cannot have {asked}")
         check_source_fits(spec, access, formatted or intended, size)
-        return SourceImage(path, size, formatted, block)
+        return SourceImage(path, size, formatted, block, vol)
 
     async def create_volume(self, spec: VolumeSpec) -> Volume:
         existing = self.store.volume_named(spec.name)
@@ -243,7 +246,7 @@ class LoopBackend(SnapshotsByPart):
                 if src is None:
                     await asyncio.to_thread(files.make_image, final, spec.size, spec.thick)
                 else:
-                    await self._copy(src.path, final, src.size)
+                    await self._copy_point_in_time(src, final)
                     await asyncio.to_thread(files.resize_image, final, spec.size, spec.thick)
                 vol = Volume(
                     id=str(oid),
@@ -266,6 +269,22 @@ class LoopBackend(SnapshotsByPart):
         await self.alloc.track(final)
         log.info("created volume %s (%d bytes)", vol.id, vol.size)
         return vol
+
+    async def _copy_point_in_time(self, src: SourceImage, dst: str) -> None:
+        """Copy a source image as one instant: a clone of a staged volume is
+        crash-consistent like a snapshot of it, never a copy of an image that
+        changes under the copy (which may not even mount). The source's
+        filesystem is frozen for the copy alone, exactly as CreateSnapshot
+        does: on a pool that can reflink that is the moment of the reflink; on
+        one that cannot, it lasts the copy (as a snapshot's does). Growing or
+        allocating the clone happens after the thaw. A raw block source has
+        nothing to freeze: its copy is one instant only where the pool can
+        reflink (README, Known limits)."""
+        if src.volume is None:
+            await self._copy(src.path, dst, src.size)
+            return
+        async with self.snaps.frozen([src.volume]):
+            await self._copy(src.path, dst, src.size)
 
     async def _copy(self, src: str, dst: str, size: int) -> None:
         await asyncio.to_thread(files.discard, dst)

@@ -4,7 +4,10 @@ A snapshot is a read-only copy of the volume's image: a reflink where the
 pool filesystem can share blocks (xfs, btrfs), a sparse copy elsewhere
 (``cp --reflink=auto --sparse=always``). The filesystem of a staged volume
 is frozen around the copy so the snapshot is crash-consistent; a group
-snapshot freezes all its members together, so they share one point in time.
+snapshot freezes all its members together, so they share one point in time,
+and exists once its record, written after all its members, does
+(create_group). Clones of a volume copy under the same freeze (the
+backend's _copy_point_in_time).
 """
 
 from __future__ import annotations
@@ -54,11 +57,16 @@ class LoopSnapshots:
         oid = ids.parse(volume_id, "v")
         return oid if oid is not None and oid.pool == self.pool else None
 
+    def _visible(self, snap: Snapshot) -> bool:
+        """A group's member exists once its group's record does (see create_group)."""
+        return snap.group_id is None or snap.group_id in self.store.groups
+
     async def get(self, snapshot_id: str) -> Snapshot | None:
-        return self.store.snapshots.get(snapshot_id) if self._sid(snapshot_id) else None
+        snap = self.store.snapshots.get(snapshot_id) if self._sid(snapshot_id) else None
+        return snap if snap is not None and self._visible(snap) else None
 
     async def all(self) -> list[Snapshot]:
-        return [self.store.snapshots[k] for k in sorted(self.store.snapshots)]
+        return [self.store.snapshots[k] for k in sorted(self.store.snapshots) if self._visible(self.store.snapshots[k])]
 
     async def create(self, name: str, source_volume_id: str) -> Snapshot:
         existing = self.store.snapshot_named(name)
@@ -83,18 +91,31 @@ class LoopSnapshots:
                 raise NotFound(f"source volume {vid_s} does not exist")
             todo.append((sid, name, vol))
         if todo:
-            # A copy needs what its source has allocated (holes stay holes).
-            need = 0
-            for _, _, vol in todo:
-                need += (await asyncio.to_thread(os.stat, self._image(vol))).st_blocks * 512
+            await self._take(todo, group_id, done)
+        return [done[name] for _, name, _ in members]
+
+    async def _take(
+        self, todo: list[tuple[ids.ObjectId, str, Volume]], group_id: str | None, done: dict[str, Snapshot]
+    ) -> None:
+        """Copy the sources frozen together, then commit each copy. A failure
+        anywhere removes every copy this call made, committed or not: a group
+        is never left with some of its members."""
+        # A copy needs what its source has allocated (holes stay holes).
+        need = 0
+        for _, _, vol in todo:
+            need += (await asyncio.to_thread(os.stat, self._image(vol))).st_blocks * 512
+        try:
             async with self._reserve(need, "snapshots"):
-                async with self._frozen([v for _, _, v in todo]):
+                async with self.frozen([v for _, _, v in todo]):
                     for sid, _, vol in todo:
                         # Straight to the final name: without metadata it is garbage, not a snapshot.
                         await self._copy(self._image(vol), self.store.snapshot_image(sid), vol.size)
                 for sid, name, vol in todo:
                     done[name] = await self._commit(sid, name, vol, group_id)
-        return [done[name] for _, name, _ in members]
+        except BaseException:
+            for sid, _, _ in todo:
+                await self.delete(str(sid))
+            raise
 
     def _image(self, vol: Volume) -> str:
         vid = self._vid(vol.id)
@@ -124,7 +145,7 @@ class LoopSnapshots:
         return snap
 
     @contextlib.asynccontextmanager
-    async def _frozen(self, volumes: list[Volume]) -> AsyncIterator[None]:
+    async def frozen(self, volumes: list[Volume]) -> AsyncIterator[None]:
         """Freeze the mounted filesystems of these volumes for the duration.
 
         A marker in tmp/ names each mount point before it is frozen, so a crash
@@ -144,7 +165,7 @@ class LoopSnapshots:
             yield
 
     async def thaw_leftovers(self) -> None:
-        """Thaw what an interrupted snapshot left frozen (see _frozen)."""
+        """Thaw what an interrupted snapshot or clone left frozen (see frozen)."""
         await freeze.thaw_leftovers(self._fs, self.store.tmp_dir)
 
     async def delete(self, snapshot_id: str) -> None:
@@ -160,6 +181,15 @@ class LoopSnapshots:
         return GroupSnapshot(record["id"], record["name"], snaps, int(record["created_ns"]))
 
     async def create_group(self, name: str, volume_ids: list[str]) -> GroupSnapshot:
+        """Snapshot the members frozen together, then write the group's record.
+
+        **The record is the group's commit point**, as a volume's metadata
+        is the volume's: it is written only after every member snapshot is
+        committed, and removed before them on delete. Until then the members
+        are invisible (get, all), a failure removes them, and startup
+        removes the members of a group without a record (Store.open). So a
+        failed or killed create leaves nothing, and its name stays free.
+        """
         members = sorted(set(volume_ids))
         existing = self.store.group_named(name)
         gid = ids.parse(existing["id"], "g") if existing else None
@@ -167,38 +197,31 @@ class LoopSnapshots:
         if existing is not None:
             if existing["volumes"] != members:
                 raise AlreadyExists(f"group snapshot {name!r} already exists with other volumes")
-            if len(existing["snapshots"]) == len(members):
-                return self._group(existing)
-        # Record the group first: a crash leaves a group whose snapshots the
-        # retry (same name) finishes, or whose deletion removes them all.
-        todo = self._members(name, members, existing)
-        record = {
-            "id": str(gid),
-            "name": name,
-            "volumes": members,
-            "snapshots": [str(sid) for sid, _, _ in todo],
-            "created_ns": time.time_ns(),
-        }
+            return self._group(existing)
         for v in members:
             if self.store.volumes.get(v) is None or self._vid(v) is None:
                 raise NotFound(f"source volume {v} does not exist")
-        await self.store.put_group(gid, record)
-        await self.take(todo, str(gid))
+        # Fresh IDs for every member: members an earlier attempt left (were its
+        # cleanup to fail) are from another instant and are never reused.
+        todo = [(self.store.fresh("s", self.pool, n), n, v) for n, v in ((member_name(name, v), v) for v in members)]
+        try:
+            snaps = await self.take(todo, str(gid))
+            record = {
+                "id": str(gid),
+                "name": name,
+                "volumes": members,
+                "snapshots": [s.id for s in snaps],
+                "created_ns": time.time_ns(),
+            }
+            await self.store.put_group(gid, record)
+        except BaseException:
+            await self._drop_members(str(gid))
+            raise
         return self._group(record)
 
-    def _members(
-        self, name: str, members: list[str], record: dict[str, Any] | None
-    ) -> list[tuple[ids.ObjectId, str, str]]:
-        """(snapshot ID, name, volume ID) of each member: the IDs a record of
-        this group already gave them (a retry finishes the same snapshots), or
-        new ones."""
-        recorded = list(record["snapshots"]) if record else []
-        out = []
-        for i, vid in enumerate(members):
-            n = member_name(name, vid)
-            sid = self._sid(recorded[i]) if i < len(recorded) else None
-            out.append((sid or self.store.fresh("s", self.pool, n), n, vid))
-        return out
+    async def _drop_members(self, group_id: str) -> None:
+        for snap in [s for s in self.store.snapshots.values() if s.group_id == group_id]:
+            await self.delete(snap.id)
 
     async def get_group(self, group_id: str) -> GroupSnapshot | None:
         oid = ids.parse(group_id, "g")
@@ -212,7 +235,9 @@ class LoopSnapshots:
         if oid is None or oid.pool != self.pool:
             return
         record = self.store.groups.get(group_id)
-        if record is not None:
-            for sid in record["snapshots"]:
-                await self.delete(sid)
+        # The record first (the commit point): a crash or a failure after it
+        # leaves members without a group, which a retry or startup removes.
         await self.store.drop_group(oid)
+        for sid in record["snapshots"] if record is not None else []:
+            await self.delete(sid)
+        await self._drop_members(group_id)

@@ -9,7 +9,8 @@ Layout under ``--loop-dir``::
                            format markers (see mark_format)
     snapshots/<id>.img     a snapshot's (read-only) copy
     snapshots/<id>.json
-    groups/<id>.json       a volume group snapshot: the member snapshot IDs
+    groups/<id>.json       a volume group snapshot: the member snapshot IDs; written after
+                           its members and removed before them (the group's commit point)
     tmp/                   files being built; emptied at startup
 
 **The metadata file is the commit point.** A volume exists exactly when its
@@ -290,11 +291,39 @@ class Store:
         for gid, path in self._metas(self.groups_dir, "g", removed):
             with open(path, encoding="utf-8") as f:
                 self.groups[gid] = json.load(f)
+        self._sweep_groups(removed)
         self.provisioned = sum(v.size for v in self.volumes.values())
         self._index_names()
         if removed:
             fsync_dir(self.tmp_dir)
         return removed
+
+    def _sweep_groups(self, removed: list[str]) -> None:
+        """Remove what an unfinished group create or delete left.
+
+        A group's record is written after all its members and removed before
+        them, so a member whose group has no record is the rest of a create
+        or delete that did not finish. A record whose members are not all
+        there was written first by an older ELV, which then died before its
+        members were done: the group never existed. Both go, entirely."""
+        for gid, record in sorted(self.groups.items()):
+            planned = record.get("snapshots") if isinstance(record, dict) else None
+            if isinstance(planned, list) and all(s in self.snapshots for s in planned):
+                continue
+            oid = ids.parse(gid, "g")
+            assert oid is not None  # _metas yields parsed IDs only
+            remove_durably(self.group_meta(oid))
+            del self.groups[gid]
+            removed.append(f"groups/{gid}.json (a group whose members are not all there)")
+        for sid, snap in sorted(self.snapshots.items()):
+            if snap.group_id is None or snap.group_id in self.groups:
+                continue
+            oid = ids.parse(sid, "s")
+            assert oid is not None
+            remove_durably(self.snapshot_meta(oid))
+            _unlink_quiet(self.snapshot_image(oid))
+            del self.snapshots[sid]
+            removed.append(f"snapshots/{sid} (a member of group {snap.group_id}, which has no record)")
 
     def _metas(self, directory: str, kind: ids.Kind, removed: list[str]) -> Iterator[tuple[str, str]]:
         names = os.listdir(directory)

@@ -15,15 +15,16 @@ tag (LvStore.named). LVs made when IDs were hashes of names keep their names.
 
 One ``lvcreate`` with all its ``--addtag`` options is one metadata commit, so
 a volume appears with its tags or not at all. Work that takes more than one
-command (a clone's copy, a resize after a thin clone) is marked
-``elv.pending`` until it is done; startup removes what still carries it.
+command (a clone's copy, a resize after a thin clone, the members of a group
+snapshot) is marked ``elv.pending`` until it is done; startup removes what
+still carries it, and every member of a group that has a pending member.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 from csi.backend.base import split_parameters, stored_parameters
@@ -136,6 +137,7 @@ def snapshot_tags(
     source: Volume,
     created_ns: int,
     group: tuple[str, str, int] | None = None,
+    pending: bool = False,
 ) -> list[str]:
     tags = [
         tag(OWNER, owner),
@@ -152,7 +154,16 @@ def snapshot_tags(
     if group is not None:
         gid, gname, count = group
         tags += [tag(GROUP, gid), tag(GROUP_NAME, hex_encode(gname)), tag(GROUP_SIZE, count)]
+    if pending:
+        tags.append(tag(PENDING))
     return tags
+
+
+def unfinished_groups(lvs: Iterable[LvInfo], owner: str) -> set[str]:
+    """Groups with a member still pending: a group's members are made
+    pending and let go together once all exist, so such a group never
+    finished, whatever its other members look like."""
+    return {g for lv in lvs if owned(lv, owner) and lv.tag(KIND) == "s" and lv.has(PENDING) and (g := lv.tag(GROUP))}
 
 
 def attachment_tag(node_id: str, readonly: bool) -> str:

@@ -2,8 +2,10 @@
 
 * filesystems a dead snapshot left frozen are thawed (freeze markers);
 * an LV still tagged ``elv.pending`` is a clone whose copy did not finish,
-  and an ``elv-t-*`` LV is a temporary copy source: both are quarantined
-  (they hold tenant data, so they are wiped, not just removed);
+  or a member of a group snapshot that did not finish (then all its members
+  go: a group is whole or absent), and an ``elv-t-*`` LV is a temporary copy
+  source: all are quarantined (they hold tenant data, so they are wiped, not
+  just removed);
 * an LV tagged ``elv.wipe`` is a delete that did not finish: the wiper
   takes it from there.
 
@@ -56,11 +58,12 @@ async def recover(store: LvStore, wiper: Wiper) -> None:
     await check_classes(store)
     view = await store.view(fresh=True)
     quarantined = 0
+    unfinished = model.unfinished_groups(view.all(), store.owner)
     for lv in view.all():
         if not model.owned(lv, store.owner) or lv.has(model.WIPE):
             quarantined += lv.has(model.WIPE) and model.owned(lv, store.owner)
             continue
-        if lv.has(model.PENDING) or lv.tag(model.KIND) == "t":
+        if lv.has(model.PENDING) or lv.tag(model.KIND) == "t" or lv.tag(model.GROUP) in unfinished:
             log.warning("recovery: quarantining %s/%s, left half-made by an interrupted operation", lv.vg, lv.name)
             await wiper.quarantine(lv)
             quarantined += 1

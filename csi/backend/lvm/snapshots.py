@@ -12,7 +12,9 @@
 LVM suspends the origin with its filesystem frozen while it takes a
 snapshot, so a single snapshot is consistent by itself. A group snapshot
 freezes every member's filesystem first (fsfreeze, with crash markers), then
-takes one ``lvcreate -s`` per member, then thaws them all. LVM's own freeze
+takes one ``lvcreate -s`` per member, then thaws them all. Its members are
+made ``elv.pending`` and let go together once all exist: a group is whole
+or absent, after a failure and after a crash (create_group). LVM's own freeze
 fails on a filesystem that fsfreeze holds (EBUSY on the 6.1 kernel), so each
 member is let go for just the moment of its own snapshot, while LVM holds it
 frozen instead: members are captured one after another, each while every
@@ -141,7 +143,8 @@ class LvmSnapshots:
     ) -> Snapshot:
         cls = self.store.settings.classes[sid.pool]
         created = time.time_ns()
-        tags = model.snapshot_tags(self.store.owner, name, vol, created, group)
+        # A group's members stay pending until all exist (see create_group).
+        tags = model.snapshot_tags(self.store.owner, name, vol, created, group, pending=group is not None)
         lvname = model.lv_name(sid)
         what = f"snapshot {name!r} of {vol.id}"
         try:
@@ -233,6 +236,15 @@ class LvmSnapshots:
                 return gid
 
     async def create_group(self, name: str, volume_ids: list[str]) -> GroupSnapshot:
+        """Snapshot the members frozen together; the group exists once all do.
+
+        Each member is made ``elv.pending`` (invisible: not live), and one
+        lvchange lets them all go once the last exists. A failure anywhere
+        removes every member made; startup removes every member of a group
+        that still has a pending one (recovery.py). So a failed or killed
+        create leaves no group and no member, and a group is never finished
+        piecemeal (its members would not share one instant).
+        """
         members = sorted(set(volume_ids))
         view = await self.store.view(fresh=True)
         gid = self._group_id(view, name)
@@ -242,24 +254,71 @@ class LvmSnapshots:
             size = int(existing[0][0].tag(model.GROUP_SIZE) or 0)
             if size != len(members) or not set(sources) <= set(members):
                 raise AlreadyExists(f"group snapshot {name!r} already exists with other volumes")
-            if sources == members:
+            if sources == members and not self._unfinished(view, gid):
                 return self._group(gid, existing)
         for vid in members:
             if await self.store.find(vid, "v") is None:
                 raise NotFound(f"source volume {vid} does not exist")
         pairs = [(member_name(name, vid), vid) for vid in members]
-        await self._create(pairs, (gid, name, len(members)))
-        return self._group(gid, self._members(await self.store.view(fresh=True), gid))
+        try:
+            await self._discard_group(gid, view)  # what a half-deleted or failed group left
+            snaps = await self._create(pairs, (gid, name, len(members)))
+            await self._let_go(snaps)
+        except BaseException:
+            await self._discard_group(gid)
+            raise
+        # The tags are exactly what GetVolumeGroupSnapshot will read back.
+        ordered = tuple(sorted(snaps, key=lambda s: s.id))
+        return GroupSnapshot(gid, name, ordered, min(s.created_ns for s in ordered))
+
+    def _all_members(self, view: View, group_id: str) -> list[LvInfo]:
+        """Every snapshot LV of the group, finished or not (not those being wiped)."""
+        return [
+            lv
+            for lv in view.all()
+            if model.owned(lv, self.store.owner)
+            and lv.tag(model.KIND) == "s"
+            and lv.tag(model.GROUP) == group_id
+            and not lv.has(model.WIPE)
+        ]
+
+    def _unfinished(self, view: View, group_id: str) -> bool:
+        return group_id in model.unfinished_groups(self._all_members(view, group_id), self.store.owner)
+
+    async def _let_go(self, snaps: list[Snapshot]) -> None:
+        """One lvchange takes ``elv.pending`` off every member."""
+        paths = []
+        for snap in snaps:
+            parsed = self.store.oid(snap.id, "s")
+            assert parsed is not None  # _create issued these IDs
+            paths.append(f"{parsed[0].vg}/{model.lv_name(parsed[1])}")
+        try:
+            await self.store.lvm.change("lvchange", "--deltag", model.PENDING, *paths)
+        finally:
+            self.store.inv.invalidate()
+
+    async def _discard_group(self, group_id: str, view: View | None = None) -> None:
+        view = view or await self.store.view(fresh=True)
+        for lv in self._all_members(view, group_id):
+            if self.store.wipe_needed(view, lv):
+                await self.wiper.quarantine(lv)  # renamed: the members' names are free at once
+            else:
+                await self._remove(view, lv)
 
     async def get_group(self, group_id: str) -> GroupSnapshot | None:
         if ids.parse(group_id, "g") is None:
             return None
-        members = self._members(await self.store.view(), group_id)
-        return self._group(group_id, members) if members else None
+        view = await self.store.view()
+        members = self._members(view, group_id)
+        if not members or self._unfinished(view, group_id):
+            return None
+        if len(members) != int(members[0][0].tag(model.GROUP_SIZE) or 0):
+            return None  # half deleted: DeleteVolumeGroupSnapshot finishes it
+        return self._group(group_id, members)
 
     async def delete_group(self, group_id: str) -> None:
         if ids.parse(group_id, "g") is None:
             return
         view = await self.store.view(fresh=True)
-        for lv, _ in self._members(view, group_id):
+        for lv in self._all_members(view, group_id):  # pending ones too: nothing of the group stays
             await self._remove(view, lv)
