@@ -11,6 +11,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -238,16 +239,105 @@ async def _teardown(vols: list[Volume], parallel: int = 16) -> None:
     await asyncio.gather(*(one(v) for v in vols))
 
 
+def _total(clients: int, per_client: int) -> int:
+    return max(per_client * clients, 2 * clients, 32)
+
+
 async def throughput(t: Target, clients: list[int], per_client: int) -> dict[str, Any]:
     """Volumes per second through create, stage and publish, with c concurrent clients."""
     out: dict[str, Any] = {}
     for c in clients:
-        total = max(per_client * c, 2 * c, 32)
+        total = _total(c, per_client)
         vols = [Volume(t, "ext4", 32 * MiB) for _ in range(total)]
         wall, lat = await _create_stage_publish(vols, c)
         out[str(c)] = {"volumes": total, "per_second": total / wall, "p50": pct(lat, 50), "p99": pct(lat, 99)}
         await _teardown(vols)
     return out
+
+
+# What one client of the throughput section does, by hand: $1 a directory of
+# its own, $2 how many volumes. The devices are kept for RAW_DOWN (untimed).
+RAW_UP = r"""
+set -e
+mkdir -p $1
+for i in $(seq $2); do
+  f=$1/v$i.img st=$1/st$i tg=$1/tg$i
+  mkdir -p $st $tg
+  truncate -s 32M $f
+  dev=$(losetup --find --show --direct-io=on --sector-size 4096 $f)
+  echo $dev >> $1/devices
+  mkfs.ext4 -q -m 0 -E nodiscard,lazy_itable_init=1,lazy_journal_init=1 $dev
+  mount $dev $st
+  mount --bind $st $tg
+done
+"""
+
+RAW_DOWN = r"""
+for i in $(seq $2); do
+  umount $1/tg$i $1/st$i
+done
+[ -f $1/devices ] && xargs -r -n 1 losetup -d < $1/devices
+rm -rf $1
+"""
+
+
+async def _bash(script: str, *args: str) -> int:
+    proc = await asyncio.create_subprocess_exec("bash", "-c", script, "raw", *args)
+    return await proc.wait()
+
+
+async def throughput_raw(base: str, clients: int, per_client: int) -> dict[str, Any]:
+    """The raw tools' rate through the same work as :func:`throughput`:
+    ``clients`` shell scripts at once, each making its share of the volumes
+    (truncate, losetup, mkfs.ext4, mount, bind mount), timed together."""
+    total = _total(clients, per_client)
+    share = [total // clients + (1 if i < total % clients else 0) for i in range(clients)]
+    dirs = [os.path.join(base, f"raw-tp-{i}") for i in range(clients)]
+    try:
+        t0 = time.perf_counter()
+        codes = await asyncio.gather(*(_bash(RAW_UP, d, str(n)) for d, n in zip(dirs, share, strict=True)))
+        wall = time.perf_counter() - t0
+    finally:
+        await asyncio.gather(*(_bash(RAW_DOWN, d, str(n)) for d, n in zip(dirs, share, strict=True)))
+    if any(codes):
+        raise RuntimeError("the raw-tools throughput script failed")
+    return {"clients": clients, "volumes": total, "per_second": total / wall}
+
+
+# The runtime any Python CSI driver carries: the interpreter, grpc's asyncio
+# server on a unix socket and the generated CSI messages, serving nothing.
+BARE = """
+import asyncio, sys
+import grpc
+from csi.v1 import csi_pb2, csi_pb2_grpc
+
+async def main():
+    server = grpc.aio.server()
+    server.add_insecure_port("unix://" + sys.argv[1])
+    await server.start()
+    print("ready", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def bare_rss(base: str) -> int:
+    """RSS of a bare Python + grpc server process (see BARE), idle."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", BARE, os.path.join(base, "bare.sock"), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
+        if line.strip() != b"ready":
+            raise RuntimeError("the bare Python+grpc process did not start")
+        await asyncio.sleep(0.5)  # as idle as the driver it is compared with
+        with open(f"/proc/{proc.pid}/status") as f:
+            return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:"))
+    finally:
+        proc.kill()
+        await proc.wait()
 
 
 async def _fill(t: Target, count: int) -> list[str]:
@@ -264,10 +354,21 @@ async def _fill(t: Target, count: int) -> list[str]:
     return ids
 
 
+async def _restarts(t: Target, times: int) -> float:
+    """Median seconds from a SIGKILL'd driver's new start to its first Probe answered."""
+    took = []
+    for _ in range(times):
+        await t.stop(signal.SIGKILL)
+        took.append(await t.start())
+    return statistics.median(took)
+
+
 async def scale(t: Target, levels: list[int], sample: int) -> dict[str, Any]:
     """At each pool size: CreateVolume p99, a full ListVolumes, GetCapacity,
-    restart-to-ready and RSS."""
-    out: dict[str, Any] = {"idle_rss_bytes": t.rss_bytes()}
+    restart-to-ready (also with no volumes, the ratio's baseline) and RSS."""
+    out: dict[str, Any] = {"idle_rss_bytes": t.rss_bytes(), "restart_0_s": await _restarts(t, 3)}
+    # Volumes another section left behind count towards no level.
+    before = len((await t.controller.ListVolumes(csi_pb2.ListVolumesRequest())).entries)
     have: list[str] = []
     for level in levels:
         have += await _fill(t, level - len(have))
@@ -282,13 +383,13 @@ async def scale(t: Target, levels: list[int], sample: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         listed = await t.controller.ListVolumes(csi_pb2.ListVolumesRequest())
         list_s = time.perf_counter() - t0
-        assert len(listed.entries) == level, (len(listed.entries), level)
+        if len(listed.entries) != before + level:
+            raise RuntimeError(f"ListVolumes listed {len(listed.entries)} volumes, not {before} + {level}")
         t0 = time.perf_counter()
         await t.controller.GetCapacity(csi_pb2.GetCapacityRequest())
         cap_s = time.perf_counter() - t0
         rss = t.rss_bytes()
-        await t.stop(signal.SIGKILL)
-        ready = await t.start()
+        ready = await _restarts(t, 3 if level <= 1000 else 1)
         out[str(level)] = {
             "create_p50": pct(lat, 50),
             "create_p99": pct(lat, 99),
