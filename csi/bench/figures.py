@@ -40,6 +40,32 @@ GOALS: tuple[Goal, ...] = (
 )
 
 
+LVM_CASES = (
+    "thick",
+    "thin",
+    "snapshot-thick",
+    "snapshot-thin",
+    "clone-thin",
+    "clone-thick",
+    "expand-thick",
+    "expand-thin",
+)
+_LVM_WHAT = {
+    "thick": "thick volume, whole life",
+    "thin": "thin volume, whole life",
+    "snapshot-thick": "COW snapshot, take + delete",
+    "snapshot-thin": "thin snapshot, take + delete",
+    "clone-thin": "thin clone of a snapshot, create + delete",
+    "clone-thick": "thick clone (copy), create + delete",
+    "expand-thick": "expand thick LV + ext4, mounted",
+    "expand-thin": "expand thin LV + ext4, mounted",
+}
+LVM_GOALS: tuple[Goal, ...] = (
+    *(Goal(f"lvm_{c}", f"lvm {_LVM_WHAT[c]}: ELV / raw LVM", 1.15, section="lvm-cases") for c in LVM_CASES),
+    *(Goal(f"lvm_fio_{job}", f"lvm fio {job}: thick LV / raw disk", 0.95, True, "lvm-fio") for job in FIO_JOBS),
+)
+
+
 def _why_not(section: Any) -> str | None:
     """Why a section has no figures (it did not run, or failed), or None."""
     if not isinstance(section, dict):
@@ -123,12 +149,38 @@ def _peer(pr: dict[str, Any]) -> dict[str, Figure]:
     return out
 
 
+def _lvm_cases(c: dict[str, Any]) -> dict[str, Figure]:
+    out = {}
+    for case in LVM_CASES:
+        v = c.get(case)
+        if not isinstance(v, dict):
+            out[f"lvm_{case}"] = Figure(None, f"the {case} case did not run")
+            continue
+        spread = f"rounds {min(v['round_ratios']):.2f}-{max(v['round_ratios']):.2f}"
+        out[f"lvm_{case}"] = _fig(v["ratio"], f"ELV {v['elv_s'] * MS:.0f} ms, raw {v['raw_s'] * MS:.0f} ms; {spread}")
+    return out
+
+
+def _lvm_fio(f: dict[str, Any]) -> dict[str, Figure]:
+    out = {}
+    for job in FIO_JOBS:
+        v = f.get(job)
+        if not isinstance(v, dict):
+            out[f"lvm_fio_{job}"] = Figure(None, f"fio {job} did not run")
+            continue
+        detail = f"LV {v['volume_iops']:.0f} IOPS, raw disk {v['raw_disk_iops']:.0f} IOPS"
+        out[f"lvm_fio_{job}"] = _fig(v["iops_ratio"], detail)
+    return out
+
+
 _BY_SECTION = {
     "overhead": _overhead,
     "throughput": _throughput,
     "scale": _scale,
     "datapath": _datapath,
     "peer": _peer,
+    "lvm-cases": _lvm_cases,
+    "lvm-fio": _lvm_fio,
 }
 
 
@@ -136,10 +188,12 @@ def figures(res: dict[str, Any]) -> dict[str, Figure]:
     """One figure per target key, from the run's results."""
     out: dict[str, Figure] = {}
     for name, fn in _BY_SECTION.items():
+        if name not in res and not any(g.section == name for g in GOALS):
+            continue  # another backend's section: its goals are not judged in this run
         section = res.get(name)
         why = _why_not(section)
         if why is not None or not isinstance(section, dict):
-            for g in GOALS:
+            for g in (*GOALS, *LVM_GOALS):
                 if g.section == name:
                     out[g.key] = Figure(None, why or "the section did not run")
             continue

@@ -14,16 +14,13 @@ import json
 import os
 import platform
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-import grpc
-
 from csi import __version__
-from csi.bench import sections
-from csi.bench.figures import GOALS, MB, MS, figures
-from csi.bench.harness import Target, scratch
-from csi.bench.verdict import Verdict, exit_code, judge_all, outcome
+from csi.bench import lvm, sections
+from csi.bench.figures import GOALS, LVM_GOALS, MB, MS, figures
+from csi.bench.harness import Target, run_section, scratch
+from csi.bench.verdict import Goal, Verdict, exit_code, judge_all, outcome
 from csi.bench.verdict import line as verdict_line
 
 DEFAULT_PEER = os.path.expanduser("~/.cache/elv-tools/bin/hostpathplugin")
@@ -40,7 +37,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=DEFAULT_PEER,
         help="hostpathplugin binary (csi-driver-host-path) to compare with; scripts/peer-tools builds it",
     )
-    p.add_argument("--sections", default=",".join(SECTIONS), help="comma list of sections to run")
+    p.add_argument(
+        "--backend",
+        choices=["loop", "lvm"],
+        default="loop",
+        help="loop (default): the loop sections and the peer; lvm: ELV's LVM volumes against raw LVM "
+        "(needs device-mapper: scripts/lvm-vm --bench runs it in the guest)",
+    )
+    p.add_argument(
+        "--sections",
+        default="",
+        help=f"comma list of sections (default all: {','.join(SECTIONS)}; with --backend lvm: "
+        f"{','.join(lvm.SECTIONS)})",
+    )
     p.add_argument("--scale-levels", default=None, help="comma list; default 10,1000 (quick) or 10,1000,10000")
     p.add_argument(
         "--allow-miss",
@@ -71,49 +80,59 @@ def machine() -> dict[str, Any]:
     }
 
 
-async def _section(res: dict[str, Any], name: str, want: set[str], run: Callable[[], Awaitable[Any]]) -> None:
-    """Run one section into ``res[name]``; one that is not wanted or fails is
-    recorded as such (its targets become UNMEASURED), and the run goes on."""
-    if name not in want:
-        res[name] = {"unmeasured": f"the {name} section was not selected (--sections)"}
-        return
-    try:
-        res[name] = await run()
-    except grpc.aio.AioRpcError as e:
-        res[name] = {"error": f"{e.code().name}: {e.details()}"}
-    except Exception as e:  # reported in the results and the verdicts; the next section still runs
-        res[name] = {"error": f"{type(e).__name__}: {e}"}
+def goals_of(res: dict[str, Any]) -> tuple[Goal, ...]:
+    return LVM_GOALS if res.get("backend") == "lvm" else GOALS
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    q = args.quick
-    want = set(args.sections.split(","))
-    unknown = want - set(SECTIONS)
+    backend = getattr(args, "backend", "loop")
+    known = lvm.SECTIONS if backend == "lvm" else SECTIONS
+    want = set(args.sections.split(",")) if args.sections else set(known)
+    unknown = want - set(known)
     if unknown:
-        raise SystemExit(f"elv bench: unknown sections {', '.join(sorted(unknown))} (known: {', '.join(SECTIONS)})")
+        raise SystemExit(
+            f"elv bench: unknown sections for --backend {backend}: {', '.join(sorted(unknown))} "
+            f"(known: {', '.join(known)})"
+        )
+    res: dict[str, Any] = {
+        "version": __version__,
+        "backend": backend,
+        "quick": args.quick,
+        "machine": machine(),
+        "started": time.time(),
+    }
+    if backend == "lvm":
+        await lvm.run_all(res, args.quick, want)
+    else:
+        await _loop(res, args, want)
+    res["machine"]["load_after"] = machine()["load"]
+    verdicts = judge_all(goals_of(res), figures(res))
+    res["targets"] = [v.as_dict() for v in verdicts]
+    return res
+
+
+async def _loop(res: dict[str, Any], args: argparse.Namespace, want: set[str]) -> None:
+    q = args.quick
     levels = (
         [int(x) for x in args.scale_levels.split(",")]
         if args.scale_levels
         else ([10, 1000] if q else [10, 1000, 10000])
     )
-    res: dict[str, Any] = {"version": __version__, "quick": q, "machine": machine(), "started": time.time()}
     with scratch() as base:
         elv = Target.elv(base)
         res["startup_s"] = await elv.start()
         try:
-            await _section(res, "latency", want, lambda: sections.latency(elv, 5 if q else 20))
-            await _section(res, "overhead", want, lambda: sections.overhead(elv, 10 if q else 40))
-            await _section(res, "throughput", want, lambda: _throughput(elv, base, 2 if q else 4))
-            await _section(res, "datapath", want, lambda: sections.datapath(elv, 2 if q else 5, rounds=1 if q else 3))
-            await _section(res, "scale", want, lambda: _scale(elv, base, levels, 20 if q else 100))
-            await _section(res, "peer", want, lambda: peer(elv, args.peer, q))
+            await run_section(res, "latency", want, lambda: sections.latency(elv, 5 if q else 20))
+            await run_section(res, "overhead", want, lambda: sections.overhead(elv, 10 if q else 40))
+            await run_section(res, "throughput", want, lambda: _throughput(elv, base, 2 if q else 4))
+            await run_section(
+                res, "datapath", want, lambda: sections.datapath(elv, 2 if q else 5, rounds=1 if q else 3)
+            )
+            await run_section(res, "scale", want, lambda: _scale(elv, base, levels, 20 if q else 100))
+            await run_section(res, "peer", want, lambda: peer(elv, args.peer, q))
         finally:
             await elv.stop()
-    res["machine"]["load_after"] = machine()["load"]
     res["k8s"] = k8s_figures(args.k8s_figures)
-    verdicts = judge_all(GOALS, figures(res))
-    res["targets"] = [v.as_dict() for v in verdicts]
-    return res
 
 
 async def _throughput(elv: Target, base: str, per_client: int) -> dict[str, Any]:
@@ -192,12 +211,13 @@ def print_table(r: dict[str, Any]) -> list[Verdict]:
     m = r["machine"]
     print(f"ELV {r['version']} benchmark on {m['cpus']} CPUs, kernel {m['kernel']}, load {_load(m)}")
     print("figures (absolute numbers are this machine's, in this run):")
-    for section in (_latency_lines, _overhead_lines, _throughput_lines, _scale_lines, _datapath_lines, _peer_lines):
+    printers = (_latency_lines, _overhead_lines, _throughput_lines, _scale_lines, _datapath_lines, _peer_lines)
+    for section in (*printers, _lvm_lines):
         for line in section(r):
             print("  " + line)
     for line in _k8s_lines(r):
         print("  " + line)
-    verdicts = judge_all(GOALS, figures(r))
+    verdicts = judge_all(goals_of(r), figures(r))
     print("targets (each a ratio of two figures measured side by side in this run):")
     for v in verdicts:
         print("  " + verdict_line(v))
@@ -279,8 +299,37 @@ def _peer_lines(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def _lvm_lines(r: dict[str, Any]) -> list[str]:
+    out = []
+    cases = r.get("lvm-cases", {})
+    for case, v in cases.items():
+        if not isinstance(v, dict) or "ratio" not in v:
+            continue
+        spread = ", ".join(f"{x:.2f}" for x in v["round_ratios"])
+        out.append(
+            f"lvm {case:<15} ELV {v['elv_s'] * MS:7.0f} ms, raw {v['raw_s'] * MS:7.0f} ms (medians), "
+            f"ratio {v['ratio']:.3f} (rounds: {spread})"
+        )
+        out += [
+            f"    {op:<24} ELV {x['elv_s'] * MS:7.0f} ms, raw {x['raw_s'] * MS:7.0f} ms, ratio {x['ratio']:.2f}"
+            for op, x in v["steps"].items()
+        ]
+    for case, rpcs in cases.get("trace", {}).items():
+        out.append(f"lvm {case} commands per RPC (first round):")
+        out += [f"    {x['rpc']:<24} {', '.join(x['commands']) or '-'}" for x in rpcs]
+    for job, v in r.get("lvm-fio", {}).items():
+        if isinstance(v, dict):
+            out.append(
+                f"lvm fio {job:<13} thick LV {v['volume_iops']:9.0f} IOPS, raw disk {v['raw_disk_iops']:9.0f} IOPS, "
+                f"ratio {v['iops_ratio']:.3f}"
+            )
+    return out
+
+
 def _k8s_lines(r: dict[str, Any]) -> list[str]:
-    k = r.get("k8s", {})
+    k = r.get("k8s")
+    if k is None:
+        return []
     if "unmeasured" in k:
         return [f"kubernetes (information, no target): UNMEASURED: {k['unmeasured']}"]
     return [f"kubernetes (information, no target, from {k['path']}): {json.dumps(k['figures'], sort_keys=True)}"]
@@ -328,7 +377,7 @@ def main(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(res, f, indent=2, sort_keys=True)
-    note = plot(res, os.path.join(args.out, "bench.png"))
+    note = "no plot for the lvm backend" if res["backend"] == "lvm" else plot(res, os.path.join(args.out, "bench.png"))
     verdicts = print_table(res)
     print(f"wrote {args.out}/results.json" + (f"; {note}" if note else f" and {args.out}/bench.png"))
     code = exit_code(verdicts, allow_miss=args.allow_miss)

@@ -30,8 +30,16 @@ def uniq(prefix: str) -> str:
 class Volume:
     """One volume's life through a driver, timing each RPC."""
 
-    def __init__(self, t: Target, fs: str | None, size: int, times: dict[str, list[float]] | None = None) -> None:
+    def __init__(
+        self,
+        t: Target,
+        fs: str | None,
+        size: int,
+        times: dict[str, list[float]] | None = None,
+        parameters: dict[str, str] | None = None,
+    ) -> None:
         self.t = t
+        self.parameters = parameters or {}
         self.cap = block_capability() if fs is None else mount_capability(fs)
         self.size = size
         self.name = uniq("bench")
@@ -44,6 +52,8 @@ class Volume:
         t0 = time.perf_counter()
         r = await coro
         self.times.setdefault(op, []).append(time.perf_counter() - t0)
+        if self.t.on_rpc is not None:
+            self.t.on_rpc(op)
         return r
 
     async def create(self, source: csi_pb2.VolumeContentSource | None = None, op: str = "CreateVolume") -> None:
@@ -51,6 +61,7 @@ class Volume:
             name=self.name,
             volume_capabilities=[self.cap],
             capacity_range=csi_pb2.CapacityRange(required_bytes=self.size),
+            parameters=self.parameters,
         )
         if source is not None:
             req.volume_content_source.CopyFrom(source)
