@@ -24,7 +24,7 @@ from csi.backend.lvm.snapshots import LvmSnapshots
 from csi.backend.lvm.store import LvStore
 from csi.backend.lvm.wipe import Wiper
 from csi.errors import AlreadyExists, CommandError, InUse, NotFound, Unavailable
-from csi.model import Capacity, Device, Health, PoolStats, Volume, VolumeSpec, ids, round_up
+from csi.model import DEFAULT_FS, AccessType, Capacity, Device, Health, PoolStats, Volume, VolumeSpec, ids, round_up
 
 log = logging.getLogger(__name__)
 MiB = 1024 * 1024
@@ -112,7 +112,11 @@ class LvmBackend(SnapshotsByPart):
         extent = self.store.extent(view, cls)
         size = round_up(spec.size, extent)
         now = time.time_ns()
-        tags = model.volume_tags(self.store.owner, spec, now)
+        # A new mount volume holds nothing anyone wrote: it carries the intent to
+        # format from birth (as if ELV's own mkfs had begun), so staging it costs
+        # one lvchange (elv.formatted, after mkfs), not two.
+        intent = (spec.fs_type or DEFAULT_FS) if spec.access == AccessType.MOUNT else None
+        tags = model.volume_tags(self.store.owner, spec, now, formatting=intent)
         if cls.thin_pool is not None:
             # Inactive until staged: an attached volume is an active LV.
             argv = ["-n", name, "-V", f"{size}b", "--thinpool", cls.thin_pool, "-an", "-y"]
@@ -143,6 +147,7 @@ class LvmBackend(SnapshotsByPart):
             None,
             dict(spec.parameters),
             now,
+            formatting=intent,
             mutable=dict(spec.mutable),
         )
 

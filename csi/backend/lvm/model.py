@@ -15,6 +15,12 @@ One ``lvcreate`` with all its ``--addtag`` options is one metadata commit, so
 a volume appears with its tags or not at all. Work that takes more than one
 command (a clone's copy, a resize after a thin clone) is marked
 ``elv.pending`` until it is done; startup removes what still carries it.
+
+A new, empty mount volume is born with ``elv.formatting=<fs>``: nobody but
+ELV has written to it, so until ``elv.formatted`` replaces it (after mkfs,
+before the first mount) whatever it holds is ELV's own, exactly as after an
+mkfs that began and never finished. Staging it then records the result in
+one lvchange instead of two.
 """
 
 from __future__ import annotations
@@ -105,6 +111,7 @@ def volume_tags(
     created_ns: int,
     formatted: str | None = None,
     pending: bool = False,
+    formatting: str | None = None,
 ) -> list[str]:
     tags = [
         tag(OWNER, owner),
@@ -123,6 +130,8 @@ def volume_tags(
         tags.append(tag(SOURCE, f"{spec.source.kind}:{spec.source.id}"))
     if formatted:
         tags.append(tag(FORMATTED, formatted))
+    elif formatting:
+        tags.append(tag(FORMATTING, formatting))
     if pending:
         tags.append(tag(PENDING))
     return tags

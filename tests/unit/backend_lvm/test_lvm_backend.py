@@ -373,3 +373,33 @@ async def test_clone_of_a_thick_snapshot_whose_origin_is_inactive(
     assert len(copied) == 1 and copied[0][2] == 64 * MiB
     assert made.source == Source("snapshot", snap.id)
     assert "elv.pending" not in lvm.lvs[("vg0", "elv-" + made.id)].tags
+
+
+async def test_a_new_mount_volume_is_staged_with_one_lvchange(backend: LvmBackend, lvm: FakeLvm) -> None:
+    """Born with the intent to format (lvcreate's own tags), so the stage's
+    intent record costs nothing and only the result is one lvchange."""
+    vol = await backend.create_volume(spec("fresh", fs_type=""))
+    lv = lvm.lvs[("vg0", "elv-" + vol.id)]
+    assert "elv.formatting=ext4" in lv.tags and vol.formatting == "ext4"  # the default filesystem
+    got = await backend.get_volume(vol.id)
+    assert got is not None and got.formatting == "ext4" and got.formatted is None
+    n = len(lvm.changes())
+    await backend.mark_formatted(vol.id, "ext4", complete=False)
+    assert lvm.changes()[n:] == []
+    await backend.mark_formatted(vol.id, "ext4")
+    (change,) = lvm.changes()[n:]
+    assert change[:2] == ("lvm", "lvchange")
+    assert "elv.formatted=ext4" in change and "elv.formatting=ext4" in change  # added, and deleted
+    assert lv.tags.count("elv.formatted=ext4") == 1 and "elv.formatting=ext4" not in lv.tags
+
+
+async def test_only_empty_mount_volumes_are_born_with_the_intent(backend: LvmBackend, lvm: FakeLvm) -> None:
+    block = await backend.create_volume(spec("raw", access=AccessType.BLOCK, fs_type=""))
+    assert not any(t.startswith("elv.formatting") for t in lvm.lvs[("vg0", "elv-" + block.id)].tags)
+    xfs = await backend.create_volume(spec("x", fs_type="xfs", cls="thin"))
+    assert "elv.formatting=xfs" in lvm.lvs[("vg0", "elv-" + xfs.id)].tags
+    # A clone holds its source's data: it is never born "being formatted".
+    snap = await backend.snaps.create("s", xfs.id)
+    clone = await backend.create_volume(spec("c", fs_type="xfs", cls="thin", source=Source("snapshot", snap.id)))
+    tags = lvm.lvs[("vg0", "elv-" + clone.id)].tags
+    assert not any(t.startswith("elv.formatting") for t in tags)
