@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 
 from csi.backend.base import SnapshotsByPart, check_compatible
 from csi.backend.lvm import model, params
@@ -190,7 +191,12 @@ class LvmBackend(SnapshotsByPart):
                 await self.store.lvm.change("lvextend", "-L", f"{target}b", f"{lv.vg}/{lv.name}")
             except CommandError as e:
                 raise classify(e, f"growing volume {volume_id} to {target} bytes") from e
-        _, grown, _ = await self.store.must_find(volume_id, fresh=True)
+        if lv.segtype in ("linear", "thin"):
+            # lvextend made exactly this (whole extents): no need to ask.
+            grown = replace(lv, size=target)
+        else:
+            # Striped and raid1 LVs may be rounded further (whole stripes): ask LVM.
+            _, grown, _ = await self.store.must_find(volume_id, fresh=True)
         log.info("expanded volume %s to %d bytes", volume_id, grown.size)
         return model.to_volume(grown, volume_id)
 

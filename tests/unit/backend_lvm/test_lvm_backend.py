@@ -403,3 +403,16 @@ async def test_only_empty_mount_volumes_are_born_with_the_intent(backend: LvmBac
     clone = await backend.create_volume(spec("c", fs_type="xfs", cls="thin", source=Source("snapshot", snap.id)))
     tags = lvm.lvs[("vg0", "elv-" + clone.id)].tags
     assert not any(t.startswith("elv.formatting") for t in tags)
+
+
+@pytest.mark.parametrize("cls", ["thick", "thin"])
+async def test_expand_reads_the_report_once(backend: LvmBackend, lvm: FakeLvm, cls: str) -> None:
+    """One lvs to decide, one lvextend; the grown size is what lvextend was told
+    (whole extents), not read back with a second report."""
+    vol = await backend.create_volume(spec("e", cls=cls))
+    n = len(lvm.calls)
+    grown = await backend.expand_volume(vol.id, 100 * MiB + 1)
+    assert [c[1] for c in lvm.calls[n:]] == ["lvs", "lvextend"]
+    assert grown.size == 104 * MiB == lvm.lvs[("vg0", "elv-" + vol.id)].size
+    got = await backend.get_volume(vol.id)
+    assert got is not None and got.size == 104 * MiB  # a later report agrees
