@@ -416,3 +416,33 @@ async def test_expand_reads_the_report_once(backend: LvmBackend, lvm: FakeLvm, c
     assert grown.size == 104 * MiB == lvm.lvs[("vg0", "elv-" + vol.id)].size
     got = await backend.get_volume(vol.id)
     assert got is not None and got.size == 104 * MiB  # a later report agrees
+
+
+async def test_a_thin_clone_reads_the_report_once(backend: LvmBackend, lvm: FakeLvm) -> None:
+    src = await backend.create_volume(spec("src", 64 * MiB, "thin"))
+    snap = await backend.create_snapshot("s", src.id)
+    n = len(lvm.calls)
+    clone = await backend.create_volume(spec("c", 64 * MiB, "thin", source=Source("snapshot", snap.id)))
+    assert [c[1] for c in lvm.calls[n:]] == ["lvs", "lvcreate"]
+    # What it answered without asking is what a report says.
+    backend.store.inv.invalidate()
+    assert clone == await backend.get_volume(clone.id)
+
+
+async def test_a_thick_clone_finds_its_new_lv_in_sysfs(
+    backend: LvmBackend, lvm: FakeLvm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from csi.backend.lvm import clone as clone_mod
+
+    copied: list[tuple[str, str, int]] = []
+    monkeypatch.setattr(clone_mod, "copy_blocks", lambda src, dst, size, what: copied.append((src, dst, size)))
+    vol = await backend.create_volume(spec("origin", 64 * MiB))
+    snap = await backend.create_snapshot("s", vol.id)
+    n = len(lvm.calls)
+    made = await backend.create_volume(spec("copy", 64 * MiB, source=Source("snapshot", snap.id)))
+    # One report to decide; the copy's target is found by its device-mapper name.
+    assert [c[1] for c in lvm.calls[n:]] == ["lvs", "lvcreate", "lvchange"]
+    target = lvm.lvs[("vg0", "elv-" + made.id)]
+    assert copied == [(f"/dev/dm-{lvm.lvs[('vg0', 'elv-' + snap.id)].minor}", f"/dev/dm-{target.minor}", 64 * MiB)]
+    backend.store.inv.invalidate()
+    assert made == await backend.get_volume(made.id)
