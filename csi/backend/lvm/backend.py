@@ -119,8 +119,9 @@ class LvmBackend(SnapshotsByPart):
         intent = (spec.fs_type or DEFAULT_FS) if spec.access == AccessType.MOUNT else None
         tags = model.volume_tags(self.store.owner, spec, now, formatting=intent)
         if cls.thin_pool is not None:
-            # Inactive until staged: an attached volume is an active LV.
-            argv = ["-n", name, "-V", f"{size}b", "--thinpool", cls.thin_pool, "-an", "-y"]
+            # Left active, as a thick LV is (its -Z y needs that): staging it then
+            # runs no lvchange -ay, and unstaging deactivates it.
+            argv = ["-n", name, "-V", f"{size}b", "--thinpool", cls.thin_pool, "-y"]
         else:
             # -W/-Z: clear signatures and the first 4 KiB even on extents ELV did not wipe.
             argv = ["-n", name, "-L", f"{size}b", "-W", "y", "-Z", "y", "-y", *layout.args]

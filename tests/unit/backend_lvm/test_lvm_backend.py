@@ -211,7 +211,7 @@ async def test_node_lookups_of_an_inactive_volume_run_no_lvm(backend: LvmBackend
     """kubelet and csi-sanity unstage volumes that were never staged: the
     kernel's list of active disks answers that, without an lvs."""
     vol = await backend.create_volume(spec("idle", 64 * MiB, "thin"))
-    lvm.lvs[("vg0", "elv-" + vol.id)].active = False  # as lvcreate -an leaves it (the fake ignores -an)
+    lvm.lvs[("vg0", "elv-" + vol.id)].active = False  # as a reboot leaves it
     n = len(lvm.calls)
     assert await backend.find_device(vol.id) is None
     await backend.detach(vol.id)
@@ -446,3 +446,17 @@ async def test_a_thick_clone_finds_its_new_lv_in_sysfs(
     assert copied == [(f"/dev/dm-{lvm.lvs[('vg0', 'elv-' + snap.id)].minor}", f"/dev/dm-{target.minor}", 64 * MiB)]
     backend.store.inv.invalidate()
     assert made == await backend.get_volume(made.id)
+
+
+@pytest.mark.parametrize("cls", ["thick", "thin"])
+async def test_a_new_volume_is_active_so_its_stage_runs_no_lvchange(
+    backend: LvmBackend, lvm: FakeLvm, cls: str
+) -> None:
+    """Thin LVs are left active by lvcreate, as thick ones must be (-Z y): the
+    first stage finds the device in sysfs and activates nothing."""
+    vol = await backend.create_volume(spec("a", cls=cls))
+    assert lvm.lvs[("vg0", "elv-" + vol.id)].active
+    n = len(lvm.calls)
+    dev = await backend.attach(vol.id)
+    assert dev.path == f"/dev/dm-{lvm.lvs[('vg0', 'elv-' + vol.id)].minor}"
+    assert [c[1] for c in lvm.calls[n:]] == ["lvs"]
