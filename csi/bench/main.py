@@ -278,12 +278,17 @@ def _scale_lines(r: dict[str, Any]) -> list[str]:
 
 
 def _datapath_lines(r: dict[str, Any]) -> list[str]:
-    return [
-        f"fio {k:<13} volume {v['volume']['iops']:9.0f} IOPS, pool fs {v['pool_fs']['iops']:9.0f} IOPS, "
-        f"ratio {v['iops_ratio']:.3f}"
-        for k, v in r.get("datapath", {}).items()
-        if isinstance(v, dict)
-    ]
+    dp = r.get("datapath", {})
+    out = []
+    for title, jobs in [("thick", dp), *((f"{k}", v) for k, v in dp.get("variants", {}).items())]:
+        for k, v in jobs.items():
+            if isinstance(v, dict) and "iops_ratio" in v:
+                spread = ", ".join(f"{x:.2f}" for x in v.get("round_ratios", []))
+                out.append(
+                    f"fio {title:<13} {k:<13} volume {v['volume']['iops']:9.0f} IOPS, "
+                    f"pool fs {v['pool_fs']['iops']:9.0f} IOPS, ratio {v['iops_ratio']:.3f} (rounds: {spread})"
+                )
+    return out
 
 
 def _peer_lines(r: dict[str, Any]) -> list[str]:

@@ -428,49 +428,75 @@ FIO_JOBS = {
 }
 
 
-def _fio(directory: str, job: list[str], runtime: int) -> dict[str, float]:
-    argv = ["fio", "--name=bench", f"--directory={directory}", "--size=256m", "--direct=1", "--ioengine=libaio"]
-    argv += ["--time_based", f"--runtime={runtime}", "--ramp_time=1", "--output-format=json", *job]
+RANDOM_JOBS = {k: v for k, v in FIO_JOBS.items() if k.startswith("rand")}
+
+
+def _fio(directory: str, job: list[str], runtime: int, jobs: int = 1) -> dict[str, float]:
+    """One fio job (``jobs`` copies of it, reported together) on 256 MiB of files."""
+    argv = ["fio", "--name=bench", f"--directory={directory}", f"--size={256 // jobs}m", "--direct=1"]
+    argv += ["--ioengine=libaio", "--time_based", f"--runtime={runtime}", "--ramp_time=1", "--output-format=json"]
+    argv += [f"--numjobs={jobs}", "--group_reporting", *job]
     r = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=runtime + 120)
     j = json.loads(r.stdout)["jobs"][0]
     side = j["read"] if j["read"]["io_bytes"] else j["write"]
     return {"iops": side["iops"], "bw_bytes": side["bw_bytes"]}
 
 
-async def datapath(t: Target, runtime: int, rounds: int = 3, thick: bool = True) -> dict[str, Any]:
-    """fio on a loop-backed ELV volume against the same job on the pool's own
-    filesystem, alternated job by job for ``rounds`` rounds (medians), so
-    both sides see the same noise."""
-    if shutil.which("fio") is None:
-        return {"error": "fio is not installed (apt-get install fio)"}
-    v = Volume(t, "ext4", 1024 * MiB)
-    req_params = {PROVISIONING: "thick"} if thick else {}
-    req = csi_pb2.CreateVolumeRequest(
-        name=v.name,
-        volume_capabilities=[v.cap],
-        parameters=req_params,
-        capacity_range=csi_pb2.CapacityRange(required_bytes=v.size),
-    )
-    v.vid = (await t.controller.CreateVolume(req)).volume.volume_id
+async def _fio_volume(t: Target, thick: bool) -> Volume:
+    """A 1 GiB ext4 volume, staged and published (thick: every block allocated)."""
+    v = Volume(t, "ext4", 1024 * MiB, parameters={PROVISIONING: "thick" if thick else "thin"})
+    await v.create()
     await v.stage()
     await v.publish()
+    return v
+
+
+async def _compare(
+    vol_dir: str, raw_dir: str, jobs: dict[str, list[str]], runtime: int, rounds: int, copies: int = 1
+) -> dict[str, Any]:
+    """Each job on the volume and on the pool's own filesystem, alternated job
+    by job for ``rounds`` rounds (medians), so both sides see the same noise."""
+    samples: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for _ in range(rounds):
+        for name, job in jobs.items():
+            s = samples.setdefault(name, {"volume": [], "pool_fs": []})
+            s["volume"].append(await asyncio.to_thread(_fio, vol_dir, job, runtime, copies))
+            s["pool_fs"].append(await asyncio.to_thread(_fio, raw_dir, job, runtime, copies))
+    out: dict[str, Any] = {}
+    for name, s in samples.items():
+        vol = {k: statistics.median(x[k] for x in s["volume"]) for k in ("iops", "bw_bytes")}
+        raw = {k: statistics.median(x[k] for x in s["pool_fs"]) for k in ("iops", "bw_bytes")}
+        ratios = [a["iops"] / b["iops"] for a, b in zip(s["volume"], s["pool_fs"], strict=True)]
+        out[name] = {"volume": vol, "pool_fs": raw, "iops_ratio": vol["iops"] / raw["iops"], "round_ratios": ratios}
+    return out
+
+
+async def datapath(t: Target, runtime: int, rounds: int = 3, variants: bool = True) -> dict[str, Any]:
+    """fio on a loop-backed ELV volume (thick, as the StorageClass that promises
+    performance makes it) against the same job on the pool's own filesystem.
+    ``variants`` adds, for the random 4 KiB jobs, where the loss is: a thin
+    (sparse) volume, and four jobs at once instead of one."""
+    if shutil.which("fio") is None:
+        return {"unmeasured": "fio is not installed (apt-get install fio)"}
     raw_dir = os.path.join(t.pool, "fio-raw")
     os.makedirs(raw_dir, exist_ok=True)
-    out: dict[str, Any] = {"thick": thick, "rounds": rounds}
     try:
-        samples: dict[str, dict[str, list[dict[str, float]]]] = {}
-        for _ in range(rounds):
-            for name, job in FIO_JOBS.items():
-                s = samples.setdefault(name, {"volume": [], "pool_fs": []})
-                s["volume"].append(await asyncio.to_thread(_fio, v.target, job, runtime))
-                s["pool_fs"].append(await asyncio.to_thread(_fio, raw_dir, job, runtime))
-        for name, s in samples.items():
-            vol = {k: statistics.median(x[k] for x in s["volume"]) for k in ("iops", "bw_bytes")}
-            raw = {k: statistics.median(x[k] for x in s["pool_fs"]) for k in ("iops", "bw_bytes")}
-            out[name] = {"volume": vol, "pool_fs": raw, "iops_ratio": vol["iops"] / raw["iops"]}
+        v = await _fio_volume(t, thick=True)
+        try:
+            out: dict[str, Any] = {"thick": True, "rounds": rounds}
+            out.update(await _compare(v.target, raw_dir, FIO_JOBS, runtime, rounds))
+            if variants:
+                out["variants"] = {"thick, 4 jobs": await _compare(v.target, raw_dir, RANDOM_JOBS, runtime, rounds, 4)}
+        finally:
+            await v.teardown()
+        if variants:
+            thin = await _fio_volume(t, thick=False)
+            try:
+                out["variants"]["thin"] = await _compare(thin.target, raw_dir, RANDOM_JOBS, runtime, rounds)
+            finally:
+                await thin.teardown()
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
-        await v.teardown()
     return out
 
 
