@@ -16,6 +16,13 @@ MB = 2**20
 TOP_LEVEL = 10000
 FIO_JOBS = ("randread-4k", "randwrite-4k", "read-1m", "write-1m")
 
+# The bounds: issue 16's where it gives one (whole life 1.10, scale 1.5, fio
+# 0.90; LVM 1.15 and 0.95). The absolute targets of earlier versions became
+# ratios of figures measured in the same run: 40 volumes/s became at least 0.90
+# of the raw tools' own rate; a 2 s restart, at most 1.5 times a restart with
+# no volumes; 60 MB idle, at most 1.6 times a bare Python+grpc server (37.8 MB
+# on the development VM, 2026-12-05: 60 / 37.8); 120 MB at 10,000 volumes, at
+# most 2.0 times idle (120 / 60). Against the peer: not slower (1.0).
 GOALS: tuple[Goal, ...] = (
     Goal("life_vs_raw", "whole life (ext4, 64 MiB): ELV / raw tools", 1.10, section="overhead"),
     Goal(
@@ -27,7 +34,7 @@ GOALS: tuple[Goal, ...] = (
     ),
     Goal("scale_p99", f"CreateVolume p99 at {TOP_LEVEL:,} volumes / at 10", 1.5, section="scale"),
     Goal("restart_1000", "restart to first Probe: 1,000 volumes / none", 1.5, section="scale"),
-    Goal("idle_rss", "RSS idle: ELV / a bare Python+grpc server", 1.7, section="scale"),
+    Goal("idle_rss", "RSS idle: ELV / a bare Python+grpc server", 1.6, section="scale"),
     Goal("rss_10000", f"RSS with {TOP_LEVEL:,} volumes / idle", 2.0, section="scale"),
     *(
         Goal(f"fio_{job}", f"fio {job}: loop volume / the pool's filesystem", 0.90, True, "datapath")
