@@ -181,7 +181,12 @@ class Raw:
         self.times.setdefault(op, []).append(time.perf_counter() - t0)
 
     def dev(self, name: str) -> str:
-        return f"/dev/{self.bed.vg}/{name}"
+        """The LV's device node as an administrator names it (LVM makes the
+        /dev/VG/LV link itself without udev; /dev/mapper's node otherwise)."""
+        link = f"/dev/{self.bed.vg}/{name}"
+        if os.path.exists(link):
+            return link
+        return "/dev/mapper/" + "-".join(x.replace("-", "--") for x in (self.bed.vg, name))
 
     def path(self, name: str) -> str:
         return f"{self.bed.vg}/{name}"
