@@ -207,13 +207,11 @@ class Raw:
     async def up(self, name: str, kind: str, timed: bool = True) -> None:
         """create, stage (mkfs, mount), publish (bind mount)."""
         st, tg = self.dirs(name)
-        steps = [
-            ("CreateVolume", [self.create_args(name, kind)]),
-            ("NodeStageVolume", [[*MKFS_EXT4, self.dev(name)], ["mount", self.dev(name), st]]),
-            ("NodePublishVolume", [["mount", "--bind", st, tg]]),
-        ]
-        for op, argvs in steps:
-            await (self.step(op, *argvs) if timed else self._untimed(*argvs))
+        run_ = self.step if timed else self._step_untimed
+        await run_("CreateVolume", self.create_args(name, kind))
+        dev = self.dev(name)  # now that it exists
+        await run_("NodeStageVolume", [*MKFS_EXT4, dev], ["mount", dev, st])
+        await run_("NodePublishVolume", ["mount", "--bind", st, tg])
 
     async def down(self, name: str, timed: bool = True) -> None:
         """unpublish, unstage (umount, deactivate), delete."""
@@ -230,6 +228,9 @@ class Raw:
     async def _untimed(*argvs: list[str]) -> None:
         for argv in argvs:
             await asyncio.to_thread(run, argv)
+
+    async def _step_untimed(self, op: str, *argvs: list[str]) -> None:
+        await self._untimed(*argvs)
 
 
 def cow_size(origin: int) -> int:
