@@ -43,7 +43,8 @@ e2e: setup k8s-tools
 	ELV_E2E=1 .venv/bin/python -m pytest -q -s tests/k8s
 
 bench: setup
-	.venv/bin/python -m csi bench
+	scripts/peer-tools
+	.venv/bin/python -m csi bench $(BENCH_ARGS)
 
 clean:
 	rm -rf ci-out bench-out .mypy_cache .ruff_cache .import_linter_cache

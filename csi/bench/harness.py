@@ -9,7 +9,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
+from typing import Any
 
 import grpc
 
@@ -32,14 +33,26 @@ class Target:
         self.proc: asyncio.subprocess.Process | None = None
         self.channel: grpc.aio.Channel | None = None
         self.log_path = os.path.join(base, f"{name}.log")
+        #: Called with the RPC's name after each timed RPC (csi.bench.lvm traces commands with it).
+        self.on_rpc: Callable[[str], None] | None = None
 
     @classmethod
     def elv(cls, base: str, *extra: str) -> Target:
-        sock, kubelet, pool = os.path.join(base, "elv.sock"), os.path.join(base, "kubelet"), os.path.join(base, "pool")
-        argv = [sys.executable, "-m", "csi", "serve", "--loop-dir", pool, "--kubelet-dir", kubelet]
-        argv += ["--node-id", "bench"]
-        argv += ["--endpoint", "unix://" + sock, "--state-dir", os.path.join(base, "run"), "--log-level", "warning"]
-        argv += ["--max-concurrent-rpcs", "1024", *extra]
+        """ELV on the loop backend, its pool in ``base``."""
+        pool = os.path.join(base, "pool")
+        return cls._elv(base, pool, ["--loop-dir", pool, *extra])
+
+    @classmethod
+    def elv_lvm(cls, base: str, lvm_config: str, log_level: str = "warning") -> Target:
+        """ELV on the lvm backend, with the device classes of ``lvm_config``."""
+        return cls._elv(base, "", ["--backend", "lvm", "--lvm-config", lvm_config], log_level)
+
+    @classmethod
+    def _elv(cls, base: str, pool: str, backend: list[str], log_level: str = "warning") -> Target:
+        sock, kubelet = os.path.join(base, "elv.sock"), os.path.join(base, "kubelet")
+        argv = [sys.executable, "-m", "csi", "serve", *backend, "--kubelet-dir", kubelet, "--node-id", "bench"]
+        argv += ["--endpoint", "unix://" + sock, "--state-dir", os.path.join(base, "run"), "--log-level", log_level]
+        argv += ["--max-concurrent-rpcs", "1024"]
         return cls("elv", base, argv, sock, kubelet, pool)
 
     @classmethod
@@ -126,3 +139,18 @@ def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     k = max(0, min(len(s) - 1, round(q / 100 * len(s) + 0.5) - 1))
     return s[k]
+
+
+async def run_section(res: dict[str, Any], name: str, want: Collection[str], run: Callable[[], Awaitable[Any]]) -> None:
+    """Run one section into ``res[name]``. One that is not wanted or fails is
+    recorded as such (its targets become UNMEASURED, with the reason), and the
+    run goes on with the next."""
+    if name not in want:
+        res[name] = {"unmeasured": f"the {name} section was not selected (--sections)"}
+        return
+    try:
+        res[name] = await run()
+    except grpc.aio.AioRpcError as e:
+        res[name] = {"error": f"{e.code().name}: {e.details()}"}
+    except Exception as e:  # reported in the results and the verdicts; the next section still runs
+        res[name] = {"error": f"{type(e).__name__}: {e}"}

@@ -11,6 +11,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -29,8 +30,16 @@ def uniq(prefix: str) -> str:
 class Volume:
     """One volume's life through a driver, timing each RPC."""
 
-    def __init__(self, t: Target, fs: str | None, size: int, times: dict[str, list[float]] | None = None) -> None:
+    def __init__(
+        self,
+        t: Target,
+        fs: str | None,
+        size: int,
+        times: dict[str, list[float]] | None = None,
+        parameters: dict[str, str] | None = None,
+    ) -> None:
         self.t = t
+        self.parameters = parameters or {}
         self.cap = block_capability() if fs is None else mount_capability(fs)
         self.size = size
         self.name = uniq("bench")
@@ -43,6 +52,8 @@ class Volume:
         t0 = time.perf_counter()
         r = await coro
         self.times.setdefault(op, []).append(time.perf_counter() - t0)
+        if self.t.on_rpc is not None:
+            self.t.on_rpc(op)
         return r
 
     async def create(self, source: csi_pb2.VolumeContentSource | None = None, op: str = "CreateVolume") -> None:
@@ -50,6 +61,7 @@ class Volume:
             name=self.name,
             volume_capabilities=[self.cap],
             capacity_range=csi_pb2.CapacityRange(required_bytes=self.size),
+            parameters=self.parameters,
         )
         if source is not None:
             req.volume_content_source.CopyFrom(source)
@@ -238,16 +250,105 @@ async def _teardown(vols: list[Volume], parallel: int = 16) -> None:
     await asyncio.gather(*(one(v) for v in vols))
 
 
+def _total(clients: int, per_client: int) -> int:
+    return max(per_client * clients, 2 * clients, 32)
+
+
 async def throughput(t: Target, clients: list[int], per_client: int) -> dict[str, Any]:
     """Volumes per second through create, stage and publish, with c concurrent clients."""
     out: dict[str, Any] = {}
     for c in clients:
-        total = max(per_client * c, 2 * c, 32)
+        total = _total(c, per_client)
         vols = [Volume(t, "ext4", 32 * MiB) for _ in range(total)]
         wall, lat = await _create_stage_publish(vols, c)
         out[str(c)] = {"volumes": total, "per_second": total / wall, "p50": pct(lat, 50), "p99": pct(lat, 99)}
         await _teardown(vols)
     return out
+
+
+# What one client of the throughput section does, by hand: $1 a directory of
+# its own, $2 how many volumes. The devices are kept for RAW_DOWN (untimed).
+RAW_UP = r"""
+set -e
+mkdir -p $1
+for i in $(seq $2); do
+  f=$1/v$i.img st=$1/st$i tg=$1/tg$i
+  mkdir -p $st $tg
+  truncate -s 32M $f
+  dev=$(losetup --find --show --direct-io=on --sector-size 4096 $f)
+  echo $dev >> $1/devices
+  mkfs.ext4 -q -m 0 -E nodiscard,lazy_itable_init=1,lazy_journal_init=1 $dev
+  mount $dev $st
+  mount --bind $st $tg
+done
+"""
+
+RAW_DOWN = r"""
+for i in $(seq $2); do
+  umount $1/tg$i $1/st$i
+done
+[ -f $1/devices ] && xargs -r -n 1 losetup -d < $1/devices
+rm -rf $1
+"""
+
+
+async def _bash(script: str, *args: str) -> int:
+    proc = await asyncio.create_subprocess_exec("bash", "-c", script, "raw", *args)
+    return await proc.wait()
+
+
+async def throughput_raw(base: str, clients: int, per_client: int) -> dict[str, Any]:
+    """The raw tools' rate through the same work as :func:`throughput`:
+    ``clients`` shell scripts at once, each making its share of the volumes
+    (truncate, losetup, mkfs.ext4, mount, bind mount), timed together."""
+    total = _total(clients, per_client)
+    share = [total // clients + (1 if i < total % clients else 0) for i in range(clients)]
+    dirs = [os.path.join(base, f"raw-tp-{i}") for i in range(clients)]
+    try:
+        t0 = time.perf_counter()
+        codes = await asyncio.gather(*(_bash(RAW_UP, d, str(n)) for d, n in zip(dirs, share, strict=True)))
+        wall = time.perf_counter() - t0
+    finally:
+        await asyncio.gather(*(_bash(RAW_DOWN, d, str(n)) for d, n in zip(dirs, share, strict=True)))
+    if any(codes):
+        raise RuntimeError("the raw-tools throughput script failed")
+    return {"clients": clients, "volumes": total, "per_second": total / wall}
+
+
+# The runtime any Python CSI driver carries: the interpreter, grpc's asyncio
+# server on a unix socket and the generated CSI messages, serving nothing.
+BARE = """
+import asyncio, sys
+import grpc
+from csi.v1 import csi_pb2, csi_pb2_grpc
+
+async def main():
+    server = grpc.aio.server()
+    server.add_insecure_port("unix://" + sys.argv[1])
+    await server.start()
+    print("ready", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def bare_rss(base: str) -> int:
+    """RSS of a bare Python + grpc server process (see BARE), idle."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", BARE, os.path.join(base, "bare.sock"), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
+        if line.strip() != b"ready":
+            raise RuntimeError("the bare Python+grpc process did not start")
+        await asyncio.sleep(0.5)  # as idle as the driver it is compared with
+        with open(f"/proc/{proc.pid}/status") as f:
+            return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:"))
+    finally:
+        proc.kill()
+        await proc.wait()
 
 
 async def _fill(t: Target, count: int) -> list[str]:
@@ -264,10 +365,21 @@ async def _fill(t: Target, count: int) -> list[str]:
     return ids
 
 
+async def _restarts(t: Target, times: int) -> float:
+    """Median seconds from a SIGKILL'd driver's new start to its first Probe answered."""
+    took = []
+    for _ in range(times):
+        await t.stop(signal.SIGKILL)
+        took.append(await t.start())
+    return statistics.median(took)
+
+
 async def scale(t: Target, levels: list[int], sample: int) -> dict[str, Any]:
     """At each pool size: CreateVolume p99, a full ListVolumes, GetCapacity,
-    restart-to-ready and RSS."""
-    out: dict[str, Any] = {"idle_rss_bytes": t.rss_bytes()}
+    restart-to-ready (also with no volumes, the ratio's baseline) and RSS."""
+    out: dict[str, Any] = {"idle_rss_bytes": t.rss_bytes(), "restart_0_s": await _restarts(t, 3)}
+    # Volumes another section left behind count towards no level.
+    before = len((await t.controller.ListVolumes(csi_pb2.ListVolumesRequest())).entries)
     have: list[str] = []
     for level in levels:
         have += await _fill(t, level - len(have))
@@ -282,13 +394,13 @@ async def scale(t: Target, levels: list[int], sample: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         listed = await t.controller.ListVolumes(csi_pb2.ListVolumesRequest())
         list_s = time.perf_counter() - t0
-        assert len(listed.entries) == level, (len(listed.entries), level)
+        if len(listed.entries) != before + level:
+            raise RuntimeError(f"ListVolumes listed {len(listed.entries)} volumes, not {before} + {level}")
         t0 = time.perf_counter()
         await t.controller.GetCapacity(csi_pb2.GetCapacityRequest())
         cap_s = time.perf_counter() - t0
         rss = t.rss_bytes()
-        await t.stop(signal.SIGKILL)
-        ready = await t.start()
+        ready = await _restarts(t, 3 if level <= 1000 else 1)
         out[str(level)] = {
             "create_p50": pct(lat, 50),
             "create_p99": pct(lat, 99),
@@ -316,49 +428,75 @@ FIO_JOBS = {
 }
 
 
-def _fio(directory: str, job: list[str], runtime: int) -> dict[str, float]:
-    argv = ["fio", "--name=bench", f"--directory={directory}", "--size=256m", "--direct=1", "--ioengine=libaio"]
-    argv += ["--time_based", f"--runtime={runtime}", "--ramp_time=1", "--output-format=json", *job]
+RANDOM_JOBS = {k: v for k, v in FIO_JOBS.items() if k.startswith("rand")}
+
+
+def _fio(directory: str, job: list[str], runtime: int, jobs: int = 1) -> dict[str, float]:
+    """One fio job (``jobs`` copies of it, reported together) on 256 MiB of files."""
+    argv = ["fio", "--name=bench", f"--directory={directory}", f"--size={256 // jobs}m", "--direct=1"]
+    argv += ["--ioengine=libaio", "--time_based", f"--runtime={runtime}", "--ramp_time=1", "--output-format=json"]
+    argv += [f"--numjobs={jobs}", "--group_reporting", *job]
     r = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=runtime + 120)
     j = json.loads(r.stdout)["jobs"][0]
     side = j["read"] if j["read"]["io_bytes"] else j["write"]
     return {"iops": side["iops"], "bw_bytes": side["bw_bytes"]}
 
 
-async def datapath(t: Target, runtime: int, rounds: int = 3, thick: bool = True) -> dict[str, Any]:
-    """fio on a loop-backed ELV volume against the same job on the pool's own
-    filesystem, alternated job by job for ``rounds`` rounds (medians), so
-    both sides see the same noise."""
-    if shutil.which("fio") is None:
-        return {"error": "fio is not installed (apt-get install fio)"}
-    v = Volume(t, "ext4", 1024 * MiB)
-    req_params = {PROVISIONING: "thick"} if thick else {}
-    req = csi_pb2.CreateVolumeRequest(
-        name=v.name,
-        volume_capabilities=[v.cap],
-        parameters=req_params,
-        capacity_range=csi_pb2.CapacityRange(required_bytes=v.size),
-    )
-    v.vid = (await t.controller.CreateVolume(req)).volume.volume_id
+async def _fio_volume(t: Target, thick: bool) -> Volume:
+    """A 1 GiB ext4 volume, staged and published (thick: every block allocated)."""
+    v = Volume(t, "ext4", 1024 * MiB, parameters={PROVISIONING: "thick" if thick else "thin"})
+    await v.create()
     await v.stage()
     await v.publish()
+    return v
+
+
+async def _compare(
+    vol_dir: str, raw_dir: str, jobs: dict[str, list[str]], runtime: int, rounds: int, copies: int = 1
+) -> dict[str, Any]:
+    """Each job on the volume and on the pool's own filesystem, alternated job
+    by job for ``rounds`` rounds (medians), so both sides see the same noise."""
+    samples: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for _ in range(rounds):
+        for name, job in jobs.items():
+            s = samples.setdefault(name, {"volume": [], "pool_fs": []})
+            s["volume"].append(await asyncio.to_thread(_fio, vol_dir, job, runtime, copies))
+            s["pool_fs"].append(await asyncio.to_thread(_fio, raw_dir, job, runtime, copies))
+    out: dict[str, Any] = {}
+    for name, s in samples.items():
+        vol = {k: statistics.median(x[k] for x in s["volume"]) for k in ("iops", "bw_bytes")}
+        raw = {k: statistics.median(x[k] for x in s["pool_fs"]) for k in ("iops", "bw_bytes")}
+        ratios = [a["iops"] / b["iops"] for a, b in zip(s["volume"], s["pool_fs"], strict=True)]
+        out[name] = {"volume": vol, "pool_fs": raw, "iops_ratio": vol["iops"] / raw["iops"], "round_ratios": ratios}
+    return out
+
+
+async def datapath(t: Target, runtime: int, rounds: int = 3, variants: bool = True) -> dict[str, Any]:
+    """fio on a loop-backed ELV volume (thick, as the StorageClass that promises
+    performance makes it) against the same job on the pool's own filesystem.
+    ``variants`` adds, for the random 4 KiB jobs, where the loss is: a thin
+    (sparse) volume, and four jobs at once instead of one."""
+    if shutil.which("fio") is None:
+        return {"unmeasured": "fio is not installed (apt-get install fio)"}
     raw_dir = os.path.join(t.pool, "fio-raw")
     os.makedirs(raw_dir, exist_ok=True)
-    out: dict[str, Any] = {"thick": thick, "rounds": rounds}
     try:
-        samples: dict[str, dict[str, list[dict[str, float]]]] = {}
-        for _ in range(rounds):
-            for name, job in FIO_JOBS.items():
-                s = samples.setdefault(name, {"volume": [], "pool_fs": []})
-                s["volume"].append(await asyncio.to_thread(_fio, v.target, job, runtime))
-                s["pool_fs"].append(await asyncio.to_thread(_fio, raw_dir, job, runtime))
-        for name, s in samples.items():
-            vol = {k: statistics.median(x[k] for x in s["volume"]) for k in ("iops", "bw_bytes")}
-            raw = {k: statistics.median(x[k] for x in s["pool_fs"]) for k in ("iops", "bw_bytes")}
-            out[name] = {"volume": vol, "pool_fs": raw, "iops_ratio": vol["iops"] / raw["iops"]}
+        v = await _fio_volume(t, thick=True)
+        try:
+            out: dict[str, Any] = {"thick": True, "rounds": rounds}
+            out.update(await _compare(v.target, raw_dir, FIO_JOBS, runtime, rounds))
+            if variants:
+                out["variants"] = {"thick, 4 jobs": await _compare(v.target, raw_dir, RANDOM_JOBS, runtime, rounds, 4)}
+        finally:
+            await v.teardown()
+        if variants:
+            thin = await _fio_volume(t, thick=False)
+            try:
+                out["variants"]["thin"] = await _compare(thin.target, raw_dir, RANDOM_JOBS, runtime, rounds)
+            finally:
+                await thin.teardown()
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
-        await v.teardown()
     return out
 
 

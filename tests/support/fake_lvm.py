@@ -230,7 +230,8 @@ class FakeLvm:
                 size = int(opts["-L"][0].rstrip("b"))
                 lv = FakeLv(name, vg, size, "linear", tags, "", origin.name, active=origin.active)
         elif "-V" in opts:
-            lv = FakeLv(name, vg, int(opts["-V"][0].rstrip("b")), "thin", tags, opts["--thinpool"][0])
+            size = int(opts["-V"][0].rstrip("b"))
+            lv = FakeLv(name, vg, size, "thin", tags, opts["--thinpool"][0], active="-an" not in opts)
         else:
             size = int(opts["-L"][0].rstrip("b"))
             if size > self.free(vg):

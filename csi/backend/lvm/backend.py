@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 
 from csi.backend.base import SnapshotsByPart, check_compatible
 from csi.backend.lvm import model, params
@@ -24,7 +25,7 @@ from csi.backend.lvm.snapshots import LvmSnapshots
 from csi.backend.lvm.store import LvStore
 from csi.backend.lvm.wipe import Wiper
 from csi.errors import AlreadyExists, CommandError, InUse, NotFound, Unavailable
-from csi.model import Capacity, Device, Health, PoolStats, Volume, VolumeSpec, round_up
+from csi.model import DEFAULT_FS, AccessType, Capacity, Device, Health, PoolStats, Volume, VolumeSpec, round_up
 
 log = logging.getLogger(__name__)
 MiB = 1024 * 1024
@@ -115,10 +116,15 @@ class LvmBackend(SnapshotsByPart):
             return await self.cloner.create(spec, cls, oid, layout)
         size = self.store.lv_size(view, cls, spec)
         now = time.time_ns()
-        tags = model.volume_tags(self.store.owner, spec, now)
+        # A new mount volume holds nothing anyone wrote: it carries the intent to
+        # format from birth (as if ELV's own mkfs had begun), so staging it costs
+        # one lvchange (elv.formatted, after mkfs), not two.
+        intent = (spec.fs_type or DEFAULT_FS) if spec.access == AccessType.MOUNT else None
+        tags = model.volume_tags(self.store.owner, spec, now, formatting=intent)
         if cls.thin_pool is not None:
-            # Inactive until staged: an attached volume is an active LV.
-            argv = ["-n", name, "-V", f"{size}b", "--thinpool", cls.thin_pool, "-an", "-y"]
+            # Left active, as a thick LV is (its -Z y needs that): staging it then
+            # runs no lvchange -ay, and unstaging deactivates it.
+            argv = ["-n", name, "-V", f"{size}b", "--thinpool", cls.thin_pool, "-y"]
         else:
             # -W/-Z: clear signatures and the first 4 KiB even on extents ELV did not wipe.
             argv = ["-n", name, "-L", f"{size}b", "-W", "y", "-Z", "y", "-y", *layout.args]
@@ -146,6 +152,7 @@ class LvmBackend(SnapshotsByPart):
             None,
             dict(spec.parameters),
             now,
+            formatting=intent,
             mutable=dict(spec.mutable),
         )
 
@@ -188,7 +195,12 @@ class LvmBackend(SnapshotsByPart):
                 await self.store.lvm.change("lvextend", "-L", f"{target}b", f"{lv.vg}/{lv.name}")
             except CommandError as e:
                 raise classify(e, f"growing volume {volume_id} to {target} bytes") from e
-        _, grown, _ = await self.store.must_find(volume_id, fresh=True)
+        if lv.segtype in ("linear", "thin"):
+            # lvextend made exactly this (whole extents): no need to ask.
+            grown = replace(lv, size=target)
+        else:
+            # Striped and raid1 LVs may be rounded further (whole stripes): ask LVM.
+            _, grown, _ = await self.store.must_find(volume_id, fresh=True)
         log.info("expanded volume %s to %d bytes", volume_id, grown.size)
         return model.to_volume(grown, volume_id)
 

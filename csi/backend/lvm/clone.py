@@ -282,15 +282,20 @@ class Cloner:
             raise
         finally:
             self.store.inv.invalidate()
-        found = await self.store.find(str(oid), "v", fresh=True)
-        if found is None:
-            raise NotFound(f"volume {oid} vanished right after it was made")
         log.info(
             "created volume %s from %s (%s)",
             oid,
             spec.source.id if spec.source else "?",
             "thin snapshot" if instant else "block copy",
         )
+        if not layout.args:
+            # Made exactly so (whole extents, these tags): no need to ask.
+            done = [t for t in tags if t != model.PENDING]
+            return model.volume_of(str(oid), done, size, thick=cls.thin_pool is None)
+        # Striped and raid1 LVs may be rounded further (whole stripes): ask LVM.
+        found = await self.store.find(str(oid), "v", fresh=True)
+        if found is None:
+            raise NotFound(f"volume {oid} vanished right after it was made")
         return model.to_volume(found[1], str(oid))
 
     async def _discard(self, cls: DeviceClass, name: str) -> None:
@@ -311,11 +316,14 @@ class Cloner:
                 temp = await self._temp_snapshot(src, oid)
                 reading = temp
             src_dev = await self.store.activate(reading)
-            view = await self.store.view(fresh=True)
-            target = view.lv(cls.vg, name)
-            if target is None:
-                raise NotFound(f"the new LV {cls.vg}/{name} vanished before the copy")
-            dst_dev = await self.store.activate(target)
+            # lvcreate left the new LV active: its device is in sysfs, no report needed.
+            dst_dev = await self.store.active_device(cls.vg, name)
+            if dst_dev is None:
+                view = await self.store.view(fresh=True)
+                target = view.lv(cls.vg, name)
+                if target is None:
+                    raise NotFound(f"the new LV {cls.vg}/{name} vanished before the copy")
+                dst_dev = await self.store.activate(target)
             label = f"{src.name} -> {name}"
             await run_stoppable(
                 lambda stop: copy_blocks(src_dev.path, dst_dev.path, src_size, label, sparse=sparse, stop=stop)

@@ -18,17 +18,23 @@ a volume appears with its tags or not at all. Work that takes more than one
 command (a clone's copy, a resize after a thin clone, the members of a group
 snapshot) is marked ``elv.pending`` until it is done; startup removes what
 still carries it, and every member of a group that has a pending member.
+
+A new, empty mount volume is born with ``elv.formatting=<fs>``: nobody but
+ELV has written to it, so until ``elv.formatted`` replaces it (after mkfs,
+before the first mount) whatever it holds is ELV's own, exactly as after an
+mkfs that began and never finished. Staging it then records the result in
+one lvchange instead of two.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 from csi.backend.base import split_parameters, stored_parameters
-from csi.backend.lvm.report import LvInfo, hex_decode, hex_encode
+from csi.backend.lvm.report import LvInfo, hex_decode, hex_encode, tag_map
 from csi.model import AccessType, Snapshot, Source, Volume, VolumeSpec, ids
 
 OWNER = "elv.owner"
@@ -108,6 +114,7 @@ def volume_tags(
     created_ns: int,
     formatted: str | None = None,
     pending: bool = False,
+    formatting: str | None = None,
 ) -> list[str]:
     tags = [
         tag(OWNER, owner),
@@ -126,6 +133,8 @@ def volume_tags(
         tags.append(tag(SOURCE, f"{spec.source.kind}:{spec.source.id}"))
     if formatted:
         tags.append(tag(FORMATTED, formatted))
+    elif formatting:
+        tags.append(tag(FORMATTING, formatting))
     if pending:
         tags.append(tag(PENDING))
     return tags
@@ -176,8 +185,12 @@ def node_attachment_tags(lv: LvInfo, node_id: str) -> list[str]:
 
 
 def attachments(lv: LvInfo) -> dict[str, bool]:
+    return _attachments(lv.tags)
+
+
+def _attachments(tags: Iterable[str]) -> dict[str, bool]:
     out: dict[str, bool] = {}
-    for t in lv.tags:
+    for t in tags:
         if t.startswith(ATTACHED + "="):
             node_hex, _, mode = t[len(ATTACHED) + 1 :].partition(".")
             node = hex_decode(node_hex)
@@ -202,20 +215,27 @@ def _access(value: str | None) -> AccessType:
 
 
 def to_volume(lv: LvInfo, volume_id: str) -> Volume:
-    parameters, mutable = split_parameters(decode_params(lv.tag(PARAMS)))
+    return volume_of(volume_id, lv.tags, lv.size, thick=not lv.thin)
+
+
+def volume_of(volume_id: str, tags: Sequence[str], size: int, *, thick: bool) -> Volume:
+    """The volume an LV of this size with these tags is: read from a report,
+    or, for an LV this process has just made, from what it told lvcreate."""
+    tm = tag_map(tags)
+    parameters, mutable = split_parameters(decode_params(tm.get(PARAMS)))
     return Volume(
         id=volume_id,
-        name=hex_decode(lv.tag(NAME) or "") or "",
-        size=lv.size,
-        access=_access(lv.tag(ACCESS)),
-        fs_type=lv.tag(FS) or None,
-        thick=not lv.thin,
-        source=_source(lv.tag(SOURCE)),
+        name=hex_decode(tm.get(NAME) or "") or "",
+        size=size,
+        access=_access(tm.get(ACCESS)),
+        fs_type=tm.get(FS) or None,
+        thick=thick,
+        source=_source(tm.get(SOURCE)),
         parameters=parameters,
-        created_ns=int(lv.tag(CREATED) or 0),
-        formatted=lv.tag(FORMATTED) or None,
-        formatting=lv.tag(FORMATTING) or None,
-        attachments=attachments(lv),
+        created_ns=int(tm.get(CREATED) or 0),
+        formatted=tm.get(FORMATTED) or None,
+        formatting=tm.get(FORMATTING) or None,
+        attachments=_attachments(tags),
         mutable=mutable,
     )
 

@@ -165,6 +165,13 @@ class LvStore:
             return await devnode.wait_for_device(again.major, again.minor, make_nodes=self.make_nodes)
         return await devnode.wait_for_device(found[1], found[2], make_nodes=self.make_nodes)
 
+    async def active_device(self, vg: str, name: str) -> Device | None:
+        """The device of an LV the kernel has active (read from sysfs), or None."""
+        found = await asyncio.to_thread(devnode.find_dm_by_name, devnode.dm_name(vg, name))
+        if found is None:
+            return None
+        return await devnode.wait_for_device(found[1], found[2], make_nodes=self.make_nodes)
+
     async def deactivate(self, lv: LvInfo) -> None:
         """Deactivate the LV; InUse if it is open (LVM itself refuses then)."""
         if lv.active:

@@ -220,7 +220,7 @@ async def test_node_lookups_of_an_inactive_volume_run_no_lvm(backend: LvmBackend
     """kubelet and csi-sanity unstage volumes that were never staged: the
     kernel's list of active disks answers that, without an lvs."""
     vol = await backend.create_volume(spec("idle", 64 * MiB, "thin"))
-    lvm.lvs[("vg0", "elv-" + vol.id)].active = False  # as lvcreate -an leaves it (the fake ignores -an)
+    lvm.lvs[("vg0", "elv-" + vol.id)].active = False  # as a reboot leaves it
     n = len(lvm.calls)
     assert await backend.find_device(vol.id) is None
     await backend.detach(vol.id)
@@ -720,3 +720,90 @@ async def test_stopping_the_backend_stops_a_wipe_running_in_a_thread(
     await backend.stop()
     assert ended.is_set(), "the zeroing thread still runs after stop()"
     assert ("vg0", "elv-" + snap.id) in lvm.lvs, "cut off: it stays quarantined, to be wiped at the next start"
+
+
+async def test_a_new_mount_volume_is_staged_with_one_lvchange(backend: LvmBackend, lvm: FakeLvm) -> None:
+    """Born with the intent to format (lvcreate's own tags), so the stage's
+    intent record costs nothing and only the result is one lvchange."""
+    vol = await backend.create_volume(spec("fresh", fs_type=""))
+    lv = lvm.lvs[("vg0", "elv-" + vol.id)]
+    assert "elv.formatting=ext4" in lv.tags and vol.formatting == "ext4"  # the default filesystem
+    got = await backend.get_volume(vol.id)
+    assert got is not None and got.formatting == "ext4" and got.formatted is None
+    n = len(lvm.changes())
+    await backend.mark_formatted(vol.id, "ext4", complete=False)
+    assert lvm.changes()[n:] == []
+    await backend.mark_formatted(vol.id, "ext4")
+    (change,) = lvm.changes()[n:]
+    assert change[:2] == ("lvm", "lvchange")
+    assert "elv.formatted=ext4" in change and "elv.formatting=ext4" in change  # added, and deleted
+    assert lv.tags.count("elv.formatted=ext4") == 1 and "elv.formatting=ext4" not in lv.tags
+
+
+async def test_only_empty_mount_volumes_are_born_with_the_intent(backend: LvmBackend, lvm: FakeLvm) -> None:
+    block = await backend.create_volume(spec("raw", access=AccessType.BLOCK, fs_type=""))
+    assert not any(t.startswith("elv.formatting") for t in lvm.lvs[("vg0", "elv-" + block.id)].tags)
+    xfs = await backend.create_volume(spec("x", fs_type="xfs", cls="thin"))
+    assert "elv.formatting=xfs" in lvm.lvs[("vg0", "elv-" + xfs.id)].tags
+    # A clone holds its source's data: it is never born "being formatted".
+    snap = await backend.snaps.create("s", xfs.id)
+    clone = await backend.create_volume(spec("c", fs_type="xfs", cls="thin", source=Source("snapshot", snap.id)))
+    tags = lvm.lvs[("vg0", "elv-" + clone.id)].tags
+    assert not any(t.startswith("elv.formatting") for t in tags)
+
+
+@pytest.mark.parametrize("cls", ["thick", "thin"])
+async def test_expand_reads_the_report_once(backend: LvmBackend, lvm: FakeLvm, cls: str) -> None:
+    """One lvs to decide, one lvextend; the grown size is what lvextend was told
+    (whole extents), not read back with a second report."""
+    vol = await backend.create_volume(spec("e", cls=cls))
+    n = len(lvm.calls)
+    grown = await backend.expand_volume(vol.id, 100 * MiB + 1)
+    assert [c[1] for c in lvm.calls[n:]] == ["lvs", "lvextend"]
+    assert grown.size == 104 * MiB == lvm.lvs[("vg0", "elv-" + vol.id)].size
+    got = await backend.get_volume(vol.id)
+    assert got is not None and got.size == 104 * MiB  # a later report agrees
+
+
+async def test_a_thin_clone_reads_the_report_once(backend: LvmBackend, lvm: FakeLvm) -> None:
+    src = await backend.create_volume(spec("src", 64 * MiB, "thin"))
+    snap = await backend.create_snapshot("s", src.id)
+    n = len(lvm.calls)
+    clone = await backend.create_volume(spec("c", 64 * MiB, "thin", source=Source("snapshot", snap.id)))
+    assert [c[1] for c in lvm.calls[n:]] == ["lvs", "lvcreate"]
+    # What it answered without asking is what a report says.
+    backend.store.inv.invalidate()
+    assert clone == await backend.get_volume(clone.id)
+
+
+async def test_a_thick_clone_finds_its_new_lv_in_sysfs(
+    backend: LvmBackend, lvm: FakeLvm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from csi.backend.lvm import clone as clone_mod
+
+    copied: list[tuple[str, str, int]] = []
+    monkeypatch.setattr(clone_mod, "copy_blocks", lambda src, dst, size, what, **kw: copied.append((src, dst, size)))
+    vol = await backend.create_volume(spec("origin", 64 * MiB))
+    snap = await backend.create_snapshot("s", vol.id)
+    n = len(lvm.calls)
+    made = await backend.create_volume(spec("copy", 64 * MiB, source=Source("snapshot", snap.id)))
+    # One report to decide; the copy's target is found by its device-mapper name.
+    assert [c[1] for c in lvm.calls[n:]] == ["lvs", "lvcreate", "lvchange"]
+    target = lvm.lvs[("vg0", "elv-" + made.id)]
+    assert copied == [(f"/dev/dm-{lvm.lvs[('vg0', 'elv-' + snap.id)].minor}", f"/dev/dm-{target.minor}", 64 * MiB)]
+    backend.store.inv.invalidate()
+    assert made == await backend.get_volume(made.id)
+
+
+@pytest.mark.parametrize("cls", ["thick", "thin"])
+async def test_a_new_volume_is_active_so_its_stage_runs_no_lvchange(
+    backend: LvmBackend, lvm: FakeLvm, cls: str
+) -> None:
+    """Thin LVs are left active by lvcreate, as thick ones must be (-Z y): the
+    first stage finds the device in sysfs and activates nothing."""
+    vol = await backend.create_volume(spec("a", cls=cls))
+    assert lvm.lvs[("vg0", "elv-" + vol.id)].active
+    n = len(lvm.calls)
+    dev = await backend.attach(vol.id)
+    assert dev.path == f"/dev/dm-{lvm.lvs[('vg0', 'elv-' + vol.id)].minor}"
+    assert [c[1] for c in lvm.calls[n:]] == ["lvs"]
