@@ -10,7 +10,15 @@ from google.protobuf import wrappers_pb2
 
 from csi.backend.base import ControllerBackend
 from csi.config import Config
-from csi.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from csi.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    UnknownClass,
+)
 from csi.model import DEFAULT_FS, PROVISIONING, AccessType, Volume, VolumeSpec, ids
 from csi.services import Context, convert
 from csi.services import validation as v
@@ -198,14 +206,24 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         )
 
     async def GetCapacity(self, request: csi_pb2.GetCapacityRequest, context: Context) -> csi_pb2.GetCapacityResponse:
+        """What this node can still promise for a class. A class this node does
+        not serve (one for the other backend, or an LVM device class it lacks)
+        has no capacity here, which is not an error: csi-provisioner asks every
+        node about every class, and retries an error forever."""
         params = dict(request.parameters)
+        nothing = csi_pb2.GetCapacityResponse(available_capacity=0)
+        if v.foreign_keys(params, self._backend.parameters.values):
+            return nothing
         self._volume_parameters(params)
         if request.HasField("accessible_topology") and dict(request.accessible_topology.segments) != self._topology:
-            return csi_pb2.GetCapacityResponse(available_capacity=0)
+            return nothing
         for cap in request.volume_capabilities:
             if v.capability_problem(cap) is not None:
-                return csi_pb2.GetCapacityResponse(available_capacity=0)
-        c = await self._backend.capacity(params)
+                return nothing
+        try:
+            c = await self._backend.capacity(params)
+        except UnknownClass:
+            return nothing
         return csi_pb2.GetCapacityResponse(
             available_capacity=c.available,
             maximum_volume_size=wrappers_pb2.Int64Value(value=c.maximum_volume_size),
