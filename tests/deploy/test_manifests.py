@@ -279,3 +279,43 @@ def test_dockerfile_matches_the_daemonset() -> None:
         exec(compile(f.read(), "csi/__init__.py", "exec"), about)
     assert f'"elv[metrics,udev]=={about["__version__"]}"' in text
     assert containers("overlays/loop")["elv"]["image"] == f"elv:{about['__version__']}"
+
+
+def flags(args: list[str]) -> dict[str, str | None]:
+    """--flag=value args as a map (a bare --flag maps to None)."""
+    out: dict[str, str | None] = {}
+    for a in args:
+        name, sep, value = a.partition("=")
+        assert name not in out, f"{name} given twice"
+        out[name] = value if sep else None
+    return out
+
+
+#: What each overlay means to change in the base's containers, per container:
+#: flag -> new value, or REMOVED. Anything else that differs is a bug (the lvm
+#: overlay once replaced the driver's whole argument list and lost
+#: --node-expansion-only: on a cluster of more than one node, expansion then
+#: went to the wrong node's driver).
+REMOVED = "<removed>"
+OVERLAY_CHANGES: dict[str, dict[str, dict[str, str | None]]] = {
+    "overlays/loop": {},
+    "overlays/lvm": {
+        "elv": {"--backend": "lvm", "--loop-dir": REMOVED, "--lvm-config": "/etc/elv/lvm.toml"},
+    },
+}
+
+
+def test_every_overlay_is_listed() -> None:
+    overlays = sorted(f"overlays/{d}" for d in os.listdir(os.path.join(DEPLOY, "overlays")))
+    assert overlays == sorted(OVERLAY_CHANGES)
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAY_CHANGES))
+def test_overlays_keep_every_base_flag(overlay: str) -> None:
+    base = {n: flags(c.get("args", [])) for n, c in containers("base").items()}
+    got = {n: flags(c.get("args", [])) for n, c in containers(overlay).items()}
+    assert set(got) == set(base), f"{overlay} adds or drops containers"
+    for name, want in base.items():
+        changes = OVERLAY_CHANGES[overlay].get(name, {})
+        expected = {k: v for k, v in {**want, **changes}.items() if v != REMOVED}
+        assert got[name] == expected, f"{overlay}: container {name} args differ from the base's beyond the intended"
