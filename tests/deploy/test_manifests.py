@@ -319,3 +319,19 @@ def test_overlays_keep_every_base_flag(overlay: str) -> None:
         changes = OVERLAY_CHANGES[overlay].get(name, {})
         expected = {k: v for k, v in {**want, **changes}.items() if v != REMOVED}
         assert got[name] == expected, f"{overlay}: container {name} args differ from the base's beyond the intended"
+
+
+def test_kubectl_elv_defaults_find_the_shipped_daemonset() -> None:
+    """`kubectl elv` with no flags must find the driver's pods of deploy/ (it
+    once looked in kube-system for app.kubernetes.io/name=elv: nothing)."""
+    from csi.cmd.kubectl import parser
+
+    args = parser().parse_args([])
+    for overlay in OVERLAY_CHANGES:
+        (ds,) = by_kind(build(overlay), "DaemonSet")
+        assert args.namespace == ds["metadata"]["namespace"], overlay
+        labels = ds["spec"]["template"]["metadata"]["labels"]
+        key, _, value = args.selector.partition("=")
+        assert labels.get(key) == value, (overlay, args.selector, labels)
+        c = {x["name"]: x for x in ds["spec"]["template"]["spec"]["containers"]}
+        assert args.container in c and "--endpoint=unix:///csi/csi.sock" in c[args.container]["args"], overlay
