@@ -335,3 +335,47 @@ def test_kubectl_elv_defaults_find_the_shipped_daemonset() -> None:
         assert labels.get(key) == value, (overlay, args.selector, labels)
         c = {x["name"]: x for x in ds["spec"]["template"]["spec"]["containers"]}
         assert args.container in c and "--endpoint=unix:///csi/csi.sock" in c[args.container]["args"], overlay
+
+
+GROUP = "groupsnapshot.storage.k8s.io"
+GATE = "--feature-gates=CSIVolumeGroupSnapshot=true"
+
+
+def granted(objs: list[dict[str, Any]], role: str, group: str, resource: str) -> set[str]:
+    verbs: set[str] = set()
+    for o in objs:
+        if o["kind"] in ("ClusterRole", "Role") and o["metadata"]["name"] == role:
+            for rule in o["rules"]:
+                if group in rule.get("apiGroups", []) and resource in rule["resources"]:
+                    verbs |= set(rule["verbs"])
+    return verbs
+
+
+def test_group_snapshots_are_wired() -> None:
+    """VolumeGroupSnapshots work from Kubernetes objects: the feature gate on
+    both snapshot components (off by default in v8.6.0), the RBAC each needs
+    for the group resources (upstream's rules for v8.6.0), and a class."""
+    for overlay in OVERLAY_CHANGES:
+        objs = build(overlay)
+        assert GATE in containers(overlay)["csi-snapshotter"]["args"], overlay
+        sidecar = {
+            "volumegroupsnapshotclasses": {"get", "list", "watch"},
+            "volumegroupsnapshotcontents": {"get", "list", "watch", "update", "patch"},
+            "volumegroupsnapshotcontents/status": {"update", "patch"},
+        }
+        for resource, verbs in sidecar.items():
+            assert verbs <= granted(objs, "elv-node", GROUP, resource), (overlay, resource)
+        (cls,) = by_kind(objs, "VolumeGroupSnapshotClass")
+        assert cls["driver"] == DRIVER and cls["deletionPolicy"] == "Delete"
+    objs = build("snapshot-controller")
+    (dep,) = by_kind(objs, "Deployment")
+    assert GATE in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    controller = {
+        "volumegroupsnapshotclasses": {"get", "list", "watch"},
+        "volumegroupsnapshotcontents": {"create", "get", "list", "watch", "update", "delete", "patch"},
+        "volumegroupsnapshotcontents/status": {"patch"},
+        "volumegroupsnapshots": {"get", "list", "watch", "update", "patch"},
+        "volumegroupsnapshots/status": {"update", "patch"},
+    }
+    for resource, verbs in controller.items():
+        assert verbs <= granted(objs, "snapshot-controller-runner", GROUP, resource), resource
