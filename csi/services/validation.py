@@ -39,6 +39,13 @@ SNAPSHOT: Mapping[str, frozenset[str] | None] = {
     "csi.storage.k8s.io/volumesnapshot/namespace": None,
     "csi.storage.k8s.io/volumesnapshotcontent/name": None,
 }
+#: Keys a VolumeGroupSnapshotClass may carry: the group metadata
+#: csi-snapshotter adds with --extra-create-metadata.
+GROUP_SNAPSHOT: Mapping[str, frozenset[str] | None] = {
+    "csi.storage.k8s.io/volumegroupsnapshot/name": None,
+    "csi.storage.k8s.io/volumegroupsnapshot/namespace": None,
+    "csi.storage.k8s.io/volumegroupsnapshotcontent/name": None,
+}
 
 
 #: The namespace of every backend's own parameter keys.
