@@ -19,7 +19,7 @@ from csi.errors import (
     ResourceExhausted,
     UnknownClass,
 )
-from csi.model import DEFAULT_FS, PROVISIONING, AccessType, Volume, VolumeSpec, ids
+from csi.model import DEFAULT_FS, PROVISIONING, AccessType, Source, Volume, VolumeSpec, ids
 from csi.services import Context, convert
 from csi.services import validation as v
 from csi.services.gate import Gate
@@ -97,6 +97,24 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             f"this driver serves node {self._config.node_id!r}, which is not in the requisite topology"
         )
 
+    async def _check_source_here(self, source: Source) -> None:
+        """A snapshot or volume lives on one node, and a copy of it can only be
+        made there. With topology (a cluster), a source this node does not hold
+        is RESOURCE_EXHAUSTED: "not in this topology", which makes
+        csi-provisioner ask the scheduler for another node; NOT_FOUND would
+        make it retry here forever. (Without topology, the backend answers
+        NOT_FOUND as the spec asks for a missing source.)"""
+        found = (
+            await self._backend.get_snapshot(source.id)
+            if source.kind == "snapshot"
+            else await self._backend.get_volume(source.id)
+        )
+        if found is None:
+            raise ResourceExhausted(
+                f"source {source.kind} {source.id} is not on node {self._config.node_id}: a volume made from it "
+                "must be on the node that holds it (schedule its pod there)"
+            )
+
     # -- volumes ------------------------------------------------------------------
 
     async def CreateVolume(
@@ -128,6 +146,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         source = (
             convert.content_source(request.volume_content_source) if request.HasField("volume_content_source") else None
         )
+        if source is not None and request.HasField("accessibility_requirements"):
+            await self._check_source_here(source)
         spec = VolumeSpec(
             name=name,
             size=size,

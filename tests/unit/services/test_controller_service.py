@@ -177,6 +177,30 @@ async def test_create_volume_from_snapshot_passes_the_source(stub, backend: Fake
     assert spec.source.kind == "snapshot"
 
 
+async def test_a_source_on_another_node_asks_for_another_node(stub, backend: FakeBackend) -> None:
+    """In a cluster (topology given) a restore or clone of a source this node does
+    not hold is RESOURCE_EXHAUSTED, which makes csi-provisioner reschedule;
+    NOT_FOUND made it retry on the wrong node forever."""
+    here = csi_pb2.Topology(segments={TOPO: "node-a"})
+    topo = csi_pb2.TopologyRequirement(requisite=[here], preferred=[here])
+    for src in (
+        csi_pb2.VolumeContentSource(
+            snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id="s-fake-" + "1" * 32)
+        ),
+        csi_pb2.VolumeContentSource(volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id="v-fake-" + "1" * 32)),
+    ):
+        err = await expect(
+            stub.CreateVolume(create_req(volume_content_source=src, accessibility_requirements=topo)),
+            S.RESOURCE_EXHAUSTED,
+        )
+        assert "is not on node node-a" in err.details()
+    assert backend.called("create_volume") == []
+    # A source that is here is fine.
+    v = backend.add_volume("src")
+    src = csi_pb2.VolumeContentSource(volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=v.id))
+    await stub.CreateVolume(create_req("pvc-clone", volume_content_source=src, accessibility_requirements=topo))
+
+
 # -- unexpected errors -----------------------------------------------------------------------
 
 
