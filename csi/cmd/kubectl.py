@@ -331,7 +331,7 @@ def _forget_one(core: Any, client: Any, node: str, f: Forget) -> None:
         keep = without_finalizer(pv.metadata.finalizers, PROVISIONER_FINALIZER)
         if keep != list(pv.metadata.finalizers or []):
             body = {"metadata": {"finalizers": keep, "resourceVersion": pv.metadata.resource_version}}
-            core.patch_persistent_volume(f.pv, body)
+            core.patch_persistent_volume(f.pv, body, _content_type="application/merge-patch+json")
         core.delete_persistent_volume(f.pv)
     except not_found as e:
         if e.status != 404:
