@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, TypeVar
 
 from google.protobuf import wrappers_pb2
 
@@ -63,11 +63,21 @@ def paginate(
     return list(items[start:end]), nxt
 
 
+class Peers(Protocol):
+    """The drivers of the other nodes (csi.kube.agent.KubeAgent, when the
+    driver runs in a cluster)."""
+
+    async def modify(self, volume_id: str, parameters: Mapping[str, str]) -> None:
+        """Have the node that holds the volume apply the mutable parameters;
+        raises its error. NotFound if no node holds it."""
+
+
 class ControllerService(csi_pb2_grpc.ControllerServicer):
-    def __init__(self, config: Config, backend: ControllerBackend, gate: Gate) -> None:
+    def __init__(self, config: Config, backend: ControllerBackend, gate: Gate, peers: Peers | None = None) -> None:
         self._config = config
         self._backend = backend
         self._gate = gate
+        self._peers = peers
         self._topology = {config.topology_key: config.node_id}
 
     # -- helpers ----------------------------------------------------------------
@@ -316,11 +326,27 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     async def ControllerModifyVolume(
         self, request: csi_pb2.ControllerModifyVolumeRequest, context: Context
     ) -> csi_pb2.ControllerModifyVolumeResponse:
+        """In a cluster only one node's csi-resizer acts (it holds the lease) and
+        calls its own node's driver for every volume: a volume of another node
+        is handed to that node's driver (Peers), whose answer is returned."""
         vid = v.required_id(request.volume_id, "volume_id")
         mutable = self._mutable_parameters(dict(request.mutable_parameters))
-        await self._existing(vid)
-        await self._gate.rpc(request, [vid], lambda: self._backend.modify_volume(vid, mutable))
+        v.string_map(request.secrets, "secrets")
+        if self._peers is not None and await self._backend.get_volume(vid) is None:
+            await self._peers.modify(vid, mutable)
+        else:
+            await self.modify_here(vid, mutable)
         return csi_pb2.ControllerModifyVolumeResponse()
+
+    async def modify_here(self, volume_id: str, mutable_parameters: Mapping[str, str]) -> None:
+        """ControllerModifyVolume of a volume on this node, never forwarded
+        (what a request handed over by another node's driver runs)."""
+        vid = v.required_id(volume_id, "volume_id")
+        mutable = self._mutable_parameters(dict(mutable_parameters))
+        await self._existing(vid)
+        # The gate knows a retry by the request: the same one, secrets aside.
+        request = csi_pb2.ControllerModifyVolumeRequest(volume_id=vid, mutable_parameters=mutable)
+        await self._gate.rpc(request, [vid], lambda: self._backend.modify_volume(vid, mutable))
 
     # -- snapshots ------------------------------------------------------------------
 

@@ -273,11 +273,12 @@ def test_dockerfile_matches_the_daemonset() -> None:
         assert f"{pkg}=" in text, f"{pkg} is not pinned in the Dockerfile"
     assert containers("overlays/loop")["elv"]["image"].split(":")[0] == "elv"
     # The image installs this repository's version of the package, with every extra
-    # the DaemonSet or the lvm overlay can use (metrics; pyudev for --lvm-devices).
+    # the DaemonSet or the lvm overlay can use (metrics; pyudev for --lvm-devices;
+    # the kubernetes client for --kubernetes-api).
     about: dict[str, str] = {}
     with open(os.path.join(REPO, "csi", "__init__.py")) as f:
         exec(compile(f.read(), "csi/__init__.py", "exec"), about)
-    assert f'"elv[metrics,udev]=={about["__version__"]}"' in text
+    assert f'"elv[metrics,udev,k8s]=={about["__version__"]}"' in text
     assert containers("overlays/loop")["elv"]["image"] == f"elv:{about['__version__']}"
 
 
@@ -359,14 +360,26 @@ def test_group_snapshots_are_wired() -> None:
         objs = build(overlay)
         assert GATE in containers(overlay)["csi-snapshotter"]["args"], overlay
         sidecar = {
-            "volumegroupsnapshotclasses": {"get", "list", "watch"},
+            # create: the driver makes its own node's class.
+            "volumegroupsnapshotclasses": {"get", "list", "watch", "create"},
             "volumegroupsnapshotcontents": {"get", "list", "watch", "update", "patch"},
             "volumegroupsnapshotcontents/status": {"update", "patch"},
         }
         for resource, verbs in sidecar.items():
             assert verbs <= granted(objs, "elv-node", GROUP, resource), (overlay, resource)
-        (cls,) = by_kind(objs, "VolumeGroupSnapshotClass")
-        assert cls["driver"] == DRIVER and cls["deletionPolicy"] == "Delete"
+        # With distributed snapshotting each node's csi-snapshotter sees only
+        # the classes labelled with its node: the driver makes one per node
+        # (elv-group-snapshots-<node>), so deploy/ ships none (it would never work).
+        assert not by_kind(objs, "VolumeGroupSnapshotClass"), overlay
+        assert "--kubernetes-api=in-cluster" in containers(overlay)["elv"]["args"], overlay
+        for resource, verbs in {
+            "persistentvolumes": {"get", "list", "watch", "patch"},
+            "nodes": {"get"},
+        }.items():
+            assert verbs <= granted(objs, "elv-node", "", resource), (overlay, resource)
+        for resource in ("volumesnapshotcontents", "volumegroupsnapshotcontents"):
+            group = GROUP if "group" in resource else "snapshot.storage.k8s.io"
+            assert {"list", "watch", "patch"} <= granted(objs, "elv-node", group, resource), (overlay, resource)
     objs = build("snapshot-controller")
     (dep,) = by_kind(objs, "Deployment")
     assert GATE in dep["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -379,3 +392,6 @@ def test_group_snapshots_are_wired() -> None:
     }
     for resource, verbs in controller.items():
         assert verbs <= granted(objs, "snapshot-controller-runner", GROUP, resource), resource
+    # A group's members are VolumeSnapshots the controller creates and deletes.
+    members = {"create", "get", "list", "watch", "update", "patch", "delete"}
+    assert members <= granted(objs, "snapshot-controller-runner", "snapshot.storage.k8s.io", "volumesnapshots")

@@ -526,3 +526,40 @@ async def test_controller_capabilities(stub) -> None:
     resp = await stub.ControllerGetCapabilities(csi_pb2.ControllerGetCapabilitiesRequest())
     types = {c.rpc.type for c in resp.capabilities}
     assert {RPC.CREATE_DELETE_VOLUME, RPC.LIST_VOLUMES, RPC.GET_CAPACITY, RPC.MODIFY_VOLUME} <= types
+
+
+# -- ControllerModifyVolume of another node's volume ------------------------------------------
+
+
+class RecordingPeers:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, str]]] = []
+
+    async def modify(self, volume_id: str, parameters) -> None:  # type: ignore[no-untyped-def]
+        self.calls.append((volume_id, dict(parameters)))
+
+
+async def test_modify_of_a_volume_elsewhere_goes_to_the_peers(serve, config: Config, backend: FakeBackend) -> None:
+    peers = RecordingPeers()
+    svc = ControllerService(config, backend, Gate(), peers=peers)
+    stub = csi_pb2_grpc.ControllerStub(await serve((csi_pb2_grpc.add_ControllerServicer_to_server, svc)))
+    here = backend.add_volume("here")
+    elsewhere = str(ids.make("v", "fake", "elsewhere"))
+    params = {"elv.csi.dev/provisioning": "thick"}
+    await stub.ControllerModifyVolume(
+        csi_pb2.ControllerModifyVolumeRequest(volume_id=elsewhere, mutable_parameters=params)
+    )
+    await stub.ControllerModifyVolume(
+        csi_pb2.ControllerModifyVolumeRequest(volume_id=here.id, mutable_parameters=params)
+    )
+    assert peers.calls == [(elsewhere, params)]
+    assert [c[0] for c in backend.called("modify_volume")] == [here.id]
+    # Parameters are checked before anything leaves the node.
+    bad = csi_pb2.ControllerModifyVolumeRequest(volume_id=elsewhere, mutable_parameters={"elv.csi.dev/x": "y"})
+    await expect(stub.ControllerModifyVolume(bad), S.INVALID_ARGUMENT)
+    assert len(peers.calls) == 1
+
+
+async def test_modify_without_peers_of_an_unknown_volume_is_not_found(stub) -> None:
+    req = csi_pb2.ControllerModifyVolumeRequest(volume_id=str(ids.make("v", "fake", "nope")))
+    await expect(stub.ControllerModifyVolume(req), S.NOT_FOUND)
