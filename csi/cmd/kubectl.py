@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -326,16 +327,30 @@ def _forget_one(core: Any, client: Any, node: str, f: Forget) -> None:
         except not_found as e:
             if e.status != 404:
                 raise
-    try:
-        pv = core.read_persistent_volume(f.pv)
-        keep = without_finalizer(pv.metadata.finalizers, PROVISIONER_FINALIZER)
-        if keep != list(pv.metadata.finalizers or []):
-            body = {"metadata": {"finalizers": keep, "resourceVersion": pv.metadata.resource_version}}
-            core.patch_persistent_volume(f.pv, body, _content_type="application/merge-patch+json")
-        core.delete_persistent_volume(f.pv)
-    except not_found as e:
-        if e.status != 404:
-            raise
+    _drop_pv(core, not_found, f.pv)
+
+
+def _drop_pv(core: Any, api_error: type[Exception], name: str, timeout: float = 60.0) -> None:
+    """Delete a PV and take csi-provisioner's finalizer off it until it is gone:
+    a controller working from an older copy may put the finalizer back once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pv = core.read_persistent_volume(name)
+            keep = without_finalizer(pv.metadata.finalizers, PROVISIONER_FINALIZER)
+            if keep != list(pv.metadata.finalizers or []):
+                body = {"metadata": {"finalizers": keep, "resourceVersion": pv.metadata.resource_version}}
+                core.patch_persistent_volume(name, body, _content_type="application/merge-patch+json")
+            if pv.metadata.deletion_timestamp is None:
+                core.delete_persistent_volume(name)
+        except api_error as e:
+            status = getattr(e, "status", None)
+            if status == 404:
+                return
+            if status != 409:  # 409: changed meanwhile; read it again
+                raise
+        time.sleep(0.5)
+    raise SystemExit(f"kubectl-elv: PV {name} is still there after {timeout:g} s")
 
 
 def parser() -> argparse.ArgumentParser:
