@@ -128,6 +128,14 @@ def test_1_node_plugin_on_every_node(cluster: Cluster, world: dict[str, Any]) ->
         uid = api.get(f"/api/v1/namespaces/{NAMESPACE}/pods/{name}")["metadata"]["uid"]
         assert os.path.isdir(os.path.join(cluster.node(node).kubelet_dir, "pods", uid))
         assert not os.path.exists(os.path.join("/var/lib/kubelet/pods", uid))
+    for name, (node, _) in pods.items():
+        # elv doctor, inside the built image as the DaemonSet runs it, on its node.
+        doctor = cluster.kubectl(
+            "exec", "-n", NAMESPACE, name, "-c", "elv", "--", "elv", "doctor", "--endpoint", "unix:///csi/csi.sock",
+            check=False,
+        )  # fmt: skip
+        assert doctor.returncode == 0, f"{node}: elv doctor:\n{doctor.stdout}{doctor.stderr}"
+        assert "a driver answers on the socket" in doctor.stdout and "no problems found" in doctor.stdout
     caps = capacities(api)
     for n in names:
         # A loop node serves no lvm class: capacity 0 (not an error retried forever).
