@@ -4,8 +4,8 @@
 #   docker build -t elv:0.1.0 .
 # The DaemonSet in deploy/ sets only args; it runs the container privileged.
 # It holds every optional dependency the DaemonSet and its overlays use:
-# metrics (prometheus-client) and udev (pyudev, for the lvm backend's
-# --lvm-devices).
+# metrics (prometheus-client), udev (pyudev, for the lvm backend's
+# --lvm-devices) and k8s (the kubernetes client, for --kubernetes-api).
 #
 # BASE is the image both stages start from: a Debian 12 image with Python 3.11
 # and pip. scripts/build-image builds without a registry by passing a local
@@ -17,7 +17,7 @@ FROM ${BASE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY csi ./csi
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[metrics,udev]"
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[metrics,udev,k8s]"
 
 # ---- runtime
 FROM ${BASE}
@@ -40,7 +40,7 @@ ENV LC_ALL=C.UTF-8 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links=/wheels "elv[metrics,udev]==0.1.0" \
+RUN pip install --no-cache-dir --no-index --find-links=/wheels "elv[metrics,udev,k8s]==0.1.0" \
     && rm -rf /wheels \
     && elv --version
 # The CSI socket's directory (a hostPath in the DaemonSet).

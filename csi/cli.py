@@ -70,6 +70,13 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--tool-path", default=Config.tool_path, help="PATH searched for external tools (mkfs, losetup, ...)"
     )
     p.add_argument("--no-direct-io", action="store_true", help="attach loop devices without direct I/O")
+    p.add_argument(
+        "--kubernetes-api",
+        default=None,
+        metavar="in-cluster|KUBECONFIG",
+        help="use the Kubernetes API (the DaemonSet sets in-cluster): hand VolumeAttributesClass changes to the "
+        "node that holds the volume, and claim group snapshot contents for this node",
+    )
 
 
 def add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -130,6 +137,7 @@ def config_from(args: argparse.Namespace) -> Config:
         lvm_vg=args.lvm_vg,
         lvm_thin_pool=args.lvm_thin_pool,
         lvm_devices=args.lvm_devices,
+        kubernetes_api=args.kubernetes_api,
     )
     try:
         cfg.socket_path  # noqa: B018 - validates the endpoint

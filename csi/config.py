@@ -65,6 +65,11 @@ class Config:
     lvm_vg: str | None = None
     lvm_thin_pool: str | None = None
     lvm_devices: str | None = None
+    #: Talk to the Kubernetes API ("in-cluster": the pod's service account, or
+    #: a kubeconfig path): ControllerModifyVolume of another node's volume is
+    #: handed to that node's driver, and group snapshot contents are claimed
+    #: for this node (see csi.kube). None: never.
+    kubernetes_api: str | None = None
 
     @property
     def topology_key(self) -> str:

@@ -7,6 +7,7 @@ logged, so a client never sees UNKNOWN.
 
     ElvError                      INTERNAL
     ├── InvalidArgument           INVALID_ARGUMENT  a request field is missing or malformed
+    │   └── UnknownClass                            parameters name a class this node does not have
     ├── NotFound                  NOT_FOUND         the volume, snapshot or path does not exist
     ├── AlreadyExists             ALREADY_EXISTS    same name or path, incompatible request
     ├── FailedPrecondition        FAILED_PRECONDITION  the state does not allow it yet
@@ -48,6 +49,12 @@ class ElvError(Exception):
 
 class InvalidArgument(ElvError):
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class UnknownClass(InvalidArgument):
+    """The parameters name a class of volume this node does not have (an LVM
+    device class it is not configured with). CreateVolume refuses it; for
+    GetCapacity it means "no capacity here", as another node may have it."""
 
 
 class NotFound(ElvError):

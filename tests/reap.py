@@ -1,7 +1,8 @@
 """Remove what an earlier, killed test run left on this machine.
 
 A test run that is SIGKILLed (a cancelled CI job, a session that ends) cannot
-clean up, and its leftovers break the next run: a test cluster's bridge, mounts
+clean up, and its leftovers break the next run: a test cluster's bridge, its
+nodes' namespaces, processes, pool loop devices, cgroups and veths, and mounts
 and loop devices. scripts/test runs this first. It touches only what is stale:
 scratch directories whose owner process is gone (csi/host/scratch.py), test
 clusters none of whose processes still run, and what engine test runs whose
@@ -36,14 +37,22 @@ def _runs_in(pid: int, root: str) -> bool:
 
 
 def stale_clusters(root: str = scratch.ROOT) -> list[Cluster]:
-    from tests.support.cluster import Cluster
+    """Test clusters none of whose processes run any more. A cluster's nodes
+    (namespaces, loop devices, cgroups, veths) and its bridge are in its state
+    file, so down() removes them too. A cluster of an older state format
+    (made by an older checkout) is that checkout's to remove, and is left."""
+    from tests.support.cluster import Cluster, ClusterError
 
     out = []
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
         if not name.startswith(K8S_PREFIX) or not os.path.isfile(os.path.join(path, "state.json")):
             continue
-        c = Cluster.load(path)
+        try:
+            c = Cluster.load(path)
+        except (ClusterError, KeyError, ValueError, TypeError) as e:
+            print(f"reap: leaving {path}: {e}", file=sys.stderr)
+            continue
         if not any(_runs_in(p.pid, c.root) for p in c.procs.values()):
             out.append(c)
     return out

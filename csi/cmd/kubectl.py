@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -62,8 +63,12 @@ def join(
     inventories: Mapping[str, list[Mapping[str, Any]]],
     usage: Mapping[str, Mapping[str, int]],
     driver: str = DRIVER_NAME,
+    nodes: Iterable[str] | None = None,
 ) -> list[Row]:
-    """Join PVs, per-node inventories and per-PVC usage into rows (pure)."""
+    """Join PVs, per-node inventories and per-PVC usage into rows (pure).
+
+    ``nodes`` are the cluster's Node objects (None: every node a PV names is
+    taken to exist); a PV pinned to a node that is not among them is lost."""
     by_handle: dict[str, Mapping[str, Any]] = {}
     for pv in pvs:
         csi = (pv.get("spec") or {}).get("csi") or {}
@@ -73,7 +78,8 @@ def join(
         _inventory_row(node, v, by_handle, usage, driver) for node, vols in sorted(inventories.items()) for v in vols
     ]
     seen = {r.volume_id for r in rows}
-    rows += [_lost_row(vid, pv, inventories, driver) for vid, pv in sorted(by_handle.items()) if vid not in seen]
+    known = None if nodes is None else set(nodes)
+    rows += [_lost_row(vid, pv, inventories, driver, known) for vid, pv in sorted(by_handle.items()) if vid not in seen]
     return rows
 
 
@@ -108,11 +114,21 @@ def _inventory_row(
     return row
 
 
-def _lost_row(vid: str, pv: Mapping[str, Any], inventories: Mapping[str, Any], driver: str) -> Row:
+LOST_NODE = "lost: node gone"
+
+
+def _lost_row(
+    vid: str, pv: Mapping[str, Any], inventories: Mapping[str, Any], driver: str, nodes: set[str] | None
+) -> Row:
     """A PV whose volume no inspected node reports."""
     node = pv_node(pv, driver)
     size = _quantity(((pv.get("spec") or {}).get("capacity") or {}).get("storage", "0"))
-    problem = "lost: volume missing on its node" if node in inventories else "node not inspected"
+    if node and nodes is not None and node not in nodes:
+        problem = f"{LOST_NODE} (kubectl elv forget-node {node})"
+    elif node in inventories:
+        problem = "lost: volume missing on its node"
+    else:
+        problem = "node not inspected"
     return Row(node or "?", vid, "", size, str(pv["metadata"]["name"]), _claim(pv), problem=problem)
 
 
@@ -156,7 +172,11 @@ def _inventory_via_exec(client: Any, node: str, namespace: str, selector: str, c
     from kubernetes.stream import stream
 
     core = client.CoreV1Api()
-    pods = core.list_namespaced_pod(namespace, label_selector=selector, field_selector=f"spec.nodeName={node}").items
+    pods = core.list_namespaced_pod(
+        namespace, label_selector=selector, field_selector=f"spec.nodeName={node},status.phase=Running"
+    ).items
+    # During a rollout the old pod may still be terminating beside the new one.
+    pods = [p for p in pods if p.metadata.deletion_timestamp is None]
     if not pods:
         return None
     out = stream(
@@ -229,16 +249,122 @@ def collect(args: argparse.Namespace) -> list[Row]:
             usage[node] = usage_from_summary(json.loads(raw))
         except Exception as e:  # a kubelet the API server cannot reach: use what the driver said
             print(f"kubectl-elv: no kubelet stats from node {node}: {str(e).splitlines()[0][:120]}", file=sys.stderr)
-    return join(pvs, inventories, usage, args.driver)
+    return join(pvs, inventories, usage, args.driver, nodes)
 
 
-def main(argv: list[str] | None = None) -> int:
+# -- a node that is gone ------------------------------------------------------------
+
+PROVISIONER_FINALIZER = "external-provisioner.volume.kubernetes.io/finalizer"
+
+
+@dataclass
+class Forget:
+    """One PV of a gone node, and the claim bound to it ("" if none)."""
+
+    pv: str
+    claim_namespace: str = ""
+    claim: str = ""
+
+
+def forget_plan(pvs: Iterable[Mapping[str, Any]], node: str, driver: str = DRIVER_NAME) -> list[Forget]:
+    """The PVs of ``driver`` pinned to ``node``, with their claims (pure)."""
+    out = []
+    for pv in pvs:
+        if ((pv.get("spec") or {}).get("csi") or {}).get("driver") != driver or pv_node(pv, driver) != node:
+            continue
+        ref = (pv.get("spec") or {}).get("claimRef") or {}
+        out.append(Forget(str(pv["metadata"]["name"]), str(ref.get("namespace") or ""), str(ref.get("name") or "")))
+    return sorted(out, key=lambda f: f.pv)
+
+
+def without_finalizer(finalizers: Iterable[str] | None, name: str) -> list[str]:
+    return [f for f in finalizers or [] if f != name]
+
+
+def forget_node(args: argparse.Namespace) -> int:
+    """Free the PVCs and PVs of a node that is gone for good.
+
+    Their volumes went with the node: no driver will ever delete them, so a
+    PV keeps csi-provisioner's finalizer forever and its claim stays bound to
+    it, and pods that need the claim stay Pending. This deletes each claim
+    (force-deleting the gone node's pods that use it), removes the
+    provisioner's finalizer and deletes the PV. Only PVs pinned to that node
+    are touched; the Node object must be gone already (delete it first, once
+    you are sure the node will not come back). Without --yes, only prints
+    what it would do."""
+    client = _client(args.kubeconfig)
+    core = client.CoreV1Api()
+    api = client.ApiClient()
+    node = args.node
+    if any(n.metadata.name == node for n in core.list_node().items):
+        print(f"kubectl-elv: node {node} still exists; delete the Node object first", file=sys.stderr)
+        return 2
+    pvs = [api.sanitize_for_serialization(pv) for pv in core.list_persistent_volume().items]
+    plan = forget_plan(pvs, node, args.driver)
+    for f in plan:
+        claim = f" and claim {f.claim_namespace}/{f.claim}" if f.claim else ""
+        print(f"{'forget' if args.yes else 'would forget'}: PV {f.pv}{claim}")
+    if not args.yes:
+        if plan:
+            print("dry run: add --yes to delete these claims and PVs")
+        return 0
+    for f in plan:
+        _forget_one(core, client, node, f)
+    return 0
+
+
+def _forget_one(core: Any, client: Any, node: str, f: Forget) -> None:
+    not_found = client.exceptions.ApiException
+    if f.claim:
+        for pod in core.list_namespaced_pod(f.claim_namespace, field_selector=f"spec.nodeName={node}").items:
+            claims = {v.persistent_volume_claim.claim_name for v in pod.spec.volumes or [] if v.persistent_volume_claim}
+            if f.claim in claims:
+                core.delete_namespaced_pod(pod.metadata.name, f.claim_namespace, grace_period_seconds=0)
+        try:
+            pvc = core.read_namespaced_persistent_volume_claim(f.claim, f.claim_namespace)
+            if pvc.spec.volume_name == f.pv:  # a claim of that name now bound elsewhere stays
+                core.delete_namespaced_persistent_volume_claim(f.claim, f.claim_namespace)
+        except not_found as e:
+            if e.status != 404:
+                raise
+    _drop_pv(core, not_found, f.pv)
+
+
+def _drop_pv(core: Any, api_error: type[Exception], name: str, timeout: float = 60.0) -> None:
+    """Delete a PV and take csi-provisioner's finalizer off it until it is gone:
+    a controller working from an older copy may put the finalizer back once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pv = core.read_persistent_volume(name)
+            keep = without_finalizer(pv.metadata.finalizers, PROVISIONER_FINALIZER)
+            if keep != list(pv.metadata.finalizers or []):
+                body = {"metadata": {"finalizers": keep, "resourceVersion": pv.metadata.resource_version}}
+                core.patch_persistent_volume(name, body, _content_type="application/merge-patch+json")
+            if pv.metadata.deletion_timestamp is None:
+                core.delete_persistent_volume(name)
+        except api_error as e:
+            status = getattr(e, "status", None)
+            if status == 404:
+                return
+            if status != 409:  # 409: changed meanwhile; read it again
+                raise
+        time.sleep(0.5)
+    raise SystemExit(f"kubectl-elv: PV {name} is still there after {timeout:g} s")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line. The defaults name the DaemonSet deploy/ ships
+    (namespace elv-system, pods labelled app.kubernetes.io/name=elv-node,
+    the driver's container elv), so no flag is needed on such a cluster."""
     p = argparse.ArgumentParser(prog="kubectl elv", description="ELV volumes across the cluster")
-    p.add_argument("what", nargs="?", choices=["volumes", "orphans"], default="volumes")
+    p.add_argument("what", nargs="?", choices=["volumes", "orphans", "forget-node"], default="volumes")
+    p.add_argument("node", nargs="?", help="forget-node: the gone node whose PVs and claims to free")
+    p.add_argument("--yes", action="store_true", help="forget-node: do it (without it, only print the plan)")
     p.add_argument("--kubeconfig", default=None)
     p.add_argument("--driver", default=DRIVER_NAME)
-    p.add_argument("--namespace", default="kube-system", help="namespace of the ELV DaemonSet")
-    p.add_argument("--selector", default="app.kubernetes.io/name=elv", help="label selector of its pods")
+    p.add_argument("--namespace", default="elv-system", help="namespace of the ELV DaemonSet")
+    p.add_argument("--selector", default="app.kubernetes.io/name=elv-node", help="label selector of its pods")
     p.add_argument("--container", default="elv")
     p.add_argument(
         "--endpoint",
@@ -248,7 +374,16 @@ def main(argv: list[str] | None = None) -> int:
         help="a node whose driver runs as a host process: ask its socket directly",
     )
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
+    if args.what == "forget-node":
+        if not args.node:
+            p.error("forget-node needs the node's name")
+        return forget_node(args)
     rows = collect(args)
     if args.what == "orphans":
         rows = [r for r in rows if r.problem]

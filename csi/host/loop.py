@@ -5,6 +5,16 @@ process and sees every device at once. Changes go through ``losetup`` from
 util-linux: its ``--nooverlap`` attach is idempotent (a second attach of the
 same file returns the existing device) and it already handles the race
 between LOOP_CTL_GET_FREE and configuring the device.
+
+A path in sysfs is the path *as seen through the mount the file was opened
+by*. In a container that mount goes when the container does: after the node
+plugin's pod is restarted, the kernel shows the files its predecessor
+attached relative to the mount's root (``/loop/volumes/ID.img`` for
+``/var/lib/elv/loop/volumes/ID.img``). Matching on the path alone then takes
+an attached volume for a detached one: a stage would attach it a second time
+(two devices, one filesystem) and an unstage would leave its device behind.
+So a device whose path does not match is compared by the identity of its
+file (device and inode, LOOP_GET_STATUS64), which no mount namespace changes.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from csi.errors import CommandError, FailedPrecondition, Internal
@@ -117,9 +128,38 @@ def scan(sys_block: str = SYS_BLOCK) -> list[LoopDevice]:
     return sorted(out, key=lambda d: int(d.name[4:]))
 
 
-def find(backing_file: str, sys_block: str = SYS_BLOCK) -> list[LoopDevice]:
-    """Loop devices whose backing file is this path (not deleted)."""
-    return [d for d in scan(sys_block) if d.backing_file == backing_file and not d.deleted]
+#: (major, minor, inode) of a file.
+Identity = tuple[int, int, int]
+
+
+def file_identity(path: str) -> Identity | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
+
+
+def find(
+    backing_file: str,
+    sys_block: str = SYS_BLOCK,
+    identity: Callable[[str], Identity | None] = loopctl.backing_identity,
+) -> list[LoopDevice]:
+    """Loop devices whose backing file is this file (not deleted): the same
+    path, or, for one attached through another mount, the same file."""
+    devices = [d for d in scan(sys_block) if not d.deleted]
+    found = [d for d in devices if d.backing_file == backing_file]
+    others = [d for d in devices if d.backing_file != backing_file and d.backing_file.endswith(_tail(backing_file))]
+    if others:
+        want = file_identity(backing_file)
+        found += [d for d in others if want is not None and identity(d.name) == want]
+    return sorted(found, key=lambda d: int(d.name[4:]))
+
+
+def _tail(path: str) -> str:
+    """What a path still ends with when the kernel shows it relative to a mount:
+    its last component, with the slash before it."""
+    return "/" + os.path.basename(path)
 
 
 def size_bytes(name: str, sys_block: str = SYS_BLOCK) -> int:
@@ -214,11 +254,18 @@ class LoopTool:
     through the shared runner."""
 
     def __init__(
-        self, runner: Runner, *, direct_io: bool = True, sys_block: str = SYS_BLOCK, use_ioctl: bool | None = None
+        self,
+        runner: Runner,
+        *,
+        direct_io: bool = True,
+        sys_block: str = SYS_BLOCK,
+        use_ioctl: bool | None = None,
+        identity: Callable[[str], Identity | None] = loopctl.backing_identity,
     ) -> None:
         self._run = runner
         self._direct_io = direct_io
         self._sys_block = sys_block
+        self._identity = identity
         self._ioctl = loopctl.supported() if use_ioctl is None else use_ioctl
         # One attach at a time: concurrent LOOP_CTL_GET_FREE calls all return the
         # same device and all but one then retry on EBUSY.
@@ -229,33 +276,59 @@ class LoopTool:
         # by one scan at startup, kept by attach/detach, and re-checked against
         # sysfs (one read) whenever they are used.
         self._index: dict[str, str] = {}
+        # File identity -> device, for the devices seed() found whose path does
+        # not match (attached through a mount that is gone).
+        self._strangers: dict[Identity, str] = {}
 
     def seed(self) -> None:
         """Index every attached device (startup: a previous instance may have
-        attached volumes). Blocking."""
-        self._index = {d.backing_file: d.name for d in scan(self._sys_block) if not d.deleted}
+        attached volumes). Blocking. Devices a previous instance attached from
+        another mount namespace show another path: they are indexed by the
+        identity of their file, and found by it at their first lookup."""
+        self._index = {}
+        self._strangers = {}
+        for d in scan(self._sys_block):
+            if d.deleted:
+                continue
+            self._index[d.backing_file] = d.name
+            ident = self._identity(d.name)
+            if ident is not None:
+                self._strangers[ident] = d.name
 
     def lookup(self, backing_file: str) -> LoopDevice | None:
-        """The device this process attached the file to, checked against sysfs."""
+        """The device the file is attached to as far as this process knows
+        (attached by it, or found at seed()), checked against the kernel."""
         name = self._index.get(backing_file)
         if name is None:
-            return None
+            ident = file_identity(backing_file) if self._strangers else None
+            name = self._strangers.get(ident) if ident is not None else None
+            if name is None:
+                return None
+        if self._is_attached_to(name, backing_file):
+            self._index[backing_file] = name
+            return LoopDevice(name, backing_file, False)
+        self._index.pop(backing_file, None)  # detached behind our back
+        return None
+
+    def _is_attached_to(self, name: str, backing_file: str) -> bool:
         try:
             with open(
                 os.path.join(self._sys_block, name, "loop", "backing_file"), encoding="utf-8", errors="surrogateescape"
             ) as f:
                 path, deleted = parse_backing_file(f.read())
         except OSError:
-            path, deleted = "", True
-        if path != backing_file or deleted:
-            self._index.pop(backing_file, None)  # detached behind our back
-            return None
-        return LoopDevice(name, path, False)
+            return False
+        if deleted:
+            return False
+        if path == backing_file:
+            return True
+        want = file_identity(backing_file)
+        return want is not None and self._identity(name) == want
 
     def find_all(self, backing_file: str) -> list[LoopDevice]:
         """Every device attached to the file, by a full scan (for decisions that
         must not trust the index, such as refusing to delete a volume in use)."""
-        found = [d for d in scan(self._sys_block) if d.backing_file == backing_file and not d.deleted]
+        found = find(backing_file, self._sys_block, self._identity)
         if found:
             self._index[backing_file] = found[0].name
         return found

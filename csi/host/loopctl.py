@@ -20,6 +20,7 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 LOOP_CLR_FD = 0x4C01
+LOOP_GET_STATUS64 = 0x4C05
 LOOP_SET_CAPACITY = 0x4C07
 LOOP_CONFIGURE = 0x4C0A
 LOOP_CTL_REMOVE = 0x4C81
@@ -29,6 +30,9 @@ LO_FLAGS_DIRECT_IO = 16
 #: struct loop_config { u32 fd; u32 block_size; struct loop_info64 info; u64 reserved[8]; }
 _CONFIG = struct.Struct("<II" + "QQQQQ" + "IIII" + "64s64s32s" + "QQ" + "8Q")
 _NODE_WAIT = 5.0
+#: struct loop_info64 { u64 lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit;
+#: u32 lo_number, lo_encrypt_type, lo_encrypt_key_size, lo_flags; u8 names and key[64+64+32]; u64 lo_init[2]; }
+_INFO64 = struct.Struct("<QQQQQIIII64s64s32sQQ")
 
 
 def pack_config(fd: int, path: str, direct_io: bool, block_size: int = 0, read_only: bool = False) -> bytes:
@@ -137,6 +141,30 @@ def detach(name: str) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def decode_dev(dev: int) -> tuple[int, int]:
+    """The kernel's new_encode_dev() format (lo_device) as (major, minor)."""
+    return (dev >> 8) & 0xFFF, (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
+
+
+def backing_identity(name: str) -> tuple[int, int, int] | None:
+    """(major, minor, inode) of the file behind /dev/NAME, from the kernel
+    (LOOP_GET_STATUS64); None if nothing is attached or the node is gone.
+    Unlike sysfs's backing_file path, this does not depend on the mount
+    namespace that attached the file."""
+    try:
+        fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(_INFO64.size))
+    except OSError:
+        return None  # ENXIO: not attached
+    finally:
+        os.close(fd)
+    device, inode = _INFO64.unpack(raw)[:2]
+    return (*decode_dev(device), inode)
 
 
 def set_capacity(name: str) -> None:

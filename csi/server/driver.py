@@ -42,6 +42,7 @@ from csi.services.node import NodeService
 from csi.v1 import csi_pb2_grpc
 
 if TYPE_CHECKING:
+    from csi.kube.agent import KubeAgent
     from csi.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class Driver:
         self._tasks: list[asyncio.Task[None]] = []
         self.server: grpc.aio.Server | None = None
         self._stop = asyncio.Event()
+        self.kube: KubeAgent | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -103,7 +105,8 @@ class Driver:
         )
         csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(cfg, self.backend, group_snapshots=True), server)
         if cfg.mode.controller:
-            csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(cfg, self.backend, self.gate), server)
+            controller = ControllerService(cfg, self.backend, self.gate, peers=self._kube_agent())
+            csi_pb2_grpc.add_ControllerServicer_to_server(controller, server)
             csi_pb2_grpc.add_GroupControllerServicer_to_server(GroupControllerService(self.backend, self.gate), server)
         if cfg.mode.node:
             ops = NodeOps(
@@ -124,6 +127,8 @@ class Driver:
         secure_socket(path, cfg.socket_group)
         await server.start()
         self.server = server
+        if self.kube is not None and cfg.mode.controller:
+            self.kube.start(asyncio.get_running_loop(), controller.modify_here, self._owns)
         if self.metrics is not None and cfg.metrics_address:
             self.metrics.serve(cfg.metrics_address)
             self._tasks.append(asyncio.ensure_future(self.metrics.refresh_forever(self.backend.pool_stats)))
@@ -138,6 +143,24 @@ class Driver:
                 }
             },
         )
+
+    def _kube_agent(self) -> KubeAgent | None:
+        """The work done through the Kubernetes API (csi.kube), if asked for."""
+        if not self.config.kubernetes_api:
+            return None
+        from csi.kube.agent import KubeAgent
+        from csi.kube.client import Kube
+
+        self.kube = KubeAgent(Kube(self.config.kubernetes_api), self.config.node_id, self.config.driver_name)
+        return self.kube
+
+    async def _owns(self, kind: str, object_id: str) -> bool:
+        """Whether a volume, snapshot or group snapshot is on this node."""
+        if kind == "volume":
+            return await self.backend.get_volume(object_id) is not None
+        if kind == "snapshot":
+            return await self.backend.get_snapshot(object_id) is not None
+        return await self.backend.get_group_snapshot(object_id) is not None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -159,6 +182,8 @@ class Driver:
         def left() -> float:
             return max(0.0, deadline - loop.time())
 
+        if self.kube is not None:
+            self.kube.stop()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

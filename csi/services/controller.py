@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, TypeVar
 
 from google.protobuf import wrappers_pb2
 
 from csi.backend.base import ControllerBackend
 from csi.config import Config
-from csi.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from csi.model import DEFAULT_FS, PROVISIONING, AccessType, Volume, VolumeSpec, ids
+from csi.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    UnknownClass,
+)
+from csi.model import DEFAULT_FS, PROVISIONING, AccessType, Source, Volume, VolumeSpec, ids
 from csi.services import Context, convert
 from csi.services import validation as v
 from csi.services.gate import Gate, name_key
@@ -55,11 +63,21 @@ def paginate(
     return list(items[start:end]), nxt
 
 
+class Peers(Protocol):
+    """The drivers of the other nodes (csi.kube.agent.KubeAgent, when the
+    driver runs in a cluster)."""
+
+    async def modify(self, volume_id: str, parameters: Mapping[str, str]) -> None:
+        """Have the node that holds the volume apply the mutable parameters;
+        raises its error. NotFound if no node holds it."""
+
+
 class ControllerService(csi_pb2_grpc.ControllerServicer):
-    def __init__(self, config: Config, backend: ControllerBackend, gate: Gate) -> None:
+    def __init__(self, config: Config, backend: ControllerBackend, gate: Gate, peers: Peers | None = None) -> None:
         self._config = config
         self._backend = backend
         self._gate = gate
+        self._peers = peers
         self._topology = {config.topology_key: config.node_id}
 
     # -- helpers ----------------------------------------------------------------
@@ -90,6 +108,24 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             f"this driver serves node {self._config.node_id!r}, which is not in the requisite topology"
         )
 
+    async def _check_source_here(self, source: Source) -> None:
+        """A snapshot or volume lives on one node, and a copy of it can only be
+        made there. With topology (a cluster), a source this node does not hold
+        is RESOURCE_EXHAUSTED: "not in this topology", which makes
+        csi-provisioner ask the scheduler for another node; NOT_FOUND would
+        make it retry here forever. (Without topology, the backend answers
+        NOT_FOUND as the spec asks for a missing source.)"""
+        found = (
+            await self._backend.get_snapshot(source.id)
+            if source.kind == "snapshot"
+            else await self._backend.get_volume(source.id)
+        )
+        if found is None:
+            raise ResourceExhausted(
+                f"source {source.kind} {source.id} is not on node {self._config.node_id}: a volume made from it "
+                "must be on the node that holds it (schedule its pod there)"
+            )
+
     # -- volumes ------------------------------------------------------------------
 
     async def CreateVolume(
@@ -118,6 +154,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         source = (
             convert.content_source(request.volume_content_source) if request.HasField("volume_content_source") else None
         )
+        if source is not None and request.HasField("accessibility_requirements"):
+            await self._check_source_here(source)
         spec = VolumeSpec(
             name=name,
             size=size,
@@ -196,14 +234,24 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         )
 
     async def GetCapacity(self, request: csi_pb2.GetCapacityRequest, context: Context) -> csi_pb2.GetCapacityResponse:
+        """What this node can still promise for a class. A class this node does
+        not serve (one for the other backend, or an LVM device class it lacks)
+        has no capacity here, which is not an error: csi-provisioner asks every
+        node about every class, and retries an error forever."""
         params = dict(request.parameters)
+        nothing = csi_pb2.GetCapacityResponse(available_capacity=0)
+        if v.foreign_keys(params, self._backend.parameters.values):
+            return nothing
         self._volume_parameters(params)
         if request.HasField("accessible_topology") and dict(request.accessible_topology.segments) != self._topology:
-            return csi_pb2.GetCapacityResponse(available_capacity=0)
+            return nothing
         for cap in request.volume_capabilities:
             if v.capability_problem(cap) is not None:
-                return csi_pb2.GetCapacityResponse(available_capacity=0)
-        c = await self._backend.capacity(params)
+                return nothing
+        try:
+            c = await self._backend.capacity(params)
+        except UnknownClass:
+            return nothing
         return csi_pb2.GetCapacityResponse(
             available_capacity=c.available,
             maximum_volume_size=wrappers_pb2.Int64Value(value=c.maximum_volume_size),
@@ -276,11 +324,27 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     async def ControllerModifyVolume(
         self, request: csi_pb2.ControllerModifyVolumeRequest, context: Context
     ) -> csi_pb2.ControllerModifyVolumeResponse:
+        """In a cluster only one node's csi-resizer acts (it holds the lease) and
+        calls its own node's driver for every volume: a volume of another node
+        is handed to that node's driver (Peers), whose answer is returned."""
         vid = v.required_id(request.volume_id, "volume_id")
         mutable = self._mutable_parameters(dict(request.mutable_parameters))
-        await self._existing(vid)
-        await self._gate.rpc(request, [vid], lambda: self._backend.modify_volume(vid, mutable))
+        v.string_map(request.secrets, "secrets")
+        if self._peers is not None and await self._backend.get_volume(vid) is None:
+            await self._peers.modify(vid, mutable)
+        else:
+            await self.modify_here(vid, mutable)
         return csi_pb2.ControllerModifyVolumeResponse()
+
+    async def modify_here(self, volume_id: str, mutable_parameters: Mapping[str, str]) -> None:
+        """ControllerModifyVolume of a volume on this node, never forwarded
+        (what a request handed over by another node's driver runs)."""
+        vid = v.required_id(volume_id, "volume_id")
+        mutable = self._mutable_parameters(dict(mutable_parameters))
+        await self._existing(vid)
+        # The gate knows a retry by the request: the same one, secrets aside.
+        request = csi_pb2.ControllerModifyVolumeRequest(volume_id=vid, mutable_parameters=mutable)
+        await self._gate.rpc(request, [vid], lambda: self._backend.modify_volume(vid, mutable))
 
     # -- snapshots ------------------------------------------------------------------
 

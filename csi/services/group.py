@@ -45,7 +45,7 @@ class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):
         if not request.source_volume_ids:
             raise InvalidArgument("source_volume_ids is required")
         vids = [v.required_id(x, "source_volume_ids") for x in request.source_volume_ids]
-        v.parameters(dict(request.parameters), v.SNAPSHOT)
+        v.parameters(dict(request.parameters), v.GROUP_SNAPSHOT)
         keys = [name_key("group snapshot", name), *vids]
         group = await self._gate.rpc(request, keys, lambda: self._backend.create_group_snapshot(name, vids))
         return csi_pb2.CreateVolumeGroupSnapshotResponse(group_snapshot=group_message(group))

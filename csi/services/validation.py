@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from csi import DRIVER_NAME
 from csi.backend.base import check_values
 from csi.errors import InvalidArgument, OutOfRange
 from csi.model import CREATED_BY, DEFAULT_FS, MIN_FS_BYTES, SUPPORTED_FS, AccessType, Capability, Mode, round_up
@@ -42,6 +43,24 @@ SNAPSHOT: Mapping[str, frozenset[str] | None] = {
     "csi.storage.k8s.io/volumesnapshot/namespace": None,
     "csi.storage.k8s.io/volumesnapshotcontent/name": None,
 }
+#: Keys a VolumeGroupSnapshotClass may carry: the group metadata
+#: csi-snapshotter adds with --extra-create-metadata.
+GROUP_SNAPSHOT: Mapping[str, frozenset[str] | None] = {
+    "csi.storage.k8s.io/volumegroupsnapshot/name": None,
+    "csi.storage.k8s.io/volumegroupsnapshot/namespace": None,
+    "csi.storage.k8s.io/volumegroupsnapshotcontent/name": None,
+}
+
+
+#: The namespace of every backend's own parameter keys.
+BACKEND_KEY_PREFIX = f"{DRIVER_NAME}/"
+
+
+def foreign_keys(params: Mapping[str, str], own: Mapping[str, frozenset[str] | None]) -> list[str]:
+    """Keys of ELV's own namespace that this backend does not declare: the
+    parameters are for another backend (an LVM class on a loop node, or the
+    other way round). Keys outside the namespace are typos, not foreign."""
+    return sorted(k for k in params if k.startswith(BACKEND_KEY_PREFIX) and k not in own)
 
 
 MULTI_NODE = frozenset(

@@ -273,9 +273,125 @@ def test_dockerfile_matches_the_daemonset() -> None:
         assert f"{pkg}=" in text, f"{pkg} is not pinned in the Dockerfile"
     assert containers("overlays/loop")["elv"]["image"].split(":")[0] == "elv"
     # The image installs this repository's version of the package, with every extra
-    # the DaemonSet or the lvm overlay can use (metrics; pyudev for --lvm-devices).
+    # the DaemonSet or the lvm overlay can use (metrics; pyudev for --lvm-devices;
+    # the kubernetes client for --kubernetes-api).
     about: dict[str, str] = {}
     with open(os.path.join(REPO, "csi", "__init__.py")) as f:
         exec(compile(f.read(), "csi/__init__.py", "exec"), about)
-    assert f'"elv[metrics,udev]=={about["__version__"]}"' in text
+    assert f'"elv[metrics,udev,k8s]=={about["__version__"]}"' in text
     assert containers("overlays/loop")["elv"]["image"] == f"elv:{about['__version__']}"
+
+
+def flags(args: list[str]) -> dict[str, str | None]:
+    """--flag=value args as a map (a bare --flag maps to None)."""
+    out: dict[str, str | None] = {}
+    for a in args:
+        name, sep, value = a.partition("=")
+        assert name not in out, f"{name} given twice"
+        out[name] = value if sep else None
+    return out
+
+
+#: What each overlay means to change in the base's containers, per container:
+#: flag -> new value, or REMOVED. Anything else that differs is a bug (the lvm
+#: overlay once replaced the driver's whole argument list and lost
+#: --node-expansion-only: on a cluster of more than one node, expansion then
+#: went to the wrong node's driver).
+REMOVED = "<removed>"
+OVERLAY_CHANGES: dict[str, dict[str, dict[str, str | None]]] = {
+    "overlays/loop": {},
+    "overlays/lvm": {
+        "elv": {"--backend": "lvm", "--loop-dir": REMOVED, "--lvm-config": "/etc/elv/lvm.toml"},
+    },
+}
+
+
+def test_every_overlay_is_listed() -> None:
+    overlays = sorted(f"overlays/{d}" for d in os.listdir(os.path.join(DEPLOY, "overlays")))
+    assert overlays == sorted(OVERLAY_CHANGES)
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAY_CHANGES))
+def test_overlays_keep_every_base_flag(overlay: str) -> None:
+    base = {n: flags(c.get("args", [])) for n, c in containers("base").items()}
+    got = {n: flags(c.get("args", [])) for n, c in containers(overlay).items()}
+    assert set(got) == set(base), f"{overlay} adds or drops containers"
+    for name, want in base.items():
+        changes = OVERLAY_CHANGES[overlay].get(name, {})
+        expected = {k: v for k, v in {**want, **changes}.items() if v != REMOVED}
+        assert got[name] == expected, f"{overlay}: container {name} args differ from the base's beyond the intended"
+
+
+def test_kubectl_elv_defaults_find_the_shipped_daemonset() -> None:
+    """`kubectl elv` with no flags must find the driver's pods of deploy/ (it
+    once looked in kube-system for app.kubernetes.io/name=elv: nothing)."""
+    from csi.cmd.kubectl import parser
+
+    args = parser().parse_args([])
+    for overlay in OVERLAY_CHANGES:
+        (ds,) = by_kind(build(overlay), "DaemonSet")
+        assert args.namespace == ds["metadata"]["namespace"], overlay
+        labels = ds["spec"]["template"]["metadata"]["labels"]
+        key, _, value = args.selector.partition("=")
+        assert labels.get(key) == value, (overlay, args.selector, labels)
+        c = {x["name"]: x for x in ds["spec"]["template"]["spec"]["containers"]}
+        assert args.container in c and "--endpoint=unix:///csi/csi.sock" in c[args.container]["args"], overlay
+
+
+GROUP = "groupsnapshot.storage.k8s.io"
+GATE = "--feature-gates=CSIVolumeGroupSnapshot=true"
+
+
+def granted(objs: list[dict[str, Any]], role: str, group: str, resource: str) -> set[str]:
+    verbs: set[str] = set()
+    for o in objs:
+        if o["kind"] in ("ClusterRole", "Role") and o["metadata"]["name"] == role:
+            for rule in o["rules"]:
+                if group in rule.get("apiGroups", []) and resource in rule["resources"]:
+                    verbs |= set(rule["verbs"])
+    return verbs
+
+
+def test_group_snapshots_are_wired() -> None:
+    """VolumeGroupSnapshots work from Kubernetes objects: the feature gate on
+    both snapshot components (off by default in v8.6.0), the RBAC each needs
+    for the group resources (upstream's rules for v8.6.0), and a class."""
+    for overlay in OVERLAY_CHANGES:
+        objs = build(overlay)
+        assert GATE in containers(overlay)["csi-snapshotter"]["args"], overlay
+        sidecar = {
+            # create: the driver makes its own node's class.
+            "volumegroupsnapshotclasses": {"get", "list", "watch", "create"},
+            "volumegroupsnapshotcontents": {"get", "list", "watch", "update", "patch"},
+            "volumegroupsnapshotcontents/status": {"update", "patch"},
+        }
+        for resource, verbs in sidecar.items():
+            assert verbs <= granted(objs, "elv-node", GROUP, resource), (overlay, resource)
+        # With distributed snapshotting each node's csi-snapshotter sees only
+        # the classes labelled with its node: the driver makes one per node
+        # (elv-group-snapshots-<node>), so deploy/ ships none (it would never work).
+        assert not by_kind(objs, "VolumeGroupSnapshotClass"), overlay
+        assert "--kubernetes-api=in-cluster" in containers(overlay)["elv"]["args"], overlay
+        for resource, verbs in {
+            "persistentvolumes": {"get", "list", "watch", "patch"},
+            "nodes": {"get"},
+        }.items():
+            assert verbs <= granted(objs, "elv-node", "", resource), (overlay, resource)
+        for resource in ("volumesnapshotcontents", "volumegroupsnapshotcontents"):
+            group = GROUP if "group" in resource else "snapshot.storage.k8s.io"
+            assert {"list", "watch", "patch"} <= granted(objs, "elv-node", group, resource), (overlay, resource)
+    objs = build("snapshot-controller")
+    (dep,) = by_kind(objs, "Deployment")
+    assert GATE in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    controller = {
+        "volumegroupsnapshotclasses": {"get", "list", "watch"},
+        "volumegroupsnapshotcontents": {"create", "get", "list", "watch", "update", "delete", "patch"},
+        "volumegroupsnapshotcontents/status": {"patch"},
+        "volumegroupsnapshots": {"get", "list", "watch", "update", "patch"},
+        "volumegroupsnapshots/status": {"update", "patch"},
+    }
+    for resource, verbs in controller.items():
+        assert verbs <= granted(objs, "snapshot-controller-runner", GROUP, resource), resource
+    # A group's members are VolumeSnapshots the controller creates and deletes.
+    members = {"create", "get", "list", "watch", "update", "patch", "delete"}
+    assert members <= granted(objs, "snapshot-controller-runner", "snapshot.storage.k8s.io", "volumesnapshots")

@@ -1,9 +1,12 @@
-"""The cluster layer: a real one-node Kubernetes cluster of host processes.
+"""The cluster layer: a real Kubernetes cluster of several nodes on this machine.
 
-One cluster per session (tests/support/cluster.py). It needs root, the binaries
-from scripts/k8s-tools and the packages from scripts/setup-k8s; without them
-the tests FAIL, they never skip. The e2e subset (test_e2e.py) is opt-in:
-it is deselected unless ELV_E2E=1.
+One cluster per session (tests/support/cluster.py): 3 nodes, or ELV_K8S_NODES.
+The node plugin runs from the image scripts/build-image builds, as the
+DaemonSet of deploy/overlays/loop. It needs root, the binaries from
+scripts/k8s-tools and the packages from scripts/setup-k8s; without them the
+tests FAIL, they never skip. The e2e subset (test_e2e.py) is opt-in: it is
+deselected unless ELV_E2E=1. ELV_K8S_ROOT=ROOT runs the tests on a cluster that
+`scripts/k8s-cluster up` started (and leaves it up).
 """
 
 from __future__ import annotations
@@ -45,16 +48,23 @@ def summary() -> Iterator[Summary]:
 
 @pytest.fixture(scope="session")
 def cluster(summary: Summary) -> Iterator[Cluster]:
+    if os.environ.get("ELV_K8S_ROOT"):
+        # A developer's cluster from `scripts/k8s-cluster up` (it stays up).
+        yield Cluster.load(os.environ["ELV_K8S_ROOT"])
+        return
     missing = missing_prerequisites()
     if missing:
         pytest.fail("the cluster test needs:\n  " + "\n  ".join(missing), pytrace=False)
-    c = Cluster(new_root())
+    c = Cluster(new_root(), int(os.environ.get("ELV_K8S_NODES", "3")))
     try:
         try:
             c.up()
         except ClusterError as e:
             logs = "\n".join(f"--- {n}\n{c.tail(n, 1500)}" for n in c.procs)
+            if c.alive("kube-apiserver"):
+                logs += "\n" + c.diagnose()
             pytest.fail(f"cluster did not come up: {e}\n{logs}", pytrace=False)
+        summary.data["nodes"] = [n.name for n in c.nodes]
         summary.data["cluster_up_s"] = c.timings.get("up")
         summary.data["cluster_up_steps_s"] = {k: v for k, v in c.timings.items() if k != "up"}
         yield c

@@ -36,7 +36,7 @@ from typing import Any
 
 from csi.backend.lvm.report import valid_name
 from csi.backend.lvm.selector import parse_selector
-from csi.errors import ConfigError, InvalidArgument
+from csi.errors import ConfigError, UnknownClass
 from csi.model import DEVICE_CLASS
 
 _CLASS = re.compile(r"\A[a-z][a-z0-9]{0,15}\Z")
@@ -72,7 +72,7 @@ class LvmSettings:
         cls = self.classes.get(name)
         if cls is None:
             known = ", ".join(sorted(self.classes))
-            raise InvalidArgument(f"{DEVICE_CLASS}={name!r} is not a configured device class; configured: {known}")
+            raise UnknownClass(f"{DEVICE_CLASS}={name!r} is not a configured device class; configured: {known}")
         return cls
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from csi.cmd.kubectl import join, pv_node, usage_from_summary
+from csi.cmd.kubectl import PROVISIONER_FINALIZER, forget_plan, join, pv_node, usage_from_summary, without_finalizer
 
 
 def pv(name: str, handle: str, node: str, claim: tuple[str, str] | None = ("default", "data")) -> dict[str, Any]:
@@ -63,3 +63,30 @@ def test_usage_from_kubelet_summary() -> None:
         ]
     }
     assert usage_from_summary(summary) == {"ns/c": 42}
+
+
+def test_a_pv_of_a_gone_node_is_lost_and_names_the_command() -> None:
+    pvs = [pv("pv-a", "v-a", "n1"), pv("pv-b", "v-b", "gone", ("default", "b"))]
+    inv = {"n1": [{"id": "v-a", "name": "pv-a", "size": 2**30, "condition": "ok"}]}
+    rows = {r.volume_id: r for r in join(pvs, inv, {}, nodes=["n1"])}
+    assert rows["v-a"].problem == ""
+    assert rows["v-b"].problem == "lost: node gone (kubectl elv forget-node gone)"
+    assert rows["v-b"].node == "gone" and rows["v-b"].pvc == "default/b"
+    # Without the node list (older callers), the node is merely not inspected.
+    assert {r.volume_id: r for r in join(pvs, inv, {})}["v-b"].problem == "node not inspected"
+
+
+def test_forget_plan_takes_only_the_gone_nodes_pvs_of_this_driver() -> None:
+    other_driver = pv("pv-nfs", "h", "gone")
+    other_driver["spec"]["csi"]["driver"] = "nfs.csi.k8s.io"
+    pvs = [
+        pv("pv-b", "v-b", "gone", ("ns", "b")),
+        pv("pv-c", "v-c", "gone", None),
+        pv("pv-a", "v-a", "n1"),
+        other_driver,
+    ]
+    plan = forget_plan(pvs, "gone")
+    assert [(f.pv, f.claim_namespace, f.claim) for f in plan] == [("pv-b", "ns", "b"), ("pv-c", "", "")]
+    assert without_finalizer([PROVISIONER_FINALIZER, "kubernetes.io/pv-protection"], PROVISIONER_FINALIZER) == [
+        "kubernetes.io/pv-protection"
+    ]

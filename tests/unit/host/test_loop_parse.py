@@ -119,6 +119,34 @@ async def test_the_index_is_checked_against_sysfs(tmp_path: Path) -> None:
     assert tool.find_all("/p/other.img")[0].name == "loop5"
 
 
+async def test_a_device_attached_from_a_gone_mount_is_found_by_its_file(tmp_path: Path) -> None:
+    """After the node plugin's container restarts, the kernel shows the files its
+    predecessor attached relative to the mount they were opened through (gone
+    with that container): /loop/volumes/a.img for POOL/loop/volumes/a.img. The
+    file is the same (device and inode), and the driver must know it attached."""
+    image = tmp_path / "pool" / "loop" / "volumes" / "a.img"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"")
+    other = tmp_path / "pool" / "loop" / "volumes" / "b.img"
+    other.write_bytes(b"")
+    sysfs = make_sysfs(tmp_path / "block", {"loop5": "/loop/volumes/a.img", "loop6": "/loop/volumes/c.img"})
+    idents = {"loop5": loop.file_identity(str(image)), "loop6": (7, 7, 7)}
+    runner = FakeRunner()
+    tool = LoopTool(runner, sys_block=str(sysfs), use_ioctl=False, identity=idents.get)  # type: ignore[arg-type]
+    tool.seed()
+    dev = await tool.attach(str(image))  # a restage: the same device, never a second one
+    assert dev.name == "loop5" and runner.calls == []
+    assert tool.lookup(str(image)) is not None
+    assert [d.name for d in tool.find_all(str(image))] == ["loop5"]
+    assert [d.name for d in loop.find(str(image), str(sysfs), idents.get)] == ["loop5"]
+    # Another file of the same name elsewhere is not it.
+    assert tool.lookup(str(other)) is None and tool.find_all(str(other)) == []
+    # Detached behind our back: no longer found.
+    idents["loop5"] = None
+    (sysfs / "loop5" / "loop" / "backing_file").write_text("/loop/volumes/a.img (deleted)\n")
+    assert tool.lookup(str(image)) is None
+
+
 async def test_attach_runs_losetup_with_safe_arguments(tmp_path: Path) -> None:
     sysfs = tmp_path / "block"
     sysfs.mkdir()

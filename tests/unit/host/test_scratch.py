@@ -68,7 +68,8 @@ def test_start_time_survives_a_command_name_with_spaces_and_parens(tmp_path: Pat
 def _cluster_state(root: Path, pids: list[int]) -> None:
     root.mkdir()
     procs = {f"p{i}": {"name": f"p{i}", "pid": pid, "log": "x"} for i, pid in enumerate(pids)}
-    state = {"root": str(root), "node": "n", "ports": {}, "before": {}, "procs": procs}
+    state = {"version": 2, "root": str(root), "tag": "t", "gateway": "", "nodes": [], "ports": {}, "before": {}}
+    state["procs"] = procs
     (root / "state.json").write_text(json.dumps(state))
 
 
@@ -81,6 +82,9 @@ def test_a_cluster_is_stale_once_none_of_its_processes_runs(tmp_path: Path) -> N
         # A live pid that is not the cluster's (another HOME) does not keep it alive.
         _cluster_state(tmp_path / "elv-k8s-dead", [_dead_pid(), os.getpid()])
         (tmp_path / "elv-k8s-nostate").mkdir()
+        # One of an older format (another checkout's) is left to that checkout.
+        (tmp_path / "elv-k8s-old").mkdir()
+        (tmp_path / "elv-k8s-old" / "state.json").write_text(json.dumps({"root": "x", "procs": {}}))
         assert [c.root for c in reap.stale_clusters(str(tmp_path))] == [str(tmp_path / "elv-k8s-dead")]
     finally:
         p.kill()

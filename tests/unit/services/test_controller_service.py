@@ -252,6 +252,30 @@ async def test_create_volume_from_snapshot_passes_the_source(stub, backend: Fake
     assert spec.source.kind == "snapshot"
 
 
+async def test_a_source_on_another_node_asks_for_another_node(stub, backend: FakeBackend) -> None:
+    """In a cluster (topology given) a restore or clone of a source this node does
+    not hold is RESOURCE_EXHAUSTED, which makes csi-provisioner reschedule;
+    NOT_FOUND made it retry on the wrong node forever."""
+    here = csi_pb2.Topology(segments={TOPO: "node-a"})
+    topo = csi_pb2.TopologyRequirement(requisite=[here], preferred=[here])
+    for src in (
+        csi_pb2.VolumeContentSource(
+            snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id="s-fake-" + "1" * 32)
+        ),
+        csi_pb2.VolumeContentSource(volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id="v-fake-" + "1" * 32)),
+    ):
+        err = await expect(
+            stub.CreateVolume(create_req(volume_content_source=src, accessibility_requirements=topo)),
+            S.RESOURCE_EXHAUSTED,
+        )
+        assert "is not on node node-a" in err.details()
+    assert backend.called("create_volume") == []
+    # A source that is here is fine.
+    v = backend.add_volume("src")
+    src = csi_pb2.VolumeContentSource(volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=v.id))
+    await stub.CreateVolume(create_req("pvc-clone", volume_content_source=src, accessibility_requirements=topo))
+
+
 # -- unexpected errors -----------------------------------------------------------------------
 
 
@@ -577,3 +601,40 @@ async def test_controller_capabilities(stub) -> None:
     resp = await stub.ControllerGetCapabilities(csi_pb2.ControllerGetCapabilitiesRequest())
     types = {c.rpc.type for c in resp.capabilities}
     assert {RPC.CREATE_DELETE_VOLUME, RPC.LIST_VOLUMES, RPC.GET_CAPACITY, RPC.MODIFY_VOLUME} <= types
+
+
+# -- ControllerModifyVolume of another node's volume ------------------------------------------
+
+
+class RecordingPeers:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, str]]] = []
+
+    async def modify(self, volume_id: str, parameters) -> None:  # type: ignore[no-untyped-def]
+        self.calls.append((volume_id, dict(parameters)))
+
+
+async def test_modify_of_a_volume_elsewhere_goes_to_the_peers(serve, config: Config, backend: FakeBackend) -> None:
+    peers = RecordingPeers()
+    svc = ControllerService(config, backend, Gate(), peers=peers)
+    stub = csi_pb2_grpc.ControllerStub(await serve((csi_pb2_grpc.add_ControllerServicer_to_server, svc)))
+    here = backend.add_volume("here")
+    elsewhere = str(ids.new("v", "fake", "elsewhere"))
+    params = {"elv.csi.dev/provisioning": "thick"}
+    await stub.ControllerModifyVolume(
+        csi_pb2.ControllerModifyVolumeRequest(volume_id=elsewhere, mutable_parameters=params)
+    )
+    await stub.ControllerModifyVolume(
+        csi_pb2.ControllerModifyVolumeRequest(volume_id=here.id, mutable_parameters=params)
+    )
+    assert peers.calls == [(elsewhere, params)]
+    assert [c[0] for c in backend.called("modify_volume")] == [here.id]
+    # Parameters are checked before anything leaves the node.
+    bad = csi_pb2.ControllerModifyVolumeRequest(volume_id=elsewhere, mutable_parameters={"elv.csi.dev/x": "y"})
+    await expect(stub.ControllerModifyVolume(bad), S.INVALID_ARGUMENT)
+    assert len(peers.calls) == 1
+
+
+async def test_modify_without_peers_of_an_unknown_volume_is_not_found(stub) -> None:
+    req = csi_pb2.ControllerModifyVolumeRequest(volume_id=str(ids.new("v", "fake", "nope")))
+    await expect(stub.ControllerModifyVolume(req), S.NOT_FOUND)

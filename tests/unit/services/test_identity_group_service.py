@@ -102,6 +102,22 @@ async def test_group_capabilities(group) -> None:
     assert [c.rpc.type for c in resp.capabilities] == [RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT]
 
 
+async def test_group_snapshot_takes_csi_snapshotters_metadata(group, backend: FakeBackend) -> None:
+    """csi-snapshotter --extra-create-metadata adds the group's names; they were refused."""
+    a = backend.add_volume("a")
+    meta = {
+        "csi.storage.k8s.io/volumegroupsnapshot/name": "grp",
+        "csi.storage.k8s.io/volumegroupsnapshot/namespace": "default",
+        "csi.storage.k8s.io/volumegroupsnapshotcontent/name": "groupsnapcontent-1",
+    }
+    req = csi_pb2.CreateVolumeGroupSnapshotRequest(name="grp-m", source_volume_ids=[a.id], parameters=meta)
+    assert (await group.CreateVolumeGroupSnapshot(req)).group_snapshot.ready_to_use
+    # A single snapshot's metadata key is not a group's.
+    bad = {"csi.storage.k8s.io/volumesnapshot/name": "x"}
+    req = csi_pb2.CreateVolumeGroupSnapshotRequest(name="grp-n", source_volume_ids=[a.id], parameters=bad)
+    await expect(group.CreateVolumeGroupSnapshot(req), S.INVALID_ARGUMENT)
+
+
 async def test_group_snapshot_lifecycle(group, backend: FakeBackend) -> None:
     a, b = backend.add_volume("a"), backend.add_volume("b")
     req = csi_pb2.CreateVolumeGroupSnapshotRequest(name="grp-1", source_volume_ids=[b.id, a.id])
