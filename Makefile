@@ -1,5 +1,5 @@
 # ELV: the two commands a fresh machine needs are `make run` and `make test`.
-.PHONY: run test setup tools k8s-tools engines proto lint sanity k8s-test e2e bench clean
+.PHONY: run test soak setup tools k8s-tools engines proto lint sanity k8s-test e2e bench clean
 
 # Quiet: the demo's table is all a first run prints (the driver logs to a file).
 run:
@@ -8,6 +8,10 @@ run:
 
 test: setup tools k8s-tools engines
 	scripts/test
+
+# The long figures CI only samples: full kill counts, every LVM sanity configuration (scripts/soak).
+soak: setup tools
+	scripts/soak
 
 setup:
 	scripts/setup
