@@ -34,7 +34,7 @@ import grpc
 import pytest
 
 from csi.model import DEVICE_CLASS as CLASS
-from tests.support.crash import KILLS, SEED, Snap, Vol, World
+from tests.support.crash import DEBUG_LOG, KILLS, SEED, Snap, Vol, World
 from tests.support.driver import leftovers
 from tests.support.lvm import GuestVg, LvmDriver, class_config, ours, wait_for, write_config
 from tests.support.lvm_watch import KernelWatch, backing_usage, failure_report, pool_status
@@ -97,7 +97,7 @@ def test_lvm_kill_anywhere_and_converge(base: str, vg: GuestVg) -> None:
     print(f"lvm crash test seed={SEED} kills={KILLS}{box} (replay with ELV_CRASH_SEED={SEED})")
     cfg = write_config(os.path.join(base, "lvm.toml"), class_config(vg, ratio=20.0))
     watch = KernelWatch(vg).start()
-    d = LvmDriver(base, ["--lvm-config", cfg])
+    d = LvmDriver(base, ["--lvm-config", cfg], *DEBUG_LOG)
     d.start()
     # Restarts fork a pre-imported Python: a new process all the same, without
     # the four seconds an emulated interpreter spends importing grpc.

@@ -12,19 +12,35 @@ from __future__ import annotations
 import os
 import time
 
-from tests.support.crash import KILLS, SEED, World
+from tests.support.crash import DEBUG_LOG, KILLS, SEED, World, slow_tools
 from tests.support.driver import Driver, leftovers
+
+#: Tools the loop backend runs in its RPCs, slowed so that kills land in them too.
+TOOLS = ["mkfs.ext4", "mkfs.xfs", "blkid", "cp", "fsfreeze", "resize2fs", "xfs_growfs", "e2fsck"]
+
+
+class LoopWorld(World):
+    # After the RPC entered the driver: a loop RPC takes milliseconds, plus up
+    # to 120 ms in each slowed tool.
+    kill_window = 0.15
 
 
 def test_kill_anywhere_and_converge(base: str) -> None:
     print(f"crash test seed={SEED} kills={KILLS} (replay with ELV_CRASH_SEED={SEED})")
-    d = Driver(base).start()
-    w = World(d, SEED)
+    tool_path = slow_tools(os.path.join(base, "slow-tools"), TOOLS)
+    d = Driver(base, *DEBUG_LOG, "--tool-path", tool_path).start()
+    w = LoopWorld(d, SEED)
     t0 = time.monotonic()
     try:
         while w.o.kills < KILLS:
             w.step()
             w.verify()
+        # The kills cut every kind of operation, in its tools and in the driver's own code.
+        ops = {k.split("/")[0] for k in w.o.cut}
+        assert {"create", "stage", "snapshot", "delete", "expand"} <= ops or KILLS < 100, w.o.cut_report()
+        assert any(k.endswith("/in-process") for k in w.o.cut) and any(k.endswith("/mkfs") for k in w.o.cut), (
+            w.o.cut_report()
+        )
         w.restage_all()
         w.verify()
         w.teardown()

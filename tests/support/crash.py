@@ -5,13 +5,30 @@ tests/reliability and the LVM one in tests/lvm both run it).
 
 KILLS (ELV_CRASH_KILLS, default 200) and SEED (ELV_CRASH_SEED, random unless
 given: it replays a run) are read here, once.
+
+**Every counted kill lands inside a mutating RPC, and is proven to.** The
+driver runs with ``--log-level debug``: it logs ``msg=request rpc=M`` when an
+RPC enters it, ``msg="exec TOOL ..."`` as each command starts, and
+``msg=rpc rpc=M code=...`` when the RPC ends (before the answer is sent). The
+orchestrator waits for the start line, waits a random moment more, kills, and
+then reads the dead driver's log: the kill counts only if the RPC had started
+and not ended. Kills that missed (the RPC ended first) are retried on the next
+operation and reported apart. Each counted kill is classified by the
+operation and the phase it cut: the last command the RPC had started (mkfs,
+copy, freeze, grow, an LVM command...) or ``in-process`` (metadata, mounts,
+ioctls: the driver's own code). A backend's World may slow its tools down
+through ``--tool-path`` wrappers (:func:`slow_tools`) so that kills land in
+them as well as between them.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import random
+import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,6 +75,73 @@ class Snap:
     block_sum: str | None
 
 
+#: The driver's arguments that the kill proof needs (see the module docstring).
+DEBUG_LOG = ("--log-level", "debug")
+#: Where a command's name says the RPC was (the last command it started).
+PHASES = {
+    "mkfs.ext4": "mkfs",
+    "mkfs.xfs": "mkfs",
+    "blkid": "probe",
+    "cp": "copy",
+    "fsfreeze": "freeze",
+    "resize2fs": "grow",
+    "xfs_growfs": "grow",
+    "e2fsck": "fsck",
+    "losetup": "losetup",
+    "blkdiscard": "wipe",
+    "dd": "copy",
+}
+OPS = {
+    "CreateVolume": "create",
+    "DeleteVolume": "delete",
+    "NodeStageVolume": "stage",
+    "NodeUnstageVolume": "unstage",
+    "NodePublishVolume": "publish",
+    "NodeUnpublishVolume": "unpublish",
+    "ControllerExpandVolume": "expand",
+    "NodeExpandVolume": "node-expand",
+    "CreateSnapshot": "snapshot",
+    "DeleteSnapshot": "delete-snapshot",
+}
+_EXEC = re.compile(r'msg="exec (\S+) ?(\S*)')
+
+
+def slow_tools(directory: str, tools: list[str], max_ms: int = 120) -> str:
+    """Wrappers for ``--tool-path`` that wait 0..max_ms ms, then exec the real
+    tool (same pid: the driver's journal of running commands still names it);
+    returns the tool path. A kill then often lands while a command runs, and
+    the command outlives the driver, as it would in production."""
+    os.makedirs(directory, exist_ok=True)
+    safe = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    for name in tools:
+        real = shutil.which(name, path=safe)
+        assert real, f"{name} is not installed"
+        path = os.path.join(directory, name)
+        with open(path, "w") as f:
+            f.write(
+                "#!/bin/sh\n"
+                f"ms=$(( $(od -An -N2 -tu2 /dev/urandom) % {max_ms + 1} ))\n"
+                'sleep "$((ms / 1000)).$(printf %03d $((ms % 1000)))"\n'
+                f'exec {real} "$@"\n'
+            )
+        os.chmod(path, 0o755)
+    return f"{directory}:{safe}"
+
+
+def cut_phase(method: str, req: object, text: str) -> str:
+    """operation/phase of a kill, from the RPC's log lines before it."""
+    op = OPS.get(method, method)
+    if method == "CreateVolume" and req.HasField("volume_content_source"):  # type: ignore[attr-defined]
+        op = "clone"
+    tools = [(os.path.basename(t), sub) for t, sub in _EXEC.findall(text)]
+    if not tools:
+        return f"{op}/in-process"
+    last, sub = tools[-1]
+    if last == "lvm":  # lvm lvcreate ...: the LVM command is the phase
+        return f"{op}/{sub}"
+    return f"{op}/{PHASES.get(last, last)}"
+
+
 class Orchestrator:
     """Issues each RPC; on a kill, restarts the driver and retries the same
     request until it succeeds, the way csi-provisioner and kubelet do."""
@@ -65,7 +149,9 @@ class Orchestrator:
     def __init__(self, driver: Driver, rng: random.Random, kill_window: float = 0.04) -> None:
         self.d = driver
         self.rng = rng
-        self.kills = 0
+        self.kills = 0  # proven to have landed inside a mutating RPC
+        self.missed = 0  # the RPC had ended (or never started) when the kill landed
+        self.cut: collections.Counter[str] = collections.Counter()  # op/phase -> counted kills
         self.ops = 0
         self.restart_seconds = 0.0  # from the kill until the new driver answers Probe
         # How far into an RPC the kill may land: a loop RPC takes milliseconds,
@@ -92,12 +178,18 @@ class Orchestrator:
                 except grpc.RpcError as e:
                     result.append(e)
 
+            offset = self._log_size()
             t = threading.Thread(target=first)
             t.start()
-            time.sleep(self.rng.uniform(0, self.kill_window))
+            started = self._wait_start(method, offset, t)
+            if started and self.rng.random() < 0.6:
+                # Most RPCs end within milliseconds of entering: kill at once
+                # (0.5 ms after the start line, the poll's step) as often as
+                # a moment later, when the slow ones are inside their tools.
+                time.sleep(self.rng.uniform(0, self.kill_window))
             t0 = time.monotonic()
             self.d.kill()
-            self.kills += 1
+            self._count(method, req, offset, started)
             t.join(60)
             channel.close()  # only once its call has ended
             self.d.start()
@@ -112,6 +204,44 @@ class Orchestrator:
                     ) from e
                 time.sleep(0.05)
         raise AssertionError(f"{method} never converged")
+
+    def _log_size(self) -> int:
+        try:
+            return os.path.getsize(self.d.log_path)
+        except FileNotFoundError:
+            return 0
+
+    def _since(self, offset: int) -> str:
+        with open(self.d.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", "replace")
+
+    def _wait_start(self, method: str, offset: int, t: threading.Thread) -> bool:
+        """Until the driver logs that the RPC entered it (or the call ended)."""
+        line = f"msg=request rpc={method} "
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if line in self._since(offset):
+                return True
+            if not t.is_alive():
+                return False
+            time.sleep(0.0005)
+        return False
+
+    def _count(self, method: str, req: object, offset: int, started: bool) -> None:
+        """Read the killed driver's last lines: count the kill if it cut the RPC."""
+        text = self._since(offset)
+        begin = text.find(f"msg=request rpc={method} ")
+        ended = re.search(rf"msg=rpc rpc={method} code=", text[begin:]) if begin >= 0 else None
+        if not started or begin < 0 or ended is not None:
+            self.missed += 1
+            return
+        self.kills += 1
+        self.cut[cut_phase(method, req, text[begin:])] += 1
+
+    def cut_report(self) -> str:
+        """The counted kills by operation/phase, most first."""
+        return " ".join(f"{k}={n}" for k, n in sorted(self.cut.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def sha(path: str) -> str:
@@ -303,8 +433,9 @@ class World:
     def report(self, label: str, seconds: float, out: str, extra: str = "") -> None:
         """The run's figures in one line, printed and written to ci-out/OUT (scripts/test prints it)."""
         line = (
-            f"{label}: seed={SEED} kills={self.o.kills} operations={self.o.ops} "
-            f"seconds={seconds:.0f} restarts={self.o.restart_seconds:.0f}s{extra}"
+            f"{label}: seed={SEED} kills={self.o.kills} (each inside a mutating RPC; {self.o.missed} more missed) "
+            f"operations={self.o.ops} seconds={seconds:.0f} restarts={self.o.restart_seconds:.0f}s{extra}\n"
+            f"  kills by operation/phase: {self.o.cut_report()}"
         )
         print(line)
         os.makedirs("ci-out", exist_ok=True)

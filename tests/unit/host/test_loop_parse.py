@@ -216,3 +216,21 @@ def test_partitions_name_only_attached_loop_devices() -> None:
  252        0   12582912 zram0
 """
     assert parse_partitions(text) == ["loop0", "loop3"]
+
+
+async def test_a_detached_device_taken_by_another_file_is_detached_from_ours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel frees a device at its last close, and another process may attach
+    it to its own file at once: the detach of ours is done, not "still attached"."""
+    sysfs = make_sysfs(tmp_path / "block", {"loop6": "/p/ours.img"})
+    tool = LoopTool(FakeRunner(), sys_block=str(sysfs), use_ioctl=True)  # type: ignore[arg-type]
+    backing = sysfs / "loop6" / "loop" / "backing_file"
+    monkeypatch.setattr(loop.loopctl, "detach", lambda name: backing.write_text("/q/someone-elses.img\n"))
+    monkeypatch.setattr(loop, "discards_stopped", lambda name, sys_block: False)
+    await tool.detach("loop6")
+    # Still holding our file after the deadline: that is a holder, and an error.
+    backing.write_text("/p/ours.img\n")
+    monkeypatch.setattr(loop.loopctl, "detach", lambda name: None)
+    with pytest.raises(Internal, match="still attached"):
+        await tool._wait_detached("loop6", "/p/ours.img\n", timeout=0.05)
