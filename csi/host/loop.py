@@ -399,8 +399,9 @@ class LoopTool:
             if n == name:
                 del self._index[path]
         if self._ioctl:
+            before = self._backing_path(name)
             await asyncio.to_thread(loopctl.detach, name)
-            await self._wait_detached(name)
+            await self._wait_detached(name, before)
         else:
             try:
                 await self._run.run(["losetup", "--detach", "/dev/" + name])
@@ -421,13 +422,25 @@ class LoopTool:
                 removed = await asyncio.to_thread(loopctl.remove, int(name[4:]))
                 log.debug("removed /dev/%s after its detach: %s", name, removed)
 
-    async def _wait_detached(self, name: str, timeout: float = 5.0) -> None:
-        """The kernel finishes a detach at the device's last close; wait (bounded)."""
-        path = os.path.join(self._sys_block, name, "loop", "backing_file")
+    def _backing_path(self, name: str) -> str | None:
+        """The device's backing file as sysfs names it, or None if detached."""
+        try:
+            with open(
+                os.path.join(self._sys_block, name, "loop", "backing_file"), encoding="utf-8", errors="surrogateescape"
+            ) as f:
+                return f.read()
+        except OSError:
+            return None
+
+    async def _wait_detached(self, name: str, before: str | None, timeout: float = 5.0) -> None:
+        """The kernel finishes a detach at the device's last close; wait (bounded)
+        until the device no longer holds the file it held. Another process (a
+        second driver, any loop user) may attach the freed device to its own
+        file at once: that device is detached from ours, not "still attached"."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         delay = 0.001
-        while os.path.exists(path):
+        while before is not None and self._backing_path(name) == before:
             if loop.time() > deadline:
                 raise Internal(f"/dev/{name} is still attached; something holds it open")
             await asyncio.sleep(delay)
