@@ -135,7 +135,7 @@ def test_1_node_plugin_on_every_node(cluster: Cluster, world: dict[str, Any]) ->
             check=False,
         )  # fmt: skip
         assert doctor.returncode == 0, f"{node}: elv doctor:\n{doctor.stdout}{doctor.stderr}"
-        assert "a driver answers on the socket" in doctor.stdout and "no problems found" in doctor.stdout
+        assert "the driver answers Probe: elv.csi.dev" in doctor.stdout and "no problems found" in doctor.stdout
     caps = capacities(api)
     for n in names:
         # A loop node serves no lvm class: capacity 0 (not an error retried forever).
