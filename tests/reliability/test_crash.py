@@ -38,9 +38,8 @@ def test_kill_anywhere_and_converge(base: str) -> None:
         # The kills cut every kind of operation, in its tools and in the driver's own code.
         ops = {k.split("/")[0] for k in w.o.cut}
         assert {"create", "stage", "snapshot", "delete", "expand"} <= ops or KILLS < 100, w.o.cut_report()
-        assert any(k.endswith("/in-process") for k in w.o.cut) and any(k.endswith("/mkfs") for k in w.o.cut), (
-            w.o.cut_report()
-        )
+        inside_tools = [k for k in w.o.cut if not k.endswith("/in-process")]
+        assert inside_tools and len(inside_tools) < len(w.o.cut), w.o.cut_report()
         w.restage_all()
         w.verify()
         w.teardown()
