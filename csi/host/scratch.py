@@ -99,10 +99,32 @@ def stale(root: str = ROOT) -> list[str]:
     return out
 
 
+def orphan_loops(root: str = ROOT, attached: list[loopdev.LoopDevice] | None = None) -> list[loopdev.LoopDevice]:
+    """Loop devices a killed run left over files of a scratch directory that is
+    gone (removed while the device stayed attached), and the devices stacked on
+    them (read-only views), stacked ones first. A live owner still has its
+    directory, so nothing of a running test is ever listed."""
+    attached = loopdev.scan() if attached is None else attached
+    prefix = os.path.join(os.path.realpath(root), PREFIX)
+    ours = []
+    for d in attached:
+        if not d.backing_file.startswith(prefix):
+            continue
+        # The scratch directory (or file) right under root that holds the backing file.
+        top = os.path.join(os.path.dirname(prefix), d.backing_file[len(os.path.dirname(prefix)) + 1 :].split("/")[0])
+        if not os.path.lexists(top):
+            ours.append(d)
+    over = [d for d in attached if d.backing_file in {o.path for o in ours}]
+    return over + ours
+
+
 def reap(root: str = ROOT) -> tuple[list[str], list[str]]:
     """Remove every stale scratch directory: (removed, could not be removed)."""
     removed: list[str] = []
     failed: list[str] = []
     for path in stale(root):
         (removed if remove(path) else failed).append(path)
+    for d in orphan_loops(root):
+        _run(["losetup", "-d", d.path])
+        removed.append(f"{d.path} (attached to {d.backing_file}, whose directory is gone)")
     return removed, failed

@@ -89,3 +89,19 @@ def test_a_cluster_is_stale_once_none_of_its_processes_runs(tmp_path: Path) -> N
     finally:
         p.kill()
         p.wait()
+
+
+def test_loop_devices_over_a_removed_scratch_dir_are_orphans(tmp_path: Path) -> None:
+    from csi.host.loop import LoopDevice
+
+    live = scratch.make("it", root=str(tmp_path))
+    gone = str(tmp_path / "elv-it-gone1234")
+    attached = [
+        LoopDevice("loop0", f"{gone}/img", deleted=True, direct_io=False),
+        LoopDevice("loop1", "/dev/loop0", deleted=False, direct_io=False),  # a read-only view over it
+        LoopDevice("loop2", f"{live}/pool/v.img", deleted=False, direct_io=False),
+        LoopDevice("loop3", "/var/lib/elv/loop/volumes/v.img", deleted=False, direct_io=False),
+        LoopDevice("loop4", f"{tmp_path}/elv-x", deleted=True, direct_io=False),  # a file, not a directory
+    ]
+    found = [d.name for d in scratch.orphan_loops(str(tmp_path), attached)]
+    assert found == ["loop1", "loop0", "loop4"]
