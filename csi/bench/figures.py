@@ -7,6 +7,7 @@ either makes each of its targets UNMEASURED with that reason.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from csi.bench.verdict import Figure, Goal, ratio
@@ -130,16 +131,27 @@ def _scale(sc: dict[str, Any]) -> dict[str, Figure]:
     return out
 
 
+def _each(
+    keys: Iterable[str], data: dict[str, Any], prefix: str, missing: str, figure: Callable[[dict[str, Any]], Figure]
+) -> dict[str, Figure]:
+    """One figure per key of a section's results: ``prefix + key``, made by
+    ``figure`` from that key's results, or unmeasured (``missing``, with the
+    key in it) when the section has none for it."""
+    return {
+        prefix + k: figure(v) if isinstance(v := data.get(k), dict) else Figure(None, missing.format(k)) for k in keys
+    }
+
+
 def _datapath(dp: dict[str, Any]) -> dict[str, Figure]:
-    out = {}
-    for job in FIO_JOBS:
-        v = dp.get(job)
-        if not isinstance(v, dict):
-            out[f"fio_{job}"] = Figure(None, f"fio {job} did not run")
-            continue
-        detail = f"volume {v['volume']['iops']:.0f} IOPS, pool fs {v['pool_fs']['iops']:.0f} IOPS"
-        out[f"fio_{job}"] = _fig(v["iops_ratio"], detail)
-    return out
+    return _each(
+        FIO_JOBS,
+        dp,
+        "fio_",
+        "fio {} did not run",
+        lambda v: _fig(
+            v["iops_ratio"], f"volume {v['volume']['iops']:.0f} IOPS, pool fs {v['pool_fs']['iops']:.0f} IOPS"
+        ),
+    )
 
 
 def _peer(pr: dict[str, Any]) -> dict[str, Figure]:
@@ -156,28 +168,23 @@ def _peer(pr: dict[str, Any]) -> dict[str, Figure]:
     return out
 
 
+def _lvm_case(v: dict[str, Any]) -> Figure:
+    spread = f"rounds {min(v['round_ratios']):.2f}-{max(v['round_ratios']):.2f}"
+    return _fig(v["ratio"], f"ELV {v['elv_s'] * MS:.0f} ms, raw {v['raw_s'] * MS:.0f} ms; {spread}")
+
+
 def _lvm_cases(c: dict[str, Any]) -> dict[str, Figure]:
-    out = {}
-    for case in LVM_CASES:
-        v = c.get(case)
-        if not isinstance(v, dict):
-            out[f"lvm_{case}"] = Figure(None, f"the {case} case did not run")
-            continue
-        spread = f"rounds {min(v['round_ratios']):.2f}-{max(v['round_ratios']):.2f}"
-        out[f"lvm_{case}"] = _fig(v["ratio"], f"ELV {v['elv_s'] * MS:.0f} ms, raw {v['raw_s'] * MS:.0f} ms; {spread}")
-    return out
+    return _each(LVM_CASES, c, "lvm_", "the {} case did not run", _lvm_case)
 
 
 def _lvm_fio(f: dict[str, Any]) -> dict[str, Figure]:
-    out = {}
-    for job in FIO_JOBS:
-        v = f.get(job)
-        if not isinstance(v, dict):
-            out[f"lvm_fio_{job}"] = Figure(None, f"fio {job} did not run")
-            continue
-        detail = f"LV {v['volume_iops']:.0f} IOPS, raw disk {v['raw_disk_iops']:.0f} IOPS"
-        out[f"lvm_fio_{job}"] = _fig(v["iops_ratio"], detail)
-    return out
+    return _each(
+        FIO_JOBS,
+        f,
+        "lvm_fio_",
+        "fio {} did not run",
+        lambda v: _fig(v["iops_ratio"], f"LV {v['volume_iops']:.0f} IOPS, raw disk {v['raw_disk_iops']:.0f} IOPS"),
+    )
 
 
 _BY_SECTION = {

@@ -38,6 +38,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+from csi.bench.figures import LVM_CASES as CASES
 from csi.bench.harness import MiB, Target, run_section, scratch
 from csi.bench.sections import Volume, uniq
 from csi.model import DEVICE_CLASS
@@ -53,16 +54,6 @@ SIZE = 64 * MiB
 GROWN = 128 * MiB
 EXTENT = 4 * MiB
 MKFS_EXT4 = ["mkfs.ext4", "-q", "-m", "0", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"]
-CASES = (
-    "thick",
-    "thin",
-    "snapshot-thick",
-    "snapshot-thin",
-    "clone-thin",
-    "clone-thick",
-    "expand-thick",
-    "expand-thin",
-)
 FIO_JOBS = {
     "randread-4k": ["--rw=randread", "--bs=4k", "--iodepth=32"],
     "randwrite-4k": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],

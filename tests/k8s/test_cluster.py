@@ -548,42 +548,17 @@ def test_kubectl_elv_lists_every_node_and_orphans(cluster: Cluster, world: dict[
     # A volume made outside Kubernetes is an orphan to the cluster.
     n = cluster.nodes[0]
     pod_name = driver_pod(cluster, n.name)
-    cluster.kubectl(
-        "exec",
-        "-n",
-        NAMESPACE,
-        pod_name,
-        "-c",
-        "elv",
-        "--",
-        "elv",
-        "volume",
-        "create",
-        "stray",
-        "--size",
-        "32Mi",
-        "--endpoint",
-        "unix:///csi/csi.sock",
-    )
+
+    def elv_volume(*args: str) -> None:  # `elv volume` in the node plugin's container
+        argv = ["exec", "-n", NAMESPACE, pod_name, "-c", "elv", "--", "elv", "volume", *args]
+        cluster.kubectl(*argv, "--endpoint", "unix:///csi/csi.sock")
+
+    elv_volume("create", "stray", "--size", "32Mi")
     r = kubectl_elv(cluster, "orphans", "-o", "json")
     assert r.returncode == 1, "orphans found: exit status 1"
     orphans = json.loads(r.stdout)
     assert [(o["name"], o["node"], o["problem"]) for o in orphans] == [("stray", n.name, "orphan: no PersistentVolume")]
-    cluster.kubectl(
-        "exec",
-        "-n",
-        NAMESPACE,
-        pod_name,
-        "-c",
-        "elv",
-        "--",
-        "elv",
-        "volume",
-        "delete",
-        "stray",
-        "--endpoint",
-        "unix:///csi/csi.sock",
-    )
+    elv_volume("delete", "stray")
     r = kubectl_elv(cluster, "orphans", "-o", "json")
     assert r.returncode == 0 and json.loads(r.stdout) == [], r.stdout
     del api

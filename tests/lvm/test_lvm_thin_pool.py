@@ -25,7 +25,7 @@ import pytest
 from csi.model import DEVICE_CLASS as CLASS
 from csi.v1 import csi_pb2
 from tests.support.driver import leftovers
-from tests.support.lvm import GuestVg, LvmDriver, MiB, lvm, ours, wait_for, write_config
+from tests.support.lvm import GuestVg, LvmDriver, MiB, class_config, lvm, ours, wait_for, write_config
 from tests.support.rpc import block_cap, code_of
 
 TINY = "tiny0"  # a 64 MiB pool of this module's own, --errorwhenfull y
@@ -142,27 +142,17 @@ def tiny(base: str, vg: GuestVg) -> Iterator[LvmDriver]:
     """A driver with a third class, ``tiny``: a 64 MiB pool that errors when full, ratio 4."""
     lvm("lvcreate", "-q", "-y", "--type", "thin-pool", "-Z", "y", "-n", TINY, "-L", "64m", vg.name)
     lvm("lvchange", "-q", "--errorwhenfull", "y", f"{vg.name}/{TINY}")  # lvcreate refuses it for a pool
-    cfg = f"""
-default-class = "thick"
-udev = "off"
-monitoring = false
-freeze-dir = "/run/elv-test-freeze-{vg.name}"
-
-[[device-class]]
-name = "thick"
-vg = "{vg.name}"
-
-[[device-class]]
-name = "thin"
-vg = "{vg.name}"
-thin-pool = "{vg.pool}"
-
+    # The two usual classes (the thin one at ratio 1.0, the default) and the tiny one.
+    cfg = (
+        class_config(vg)
+        + f"""
 [[device-class]]
 name = "tiny"
 vg = "{vg.name}"
 thin-pool = "{TINY}"
 overprovision-ratio = 4.0
 """
+    )
     d = LvmDriver(base, ["--lvm-config", write_config(os.path.join(base, "tiny.toml"), cfg)])
     d.start()
     try:

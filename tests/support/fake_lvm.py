@@ -37,6 +37,14 @@ name = "thin"
 vg = "vg0"
 thin-pool = "pool0"
 """
+#: The tag that makes an LV ELV's.
+OWNER = "elv.owner=elv.csi.dev"
+#: A device-class file over the fake VG: thick (the default) and thin.
+CONFIG = f"""
+default-class = "thick"
+udev = "off"
+freeze-dir = "/nonexistent/elv-freeze"
+{CLASSES}"""
 
 
 @dataclass

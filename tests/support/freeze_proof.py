@@ -100,71 +100,64 @@ def volume_source(vid: str) -> csi_pb2.VolumeContentSource:
     return csi_pb2.VolumeContentSource(volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=vid))
 
 
-def prove_snapshots(s: Setup, base: str) -> inv.Proof:
-    proof = inv.Proof(f"snapshot, {s.what}")
-    with sources(s, 1) as (vids, writer, raw):
-        inv.raw_copies(proof, raw, 3, base)
+def _prove(
+    s: Setup, base: str, what: str, count: int, copies: int, tag: str, restore: Callable[[int, list[str]], list[str]]
+) -> inv.Proof:
+    """Run trials on ``count`` sources under the writer: each takes
+    ``restore(n, sources)`` (the volumes it made from them) and reads their
+    places back; ``copies`` unfrozen raw copies show the load would tear."""
+    proof = inv.Proof(f"{what}, {s.what}")
+    with sources(s, count) as (vids, writer, raw):
+        inv.raw_copies(proof, raw, copies, base)
         n = 0
 
         def trial() -> list[int]:
             nonlocal n
             n += 1
-            req = csi_pb2.CreateSnapshotRequest(name=f"inv-snap-{n}", source_volume_id=vids[0])
-            sid = s.driver.controller.CreateSnapshot(req).snapshot.snapshot_id
-            try:
-                restored = [_restored(s, f"inv-rst-{n}", snapshot_source(sid))]
-            finally:
-                s.driver.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=sid))
-            return _read_restored(s, restored, f"rst-{n}")
+            return _read_restored(s, restore(n, vids), f"{tag}-{n}")
 
         inv.trials(proof, writer, trial)
     return proof
+
+
+def prove_snapshots(s: Setup, base: str) -> inv.Proof:
+    def restore(n: int, vids: list[str]) -> list[str]:
+        req = csi_pb2.CreateSnapshotRequest(name=f"inv-snap-{n}", source_volume_id=vids[0])
+        sid = s.driver.controller.CreateSnapshot(req).snapshot.snapshot_id
+        try:
+            return [_restored(s, f"inv-rst-{n}", snapshot_source(sid))]
+        finally:
+            s.driver.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=sid))
+
+    return _prove(s, base, "snapshot", 1, 3, "rst", restore)
 
 
 def prove_groups(s: Setup, base: str) -> inv.Proof:
-    proof = inv.Proof(f"group snapshot of two volumes, {s.what}")
-    with sources(s, 2) as (vids, writer, raw):
-        inv.raw_copies(proof, raw, 6, base)
-        n = 0
+    def restore(n: int, vids: list[str]) -> list[str]:
+        req = csi_pb2.CreateVolumeGroupSnapshotRequest(name=f"inv-grp-{n}", source_volume_ids=vids)
+        g = s.driver.group.CreateVolumeGroupSnapshot(req).group_snapshot
+        by_source = {m.source_volume_id: m.snapshot_id for m in g.snapshots}
+        restored: list[str] = []
+        try:
+            for i, vid in enumerate(vids):  # in the writer's order of volumes
+                restored.append(_restored(s, f"inv-grst-{n}-{i}", snapshot_source(by_source[vid])))
+        except BaseException:
+            for vid in restored:
+                s.driver.delete(vid)
+            raise
+        finally:
+            s.driver.group.DeleteVolumeGroupSnapshot(
+                csi_pb2.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=g.group_snapshot_id)
+            )
+        return restored
 
-        def trial() -> list[int]:
-            nonlocal n
-            n += 1
-            req = csi_pb2.CreateVolumeGroupSnapshotRequest(name=f"inv-grp-{n}", source_volume_ids=vids)
-            g = s.driver.group.CreateVolumeGroupSnapshot(req).group_snapshot
-            by_source = {m.source_volume_id: m.snapshot_id for m in g.snapshots}
-            restored: list[str] = []
-            try:
-                for i, vid in enumerate(vids):  # in the writer's order of volumes
-                    restored.append(_restored(s, f"inv-grst-{n}-{i}", snapshot_source(by_source[vid])))
-            except BaseException:
-                for vid in restored:
-                    s.driver.delete(vid)
-                raise
-            finally:
-                s.driver.group.DeleteVolumeGroupSnapshot(
-                    csi_pb2.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=g.group_snapshot_id)
-                )
-            return _read_restored(s, restored, f"grst-{n}")
-
-        inv.trials(proof, writer, trial)
-    return proof
+    return _prove(s, base, "group snapshot of two volumes", 2, 6, "grst", restore)
 
 
 def prove_clones(s: Setup, base: str) -> inv.Proof:
-    proof = inv.Proof(f"clone, {s.what}")
-    with sources(s, 1) as (vids, writer, raw):
-        inv.raw_copies(proof, raw, 3, base)
-        n = 0
-
-        def trial() -> list[int]:
-            nonlocal n
-            n += 1
-            clone = _restored(s, f"inv-clone-{n}", volume_source(vids[0]))
-            return _read_restored(s, [clone], f"clone-{n}")
-
-        inv.trials(proof, writer, trial)
-    return proof
+    return _prove(
+        s, base, "clone", 1, 3, "clone", lambda n, vids: [_restored(s, f"inv-clone-{n}", volume_source(vids[0]))]
+    )
 
 
 def loop_image(d: Driver) -> RawSource:

@@ -42,6 +42,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from tests.support.paths import REPO
 
@@ -136,16 +137,18 @@ def prepare_device(device: str) -> None:
         os.fsync(f.fileno())
 
 
+def _value(f: BinaryIO, i: int, offset: int) -> int:
+    """Place ``i``'s round, read at ``offset``; its record must be its own."""
+    f.seek(offset)
+    idx, n = parse(f.read(BLOCK))
+    if idx != i:
+        raise TornBlock(f"place {i} holds the record of place {idx}")
+    return n
+
+
 def read_device_values(device: str) -> list[int]:
-    values = []
     with open(device, "rb") as f:
-        for i, p in enumerate(device_places(device)):
-            f.seek(p.offset)
-            idx, n = parse(f.read(BLOCK))
-            if idx != i:
-                raise TornBlock(f"place {i} holds the record of place {idx}")
-            values.append(n)
-    return values
+        return [_value(f, i, p.offset) for i, p in enumerate(device_places(device))]
 
 
 def read_values(mount_points: list[str]) -> list[int]:
@@ -153,11 +156,7 @@ def read_values(mount_points: list[str]) -> list[int]:
     values = []
     for i, p in enumerate(places(mount_points)):
         with open(p.path, "rb") as f:
-            f.seek(p.offset)
-            idx, n = parse(f.read(BLOCK))
-        if idx != i:
-            raise TornBlock(f"place {i} holds the record of place {idx}")
-        values.append(n)
+            values.append(_value(f, i, p.offset))
     return values
 
 

@@ -14,14 +14,7 @@ from csi.backend.lvm.backend import LvmBackend
 from csi.backend.lvm.report import hex_encode
 from csi.errors import AlreadyExists, FailedPrecondition, InUse, NotFound, OutOfRange, ResourceExhausted
 from csi.model import DEVICE_CLASS, AccessType, Source, VolumeSpec, ids
-from tests.support.fake_lvm import CLASSES, FakeLv, FakeLvm, GiB, MiB, backend_over, fake_sysfs
-
-OWNER = "elv.owner=elv.csi.dev"
-CONFIG = f"""
-default-class = "thick"
-udev = "off"
-freeze-dir = "/nonexistent/elv-freeze"
-{CLASSES}"""
+from tests.support.fake_lvm import CONFIG, OWNER, FakeLv, FakeLvm, GiB, MiB, backend_over, fake_sysfs
 
 
 @pytest.fixture(autouse=True)
@@ -449,6 +442,15 @@ async def test_a_half_made_lv_of_the_name_is_quarantined_by_the_next_create(back
     assert [v.id for v in await backend.list_volumes()] == [vol.id]
 
 
+def copied_blocks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int]]:
+    """Block copies the backend asks for, as (source, target, size), none made."""
+    from csi.backend.lvm import clone as clone_mod
+
+    copied: list[tuple[str, str, int]] = []
+    monkeypatch.setattr(clone_mod, "copy_blocks", lambda src, dst, size, what, **kw: copied.append((src, dst, size)))
+    return copied
+
+
 async def test_clone_of_a_thick_snapshot_whose_origin_is_inactive(
     backend: LvmBackend, lvm: FakeLvm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -456,10 +458,7 @@ async def test_clone_of_a_thick_snapshot_whose_origin_is_inactive(
     # deactivates it and its snapshots), then a clone of the snapshot asked
     # lvchange to activate the snapshot itself, which LVM answers only on a
     # terminal; without one, "not changed" and INTERNAL.
-    from csi.backend.lvm import clone as clone_mod
-
-    copied: list[tuple[str, str, int]] = []
-    monkeypatch.setattr(clone_mod, "copy_blocks", lambda src, dst, size, what, **kw: copied.append((src, dst, size)))
+    copied = copied_blocks(monkeypatch)
     vol = await backend.create_volume(spec("origin", 64 * MiB))
     snap = await backend.create_snapshot("s", vol.id)
     origin = lvm.lvs[("vg0", "elv-" + vol.id)]
@@ -779,10 +778,7 @@ async def test_a_thin_clone_reads_the_report_once(backend: LvmBackend, lvm: Fake
 async def test_a_thick_clone_finds_its_new_lv_in_sysfs(
     backend: LvmBackend, lvm: FakeLvm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from csi.backend.lvm import clone as clone_mod
-
-    copied: list[tuple[str, str, int]] = []
-    monkeypatch.setattr(clone_mod, "copy_blocks", lambda src, dst, size, what, **kw: copied.append((src, dst, size)))
+    copied = copied_blocks(monkeypatch)
     vol = await backend.create_volume(spec("origin", 64 * MiB))
     snap = await backend.create_snapshot("s", vol.id)
     n = len(lvm.calls)

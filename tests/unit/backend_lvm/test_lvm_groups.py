@@ -15,14 +15,8 @@ from csi.backend.lvm.recovery import recover
 from csi.backend.lvm.report import hex_encode
 from csi.errors import NotFound, ResourceExhausted
 from csi.model import DEVICE_CLASS, AccessType, Device, VolumeSpec, ids
-from tests.support.fake_lvm import CLASSES, FakeLv, FakeLvm, GiB, MiB, backend_over
+from tests.support.fake_lvm import CONFIG, OWNER, FakeLv, FakeLvm, GiB, MiB, backend_over
 
-OWNER = "elv.owner=elv.csi.dev"
-CONFIG = f"""
-default-class = "thick"
-udev = "off"
-freeze-dir = "/nonexistent/elv-freeze"
-{CLASSES}"""
 NO_ROOM = b'  Volume group "vg0" has insufficient free space (1 extents): 9 required.\n'
 
 
