@@ -182,7 +182,7 @@ class Orchestrator:
             t = threading.Thread(target=first)
             t.start()
             started = self._wait_start(method, offset, t)
-            if started and self.rng.random() < 0.6:
+            if started and self.rng.random() < 0.5:
                 # Most RPCs end within milliseconds of entering: kill at once
                 # (0.5 ms after the start line, the poll's step) as often as
                 # a moment later, when the slow ones are inside their tools.
