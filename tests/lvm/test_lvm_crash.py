@@ -40,7 +40,7 @@ from tests.support.lvm import GuestVg, LvmDriver, class_config, ours, wait_for, 
 from tests.support.lvm_watch import KernelWatch, backing_usage, failure_report, pool_status
 
 #: The fewest kills a time-boxed slice must reach.
-MIN_SLICE_KILLS = 20
+MIN_SLICE_KILLS = 10
 #: The kill loop's time box in seconds (0: none, run all KILLS).
 BOX = float(os.environ.get("ELV_LVM_CRASH_SECONDS", "0") or 0)
 

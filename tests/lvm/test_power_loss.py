@@ -16,7 +16,7 @@ no image or temporary file without its metadata.
 
 Checking a point costs a driver start and a few mounts (about 9 s under the
 guest's emulation): CI checks the points that fit in ELV_POWER_SECONDS
-(default 360 in CI), an evenly spread sample from a printed seed (ELV_POWER_SEED
+(default 240 in CI), an evenly spread sample from a printed seed (ELV_POWER_SEED
 replays it); ``make soak`` sets ELV_POWER_SECONDS=0, every point.
 """
 
@@ -38,11 +38,11 @@ from tests.support.logwrites import Replayer, read_log
 from tests.support.lvm import GuestVg, lvm
 from tests.support.rpc import block_cap, mount_cap
 
-BOX = float(os.environ.get("ELV_POWER_SECONDS", "360") or 0)
+BOX = float(os.environ.get("ELV_POWER_SECONDS", "240") or 0)
 SEED = int(os.environ.get("ELV_POWER_SEED", str(random.SystemRandom().randrange(1 << 32))))
 #: Seconds one point's check may take in the guest while two other streams run
 #: (about 9 alone): the sample is spread over the whole log for this many.
-PER_POINT = 20.0
+PER_POINT = 25.0
 LW, CHECK = "elv-pl-lw", "elv-pl-check"
 SIZES = {"pl-data": 384, "pl-log": 1024, "pl-replay": 384, "pl-cow": 256}  # MiB
 
@@ -351,5 +351,5 @@ def test_every_crash_state_keeps_what_was_acknowledged(base: str, vg: GuestVg, l
     os.makedirs("ci-out", exist_ok=True)
     with open("ci-out/power-loss-summary.txt", "w") as out:
         out.write(line + "\n")
-    assert checked >= min(len(points), 10), f"only {checked} crash states checked"
+    assert checked >= min(len(points), 5), f"only {checked} crash states checked"
     assert not violations, "\n".join(violations[:30])
