@@ -107,26 +107,25 @@ def thaw(mount_point: str) -> None:
     subprocess.run(["fsfreeze", "--unfreeze", mount_point], check=False, capture_output=True)
 
 
-def small_pool(base: str, size_mib: int) -> str:
-    """Mount a tiny ext4 filesystem at base/pool, so the pool can really fill up."""
+def _loop_pool(base: str, size_mib: int, mkfs: list[str]) -> str:
+    """Make a size_mib image with mkfs and mount it at base/pool."""
     img, pool = os.path.join(base, "pool.img"), os.path.join(base, "pool")
     with open(img, "wb") as f:
         f.truncate(size_mib * MiB)
-    subprocess.run(["mkfs.ext4", "-q", "-m", "0", img], check=True)
+    subprocess.run([*mkfs, img], check=True)
     os.makedirs(pool, exist_ok=True)
     subprocess.run(["mount", "-o", "loop", img, pool], check=True)
     return pool
+
+
+def small_pool(base: str, size_mib: int) -> str:
+    """Mount a tiny ext4 filesystem at base/pool, so the pool can really fill up."""
+    return _loop_pool(base, size_mib, ["mkfs.ext4", "-q", "-m", "0"])
 
 
 def xfs_pool(base: str, size_mib: int) -> str:
     """Mount an xfs filesystem (which can reflink) at base/pool."""
-    img, pool = os.path.join(base, "pool.img"), os.path.join(base, "pool")
-    with open(img, "wb") as f:
-        f.truncate(size_mib * MiB)
-    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", img], check=True)
-    os.makedirs(pool, exist_ok=True)
-    subprocess.run(["mount", "-o", "loop", img, pool], check=True)
-    return pool
+    return _loop_pool(base, size_mib, ["mkfs.xfs", "-q", "-m", "reflink=1"])
 
 
 def unmount_pool(base: str) -> None:
