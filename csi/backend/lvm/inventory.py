@@ -108,15 +108,16 @@ class Inventory:
         Otherwise: any view up to ``ttl`` old. ``reload``: read LVM now, for
         facts that change outside LVM (an LV is open while it is mounted).
         """
-        if reload:
-            pass
-        elif fresh:
+        if not reload:
+            # This RPC's own view, loaded after this process's last change, is
+            # what ``fresh`` asks for, so it also does for the weaker ask. (Under
+            # emulation one lvs outlasts the ttl, and without this an RPC's
+            # second lookup ran a second lvs.)
             v = _mine()
             if v is not None and v.generation == self._generation:
                 return v
-        else:
             v = self._view
-            if v is not None and time.monotonic() - v.taken < self._ttl:
+            if not fresh and v is not None and time.monotonic() - v.taken < self._ttl:
                 return v
         generation = self._generation
         v = await self._load(generation)

@@ -5,6 +5,7 @@ what a crash left. No root, no LVM."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -803,3 +804,26 @@ async def test_a_new_volume_is_active_so_its_stage_runs_no_lvchange(
     dev = await backend.attach(vol.id)
     assert dev.path == f"/dev/dm-{lvm.lvs[('vg0', 'elv-' + vol.id)].minor}"
     assert [c[1] for c in lvm.calls[n:]] == ["lvs"]
+
+
+@pytest.mark.parametrize("cls", ["thick", "thin"])
+async def test_one_rpc_reads_the_report_once_even_when_it_outlasts_the_ttl(
+    backend: LvmBackend, lvm: FakeLvm, cls: str
+) -> None:
+    """Under emulation one lvs takes longer than the view's ttl. NodeStage's
+    lookups (the volume, its device, the attach) still share the view their
+    RPC loaded; the next RPC, a new task, reads LVM again."""
+    vol = await backend.create_volume(spec("slow", cls=cls))
+    backend.store.inv._ttl = 0.0  # every shared view is already too old
+
+    async def stage() -> None:
+        assert await backend.get_volume(vol.id) is not None
+        dev = await backend.find_device(vol.id)
+        assert dev is not None and dev == await backend.attach(vol.id)
+
+    n = len(lvm.calls)
+    await asyncio.create_task(stage())
+    assert [c[1] for c in lvm.calls[n:]] == ["lvs"]
+    n = len(lvm.calls)
+    await asyncio.create_task(stage())
+    assert [c[1] for c in lvm.calls[n:]] == ["lvs"]  # a new RPC does not reuse the last one's view
