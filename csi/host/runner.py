@@ -29,6 +29,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from csi.errors import CommandError, CommandTimeout
+from csi.host import procs
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +178,10 @@ class Runner:
         path = os.path.join(self._journal, f"{pid}.json")
         try:
             with open(path, "w", encoding="utf-8") as f:
-                # What /proc/PID/cmdline will read once the program has been exec'd
-                # (reading it now races the exec and may still show Python).
-                json.dump({"argv": list(args), "cmdline": "\0".join(args) + "\0"}, f)
+                # The process by pid and start time: that names it across its
+                # exec (a tool run through a wrapper script changes its command
+                # line) and never names another process that reuses the pid.
+                json.dump({"argv": list(args), "process": procs.token(pid)}, f)
         except OSError:
             log.warning("cannot record running command in %s", self._journal, exc_info=True)
             return None
@@ -192,33 +194,31 @@ class Runner:
         if self._journal is None:
             return 0
         os.makedirs(self._journal, mode=0o700, exist_ok=True)
-        alive: dict[int, str] = {}
+        alive: dict[_Orphan, str] = {}
         for name in os.listdir(self._journal):
             path = os.path.join(self._journal, name)
             try:
-                pid = int(name.removesuffix(".json"))
                 with open(path, encoding="utf-8") as f:
-                    recorded = json.load(f).get("cmdline")
-            except (ValueError, OSError, json.JSONDecodeError):
-                recorded, pid = None, -1
-            # The pid must still run the same command line (pids are reused).
-            if pid > 0 and recorded and _cmdline(pid) == recorded:
-                alive[pid] = path
-                log.warning("waiting for pid %d (%s), left running by a previous instance", pid, recorded[:80])
+                    orphan = _Orphan.of(int(name.removesuffix(".json")), json.load(f))
+            except (ValueError, OSError):
+                orphan = None
+            if orphan is not None and orphan.runs():
+                alive[orphan] = path
+                log.warning("waiting for pid %d, left running by a previous instance", orphan.pid)
             else:
-                os.unlink(path)
+                _unlink(path)
         found = len(alive)
         deadline = time.monotonic() + timeout
         while alive and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-            for pid, path in list(alive.items()):
-                if _cmdline(pid) is None:
-                    os.unlink(path)
-                    del alive[pid]
-        for pid, path in alive.items():
-            log.error("killing pid %d, still running after %.0fs", pid, timeout)
-            _kill_group(pid)
-            os.unlink(path)
+            for orphan, path in list(alive.items()):
+                if not orphan.runs():
+                    _unlink(path)
+                    del alive[orphan]
+        for orphan, path in alive.items():
+            log.error("killing pid %d, still running after %.0fs", orphan.pid, timeout)
+            _kill_group(orphan.pid)
+            _unlink(path)
         return found
 
     def _observe(self, program: str, seconds: float, rc: int | None) -> None:
@@ -239,6 +239,37 @@ def _check_argv(argv: Sequence[str]) -> tuple[str, ...]:
         if "\x00" in a:
             raise ValueError("argv item contains a NUL byte")
     return args
+
+
+@dataclass(frozen=True)
+class _Orphan:
+    """A command a journal record names: by pid and start time (``token``), or,
+    in a record an older version wrote, by the command line it was to show."""
+
+    pid: int
+    token: str | None
+    cmdline: str | None
+
+    @classmethod
+    def of(cls, pid: int, record: object) -> _Orphan | None:
+        if not isinstance(record, dict) or pid <= 0:
+            return None
+        token, cmdline = record.get("process"), record.get("cmdline")
+        if isinstance(token, str) and token.split(" ", 1)[0] == str(pid):
+            return cls(pid, token, None)
+        if isinstance(cmdline, str) and cmdline:
+            return cls(pid, None, cmdline)
+        return None
+
+    def runs(self) -> bool:
+        if self.token is not None:
+            return procs.alive(self.token)
+        return _cmdline(self.pid) == self.cmdline
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _cmdline(pid: int) -> str | None:

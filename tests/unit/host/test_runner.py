@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from csi.errors import CommandError, CommandTimeout
-from csi.host import runner as runner_mod
+from csi.host import procs
 from csi.host.runner import SAFE_PATH, Runner
 from tests.support.paths import REPO
 
@@ -370,25 +370,46 @@ async def test_wait_for_orphans_counts_what_it_waited_for(tmp_path: Path) -> Non
         orphan.wait()
 
 
-async def test_journal_entries_always_record_the_command_line(tmp_path: Path) -> None:
-    """The entry names the exec'd program's command line (not whatever
-    /proc/PID/cmdline showed before the exec), so a restarted driver can match it."""
-    r = Runner(journal_dir=str(tmp_path))
-    argv = [PY, "-I", "-S", "-c", "import time; time.sleep(0.4)"]
-    task = asyncio.ensure_future(r.run(argv))
+async def test_journal_names_the_process_across_its_exec(tmp_path: Path) -> None:
+    """A tool reached through a wrapper script (a --tool-path shim that execs
+    the real program) shows another command line before and after its exec.
+    The entry names the process by pid and start time, which the exec keeps,
+    so a restarted driver still waits for it (it once matched command lines,
+    and raced such orphans: an fsfreeze left running froze a filesystem after
+    the new driver's recovery had thawed it)."""
+    tools, journal = tmp_path / "bin", tmp_path / "commands"
+    tools.mkdir()
+    journal.mkdir()
+    shim = tools / "tool"
+    shim.write_text(f"#!/bin/sh\nsleep 0.3\nexec {PY} -c 'import time; time.sleep(0.5)'\n")
+    shim.chmod(0o755)
+    task = asyncio.ensure_future(Runner(journal_dir=str(journal), search_path=str(tools)).run(["tool", "--go"]))
     entries: list[Path] = []
     for _ in range(200):
-        entries = list(tmp_path.glob("*.json"))
+        entries = list(journal.glob("*.json"))
         if entries:
             break
         await asyncio.sleep(0.005)
     assert len(entries) == 1
+    pid = int(entries[0].stem)
     rec = json.loads(entries[0].read_text())
-    assert rec["cmdline"] == "\0".join(argv) + "\0"
-    await asyncio.sleep(0.2)  # the program now runs: /proc agrees with the record
-    assert runner_mod._cmdline(int(entries[0].stem)) == rec["cmdline"]
-    await task
-    assert list(tmp_path.glob("*.json")) == []
+    assert rec["argv"] == ["tool", "--go"] and rec["process"] == procs.token(pid)
+    # A new driver starting now waits until the tool, exec'd or not, has ended.
+    start = time.monotonic()
+    assert await Runner(journal_dir=str(journal)).wait_for_orphans(timeout=10) == 1
+    assert time.monotonic() - start >= 0.4
+    assert procs.start_time(pid) is None  # gone (or a zombie), not merely renamed
+    assert (await task).returncode == 0
+    assert list(journal.glob("*.json")) == []
+
+
+async def test_an_entry_whose_pid_now_names_another_process_is_dropped(tmp_path: Path) -> None:
+    journal = tmp_path / "commands"
+    journal.mkdir()
+    me = os.getpid()
+    (journal / f"{me}.json").write_text(json.dumps({"argv": ["mkfs.ext4"], "process": f"{me} 1"}))
+    assert await Runner(journal_dir=str(journal)).wait_for_orphans(timeout=10) == 0
+    assert list(journal.glob("*.json")) == []
 
 
 async def test_close_lets_commands_finish_then_kills_and_reaps_the_rest(tmp_path: Path) -> None:
