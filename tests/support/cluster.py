@@ -47,7 +47,10 @@ from tests.support.k8snode import CNI_DIR, SERVICE_RANGE, Node
 from tests.support.kube import (
     BIN,
     BUSYBOX,
+    CONTAINERD2_BIN,
+    CONTAINERD2_TOOLS,
     DRIVER,
+    HOST_PATH,
     PAUSE,
     TOOLS,
     Api,
@@ -101,6 +104,15 @@ SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
 #: The test bridges' addresses come from here, one /24 per cluster.
 NET_PREFIX = "10.204"
 NET_LOCK = "/tmp/elv-k8s-net.lock"
+#: The node that runs containerd v2 (containerd2_node).
+CONTAINERD2_NODE = 3
+
+
+def containerd2_node(nodes: int) -> int:
+    """The index of the node that runs containerd v2 and runc 1.3+ (user-namespaced
+    pods need them; Debian's 1.6 and 1.1 run the others): the third, or the
+    last of a smaller cluster."""
+    return min(CONTAINERD2_NODE, nodes)
 
 
 def missing_prerequisites() -> list[str]:
@@ -109,6 +121,11 @@ def missing_prerequisites() -> list[str]:
     if os.geteuid() != 0:
         out.append("root (namespaces, mounts, loop devices, containers)")
     out += [f"{BIN}/{b} (scripts/k8s-tools)" for b in K8S_BINS if not os.access(os.path.join(BIN, b), os.X_OK)]
+    out += [
+        f"{CONTAINERD2_BIN}/{b} (scripts/k8s-tools containerd2)"
+        for b in CONTAINERD2_TOOLS
+        if not os.access(os.path.join(CONTAINERD2_BIN, b), os.X_OK)
+    ]
     out += [f"{t} (scripts/setup-k8s)" for t in HOST_TOOLS if shutil.which(t) is None]
     out += [
         f"{CNI_DIR}/{p} (containernetworking-plugins; scripts/setup-k8s)"
@@ -223,7 +240,7 @@ class Cluster:
         path = self.p("logs", f"{name}.log")
         with open(path, "ab") as out:
             e = {
-                "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "PATH": HOST_PATH,
                 # tests/reap.py knows a cluster's processes by this.
                 "HOME": self.root,
                 "LC_ALL": "C.UTF-8",
@@ -321,7 +338,15 @@ class Cluster:
             run(["ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge])
             run(["ip", "link", "set", self.bridge, "up"])
         self.nodes = [
-            Node(self.root, i, f"elv-n{i}", f"{NET_PREFIX}.{x}.{10 + i}", self.gateway, self.tag)
+            Node(
+                self.root,
+                i,
+                f"elv-n{i}",
+                f"{NET_PREFIX}.{x}.{10 + i}",
+                self.gateway,
+                self.tag,
+                containerd2=i == containerd2_node(self.nodes_wanted),
+            )
             for i in range(1, self.nodes_wanted + 1)
         ]
         self.save()
@@ -390,7 +415,7 @@ class Cluster:
             n.mounts()
             n.cgroups()
             self.save()
-            self.start(f"containerd@{n.name}", n.ns("containerd", "--config", n.containerd_config()))
+            self.start(f"containerd@{n.name}", n.containerd_argv(), n.containerd_env())
 
     def _apiserver(self) -> None:
         pki = Pki(self.p("pki"))

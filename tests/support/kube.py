@@ -30,6 +30,13 @@ from tests.support.paths import REPO
 
 TOOLS = os.environ.get("ELV_TOOLS", os.path.expanduser("~/.cache/elv-tools"))
 BIN = os.path.join(TOOLS, "bin")
+#: containerd v2, its runc shim, ctr and runc 1.3+ (scripts/k8s-tools containerd2),
+#: under their upstream names: first on a node's PATH, containerd finds the shim
+#: there and the shim finds runc.
+CONTAINERD2_BIN = os.path.join(TOOLS, "containerd2", "bin")
+CONTAINERD2_TOOLS = ("containerd", "containerd-shim-runc-v2", "ctr", "runc")
+#: The PATH every process of a cluster starts with.
+HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DRIVER = "elv.csi.dev"
 #: The test pod images, made here from Debian's busybox-static.
 BUSYBOX = "elv.test/busybox:1.35"
