@@ -19,6 +19,14 @@ earlier one made); each step is asserted and timed (ci-out/k8s-summary.json):
     is not on (ControllerModifyVolume, routed to the owning node's driver);
  6. snapshot and restore on every node, and a VolumeGroupSnapshot of two
     PVCs on one node, from Kubernetes objects;
+ U. user namespaces, on the node that runs containerd v2 and runc 1.3+ (the
+    others run Debian's 1.6 and 1.1): only it reports support; a pod with
+    hostUsers: false is refused on a Debian node, and a raw block volume in
+    one by the API; on it, a hostUsers: false pod's root writes to an ELV
+    volume through an idmapped mount and the file is uid 0 on disk while the
+    pod runs as an unprivileged host uid; a pod with no root at all
+    (runAsNonRoot, uid 1000, fsGroup) writes to a fresh volume and to one
+    restored from its snapshot, each file 1000:fsGroup on disk;
  7. the driver restarted under load (its pod deleted; the DaemonSet rolled to
     a new image tag) while a pod writes: the writes go on, nothing is
     remounted or reformatted, new volumes work once the driver is back;
@@ -36,11 +44,15 @@ import secrets
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from tests.support.cluster import DRIVER, NAMESPACE, Api, Cluster, ClusterError, Node, kustomize, wait_for
+from tests.support.cluster import DRIVER, NAMESPACE, Api, ApiError, Cluster, ClusterError, Node, kustomize, wait_for
 from tests.support.k8s import (
     GROUPSNAP,
     NS,
@@ -59,8 +71,11 @@ from tests.support.k8s import (
     events,
     exec_,
     node_state,
+    parse_id_map,
     pod,
     pool_files,
+    processes_in_userns,
+    published_dir,
     pv_node,
     pv_of,
     pvc,
@@ -69,7 +84,8 @@ from tests.support.k8s import (
     wait_gone,
     wait_running,
 )
-from tests.support.kube import dump_all
+from tests.support.k8snode import describe
+from tests.support.kube import CONTAINERD2_BIN, dump_all, pids_with, run
 from tests.support.paths import REPO
 
 CLASSES = ("elv-loop", "elv-lvm-thick", "elv-lvm-thin")
@@ -437,6 +453,278 @@ def test_6_group_snapshot_of_two_pvcs_on_one_node(cluster: Cluster, world: dict[
     wait_for("group and member snapshot contents deleted", contents_gone, 90, 0.5)
     delete_claims(api, "ga", "gb")
     assert not pool_files(n)["snapshots"] and not pool_files(n)["groups"], pool_files(n)
+
+
+# ---------------------------------------------------------------- U: user namespaces
+
+
+#: kubelet gives each user-namespaced pod 65536 IDs (userNamespaces.idsPerPod's
+#: default), from a multiple of 65536 at 65536 or above (no `kubelet` user here).
+IDS_PER_POD = 65536
+#: A pod with no root at all: not in its user namespace, and not on the host.
+NON_ROOT = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 3000}
+REFUSED_BY_16 = (
+    "FailedCreatePodSandBox: Failed to create pod sandbox: "
+    "can't set `spec.hostUsers: false`, runtime does not support user namespaces"
+)
+
+
+def userns_node(cluster: Cluster) -> Node:
+    """The node that runs containerd v2 and runc 1.3+ (tests/support/cluster.py)."""
+    (n,) = [x for x in cluster.nodes if x.containerd2]
+    return n
+
+
+def userns_pod(name: str, claim: str | None, node: str, security: dict[str, Any]) -> dict[str, Any]:
+    """pod() in a user namespace of its own (hostUsers: false), with this pod securityContext."""
+    p = pod(name, claim or "none", node)
+    p["spec"]["hostUsers"] = False
+    p["spec"]["securityContext"] = security
+    if claim is None:
+        del p["spec"]["volumes"], p["spec"]["containers"][0]["volumeMounts"]
+    return p
+
+
+@dataclass
+class Inside:
+    """What a pod's container says about itself."""
+
+    ns: int  # its user namespace's inode
+    uid_map: list[tuple[int, int, int]]
+    gid_map: list[tuple[int, int, int]]
+    uid: int
+    gid: int
+    groups: list[int]
+    data_options: list[str]  # the per-mount options of /data in its mountinfo
+    data_dev: int  # st_dev of /data
+
+    @property
+    def base(self) -> int:
+        """The host ID its ID 0 is (the single mapping kubelet gives a pod)."""
+        ((inside, outside, count),) = self.uid_map
+        assert (inside, count) == (0, IDS_PER_POD), self.uid_map
+        return outside
+
+
+def inside(cluster: Cluster, name: str) -> Inside:
+    out = exec_(
+        cluster, name,
+        "readlink /proc/self/ns/user; echo --; cat /proc/self/uid_map; echo --; cat /proc/self/gid_map; echo --;"
+        " id -u; id -g; id -G; echo --; grep ' /data ' /proc/self/mountinfo; stat -c %d /data",
+    )  # fmt: skip
+    ns, uids, gids, ids, data = out.split("--\n")
+    uid, gid, groups = ids.split("\n")[:3]
+    mount, dev = data.strip().split("\n")
+    assert ns.strip().startswith("user:[") and ns.strip().endswith("]"), ns
+    return Inside(
+        ns=int(ns.strip()[6:-1]),
+        uid_map=parse_id_map(uids),
+        gid_map=parse_id_map(gids),
+        uid=int(uid),
+        gid=int(gid),
+        groups=sorted(int(g) for g in groups.split()),
+        data_options=mount.split()[5].split(","),
+        data_dev=int(dev),
+    )
+
+
+def check_mapped(i: Inside, uid: int, gid: int) -> None:
+    """From the host: the pod's mapping is kubelet's, and its processes run as
+    the host IDs that ``uid``/``gid`` inside map to, none of them root."""
+    base = i.base
+    assert base >= IDS_PER_POD and base % IDS_PER_POD == 0, i.uid_map
+    assert i.gid_map == i.uid_map
+    procs = processes_in_userns(i.ns)
+    main = [p for p in procs if p.argv == ("sleep", "3600")]
+    assert len(main) == 1, procs
+    assert main[0].uids == (base + uid,) * 4 and main[0].gids == (base + gid,) * 4, main[0]
+    ids = [x for p in procs for x in (*p.uids, *p.gids)]
+    assert all(base <= x < base + IDS_PER_POD for x in ids), procs
+
+
+@contextmanager
+def objects(api: Api, pods: list[str], claims: list[str], snapshots: list[str]) -> Iterator[None]:
+    """Delete these pods, claims and snapshots at the end, also when the body
+    failed (its error is then the one reported)."""
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        try:
+            delete_pods(api, *[p for p in pods if api.maybe(f"{V1}/pods/{p}")])
+            delete_claims(api, *[c for c in claims if api.maybe(f"{V1}/persistentvolumeclaims/{c}")])
+            for s in snapshots:
+                api.delete(f"{SNAP}/{s}")
+            for s in snapshots:
+                wait_gone(api, f"{SNAP}/{s}")
+        except Exception:
+            if ok:
+                raise
+            traceback.print_exc()
+
+
+def on_disk(api: Api, n: Node, pod_name: str, claim: str, i: Inside) -> str:
+    """The pod's volume as its node sees it (not idmapped), checked to be the
+    filesystem the pod has at /data and a mount point in the node's namespace."""
+    uid = api.get(f"{V1}/pods/{pod_name}")["metadata"]["uid"]
+    pv = pv_of(api, claim)["metadata"]["name"]
+    d = published_dir(n, uid, pv)
+    assert os.stat(d).st_dev == i.data_dev, "not the filesystem the pod has at /data"
+    assert any(mp == d.removeprefix(n.view("")) for _, mp in csi_mounts(n)), csi_mounts(n)
+    return d
+
+
+def owner(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_uid, st.st_gid
+
+
+def test_u0_the_user_namespace_node(cluster: Cluster, world: dict[str, Any]) -> None:
+    """Only the containerd v2 node says it runs user-namespaced pods, and its
+    kubelet has UserNamespacesSupport on (GA and locked on in 1.36)."""
+    need_nodes(cluster, 2)
+    api, n = world["api"], userns_node(cluster)
+    world["steps"].run(
+        f"U0. only {n.name} runs containerd v2 and supports user namespaces", lambda: runtimes(cluster, api, n)
+    )
+    metrics = api.get(f"/api/v1/nodes/{n.name}/proxy/metrics")
+    assert 'kubernetes_feature_enabled{name="UserNamespacesSupport",stage=""} 1' in metrics.splitlines(), [
+        line for line in metrics.splitlines() if "UserNamespacesSupport" in line
+    ]
+
+
+def runtimes(cluster: Cluster, api: Api, n: Node) -> None:
+    """Each node's runtime as its Node reports it, and its containerd and shims' binaries."""
+    version = run([os.path.join(CONTAINERD2_BIN, "containerd"), "--version"]).stdout.split()[2]
+    assert version.startswith("v2."), version
+    nodes = {x["metadata"]["name"]: x["status"] for x in api.get("/api/v1/nodes")["items"]}
+    for x in cluster.nodes:
+        st = nodes[x.name]
+        runtime = st["nodeInfo"]["containerRuntimeVersion"]
+        userns = {
+            h.get("name", ""): (h.get("features") or {}).get("userNamespaces") for h in st.get("runtimeHandlers") or []
+        }
+        exe = os.readlink(f"/proc/{cluster.procs[f'containerd@{x.name}'].pid}/exe")
+        shims = {
+            os.readlink(f"/proc/{p}/exe") for p in pids_with(x.containerd_sock) if "containerd-shim" in describe(p)
+        }
+        if x is n:
+            assert runtime == f"containerd://{version.removeprefix('v')}", runtime
+            assert userns == {"": True, "runc": True}, st.get("runtimeHandlers")
+            assert exe == os.path.realpath(os.path.join(CONTAINERD2_BIN, "containerd"))
+            assert shims == {os.path.realpath(os.path.join(CONTAINERD2_BIN, "containerd-shim-runc-v2"))}, shims
+        else:
+            assert runtime.startswith("containerd://1.6."), runtime
+            assert not any(userns.values()), st.get("runtimeHandlers")
+            assert exe == os.path.realpath("/usr/bin/containerd")
+            assert shims == {os.path.realpath("/usr/bin/containerd-shim-runc-v2")}, shims
+
+
+def test_u1_what_user_namespaces_cannot_do(cluster: Cluster, world: dict[str, Any]) -> None:
+    """Debian's containerd 1.6 refuses a pod with hostUsers: false (its runc 1.1
+    has no idmapped mounts), and the API refuses a raw block volume in one."""
+    need_nodes(cluster, 2)
+    api, steps = world["api"], world["steps"]
+    old = next(x for x in cluster.nodes if not x.containerd2)
+
+    def refused() -> None:
+        with objects(api, ["userns-on-16"], [], []):
+            api.create(f"{V1}/pods", userns_pod("userns-on-16", None, old.name, {}))
+            msg = wait_for(
+                "kubelet's refusal",
+                lambda: [m for m in events(api, "userns-on-16") if "FailedCreatePodSandBox" in m],
+                60,
+            )
+            assert msg[0] == f"userns-on-16: {REFUSED_BY_16}", msg
+            assert api.get(f"{V1}/pods/userns-on-16")["status"]["phase"] == "Pending"
+
+    steps.run(f"U1a. hostUsers: false refused on {old.name} (containerd 1.6, runc 1.1)", refused)
+    block = userns_pod("userns-block", None, old.name, {})
+    block["spec"]["volumes"] = [{"name": "dev", "persistentVolumeClaim": {"claimName": "userns-block"}}]
+    block["spec"]["containers"][0]["volumeDevices"] = [{"name": "dev", "devicePath": "/dev/xvda"}]
+    with pytest.raises(ApiError) as e:
+        api.create(f"{V1}/pods", block)
+    assert e.value.code == 422
+    assert "spec.containers[0].volumeDevices: Forbidden: when `hostUsers` is false" in str(e.value), e.value
+    assert api.maybe(f"{V1}/pods/userns-block") is None
+
+
+def test_u2_user_namespaced_pod_root_inside_root_on_disk(cluster: Cluster, world: dict[str, Any]) -> None:
+    """hostUsers: false with an ELV volume: root in the pod is an unprivileged
+    host uid, and what it writes lands on disk as uid 0: kubelet asks for an
+    idmapped mount of every volume with the pod's own mapping, runc 1.3+ makes
+    it, so the on-disk owner is the one the pod sees."""
+    api, steps, n = world["api"], world["steps"], userns_node(cluster)
+    payload = secrets.token_hex(16)
+
+    def root() -> None:
+        create_and_time(api, pvc("userns-root", "300Mi"), userns_pod("userns-root", "userns-root", n.name, {}))
+        assert api.get(f"{V1}/pods/userns-root")["spec"]["nodeName"] == n.name
+        exec_(cluster, "userns-root", f"echo {payload} > /data/by-root && sync")
+        assert exec_(cluster, "userns-root", "cat /data/by-root").strip() == payload
+        i = inside(cluster, "userns-root")
+        assert (i.uid, i.gid, i.groups) == (0, 0, [0]), i
+        assert "idmapped" in i.data_options, i.data_options
+        check_mapped(i, 0, 0)
+        uid = api.get(f"{V1}/pods/userns-root")["metadata"]["uid"]
+        with open(os.path.join(n.kubelet_dir, "pods", uid, "userns")) as f:
+            mapping = [{"hostId": i.base, "containerId": 0, "length": IDS_PER_POD}]
+            assert json.load(f) == {"uidMappings": mapping, "gidMappings": mapping}
+        d = on_disk(api, n, "userns-root", "userns-root", i)
+        assert owner(d) == (0, 0)  # mkfs's root directory, untouched
+        assert owner(f"{d}/by-root") == (0, 0), "root in the pod did not land as root on disk"
+        with open(f"{d}/by-root") as f:
+            assert f.read().strip() == payload
+        assert exec_(cluster, "userns-root", "stat -c '%u %g' /data/by-root").strip() == "0 0"
+        world["summary"].data["userns_pod_base"] = i.base
+
+    with objects(api, ["userns-root"], ["userns-root"], []):
+        steps.run(
+            f"U2. hostUsers: false on {n.name}: root inside is uid 0 on disk, an unprivileged uid on the host", root
+        )
+
+
+def test_u3_no_root_at_all_fresh_and_restored(cluster: Cluster, world: dict[str, Any]) -> None:
+    """runAsNonRoot, runAsUser 1000 and fsGroup in a user namespace: root
+    neither in the pod nor on the host. It writes to a fresh volume, and a second
+    such pod to one restored from its snapshot; the on-disk owners are 1000 and
+    the fsGroup."""
+    api, steps, n = world["api"], world["steps"], userns_node(cluster)
+    payload = secrets.token_hex(16)
+
+    def check(name: str, claim: str) -> str:
+        i = inside(cluster, name)
+        assert (i.uid, i.gid, i.groups) == (1000, 1000, [1000, 3000]), i
+        assert "idmapped" in i.data_options, i.data_options
+        check_mapped(i, 1000, 1000)
+        return on_disk(api, n, name, claim, i)
+
+    def fresh() -> None:
+        create_and_time(api, pvc("nonroot", "300Mi"), userns_pod("nonroot-1", "nonroot", n.name, NON_ROOT))
+        d = check("nonroot-1", "nonroot")
+        exec_(cluster, "nonroot-1", f"echo {payload} > /data/first && sync")
+        assert owner(d)[1] == 3000 and os.stat(d).st_mode & 0o2000, "kubelet's fsGroup on the volume's root"
+        assert owner(f"{d}/first") == (1000, 3000)
+
+    def restored() -> None:
+        api.create(SNAP, snapshot("nonroot-snap", "nonroot"))
+        wait_ready(api, f"{SNAP}/nonroot-snap")
+        claim = pvc("nonroot-restored", "300Mi", source="nonroot-snap")
+        create_and_time(api, claim, userns_pod("nonroot-2", "nonroot-restored", n.name, NON_ROOT))
+        assert pv_node(pv_of(api, "nonroot-restored")) == n.name
+        d = check("nonroot-2", "nonroot-restored")
+        assert exec_(cluster, "nonroot-2", "cat /data/first").strip() == payload
+        exec_(cluster, "nonroot-2", "echo second > /data/second && sync")
+        assert owner(f"{d}/first") == (1000, 3000) and owner(f"{d}/second") == (1000, 3000)
+        assert exec_(cluster, "nonroot-2", "stat -c '%u %g' /data/first /data/second").split("\n")[:2] == [
+            "1000 3000",
+            "1000 3000",
+        ]
+
+    with objects(api, ["nonroot-1", "nonroot-2"], ["nonroot", "nonroot-restored"], ["nonroot-snap"]):
+        steps.run(f"U3a. no root at all (runAsNonRoot, uid 1000, fsGroup) on {n.name}: a fresh volume", fresh)
+        steps.run("U3b. ... and one restored from its snapshot", restored)
 
 
 # ---------------------------------------------------------------- 7

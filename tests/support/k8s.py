@@ -10,6 +10,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from tests.support.cluster import BUSYBOX, DRIVER, REPO, Api, Cluster, Node, wait_for
@@ -249,6 +250,57 @@ def csi_mounts(node: Node) -> list[tuple[int, str]]:
             if mp.startswith("/var/lib/kubelet/") and ("/kubernetes.io~csi/" in mp or "/kubernetes.io/csi/" in mp):
                 out.append((int(fields[0]), mp))
     return sorted(out)
+
+
+def published_dir(node: Node, pod_uid: str, pv: str) -> str:
+    """A pod's CSI volume as its node sees it: kubelet's publish directory, the
+    driver's plain bind mount (never idmapped), read through the node's holder.
+    A file's owner there is its owner on disk."""
+    return node.view(f"/var/lib/kubelet/pods/{pod_uid}/volumes/kubernetes.io~csi/{pv}/mount")
+
+
+# ---------------------------------------------------------------- user namespaces, from the host
+
+
+def parse_id_map(text: str) -> list[tuple[int, int, int]]:
+    """/proc/PID/uid_map or gid_map: (first ID inside, first ID outside, count) per line."""
+    out = []
+    for line in text.splitlines():
+        if line.strip():
+            inside, outside, count = (int(x) for x in line.split())
+            out.append((inside, outside, count))
+    return out
+
+
+@dataclass(frozen=True)
+class HostProcess:
+    pid: int
+    uids: tuple[int, ...]  # real, effective, saved, filesystem: as the host sees them
+    gids: tuple[int, ...]
+    argv: tuple[str, ...]
+
+
+def processes_in_userns(ns_inode: int) -> list[HostProcess]:
+    """Every process in the user namespace whose nsfs inode is ``ns_inode``
+    (``readlink /proc/self/ns/user`` inside it says ``user:[INODE]``), with its
+    IDs as the host's /proc/PID/status gives them."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{d}/ns/user").st_ino != ns_inode:
+                continue
+            with open(f"/proc/{d}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = tuple(a.decode(errors="replace") for a in f.read().split(b"\0") if a)
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        uids = tuple(int(x) for x in status["Uid"].split())
+        gids = tuple(int(x) for x in status["Gid"].split())
+        out.append(HostProcess(int(d), uids, gids, argv))
+    return sorted(out, key=lambda p: p.pid)
 
 
 def node_state(node: Node) -> dict[str, list[str]]:
