@@ -232,9 +232,11 @@ def cow_size(origin: int) -> int:
 
 
 class Tracer:
-    """The commands ELV ran for each RPC, read from its debug log."""
+    """The commands ELV ran for each RPC, read from its debug log: each
+    process it started, and each report its resident ``lvm shell`` answered
+    (marked "(shell)")."""
 
-    EXEC = re.compile(r'msg="?exec ([^"\n]*)')
+    EXEC = re.compile(r'msg="?(exec|shell) ([^"\n]*)')
 
     def __init__(self, log_path: str) -> None:
         self.log_path = log_path
@@ -253,7 +255,8 @@ class Tracer:
             chunk = f.read().decode("utf-8", "replace")
             self.offset = f.tell()
         if self.on:
-            self.rpcs.append((op, [short(m) for m in self.EXEC.findall(chunk)]))
+            found = self.EXEC.findall(chunk)
+            self.rpcs.append((op, [short(c) + (" (shell)" if how == "shell" else "") for how, c in found]))
 
 
 def short(command: str) -> str:

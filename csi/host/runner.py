@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from csi.errors import CommandError, CommandTimeout
 from csi.host import procs
+from csi.host.session import Session, start_session
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Runner:
         # Every command still running, so shutdown can wait for (or reap) each
         # one before the event loop that owns its pipes goes away.
         self._live: set[asyncio.Future[Result]] = set()
+        self._sessions: set[Session] = set()
 
     async def run(
         self,
@@ -149,6 +151,24 @@ class Runner:
         self._observe(args[0], seconds, rc)
         return Result(args, rc, out, err, seconds)
 
+    async def session(
+        self, argv: Sequence[str], *, report_env: str, extra_env: Mapping[str, str] | None = None
+    ) -> Session:
+        """Start a long-lived helper that answers read-only questions (see
+        csi.host.session), in this runner's environment plus ``extra_env``."""
+        args = _check_argv(argv)
+        s = await start_session(args, {**self._env, **(extra_env or {})}, report_env)
+        self._sessions.add(s)
+        return s
+
+    async def end_session(self, s: Session) -> None:
+        self._sessions.discard(s)
+        await s.close()
+
+    def observe(self, program: str, seconds: float, rc: int | None) -> None:
+        """Count a command a session answered, as if it had run on its own."""
+        self._observe(program, seconds, rc)
+
     @property
     def running(self) -> int:
         return len(self._live)
@@ -156,7 +176,10 @@ class Runner:
     async def close(self, grace: float) -> int:
         """At shutdown: let running commands finish for up to ``grace``
         seconds (a half-done mkfs is worse than a finished one), then kill and
-        reap the rest. Returns how many had to be killed."""
+        reap the rest. Returns how many had to be killed. Sessions only answer
+        questions, so they end at once."""
+        for s in list(self._sessions):
+            await self.end_session(s)
         if not self._live:
             return 0
         _, pending = await asyncio.wait(set(self._live), timeout=grace)

@@ -14,12 +14,14 @@ that imports it back (import-linter's acyclic contract).
 
 from __future__ import annotations
 
+import os
 import socket
 
 from csi.backend.lvm.backend import LvmBackend
 from csi.backend.lvm.classes import LvmSettings, from_flags, parse_config
 from csi.backend.lvm.command import Lvm
 from csi.backend.lvm.report import valid_tag
+from csi.backend.lvm.shell import LvmShell
 from csi.backend.lvm.store import LvStore
 from csi.config import Config
 from csi.errors import ConfigError
@@ -62,6 +64,7 @@ def build(config: Config, runner: Runner) -> LvmBackend:
     udev = {"on": True, "off": False}.get(settings.udev)
     if udev is None:
         udev = udev_alive()
-    lvm = Lvm(runner, udev=udev, monitoring=settings.monitoring, timeout=config.command_timeout)
+    shell = LvmShell(runner, os.path.join(config.run_dir, "lvm-shell")) if settings.query_shell else None
+    lvm = Lvm(runner, udev=udev, monitoring=settings.monitoring, timeout=config.command_timeout, shell=shell)
     store = LvStore(settings, lvm, runner, FsTool(runner, xfs_config=config.xfs_config), owner, make_nodes=not udev)
     return LvmBackend(settings, store)

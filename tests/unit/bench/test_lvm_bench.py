@@ -29,13 +29,17 @@ def test_the_tracer_reads_the_commands_of_each_rpc_from_the_log(tmp_path: Path) 
         f.write(LOG)
     t("CreateVolume")
     with log.open("a") as f:
+        f.write('ts=... logger=csi.backend.lvm.shell msg="shell lvm lvs --units b -- vg"\n')
         f.write('ts=... msg="exec /sbin/mkfs.ext4 -q /dev/dm-3"\n')
     t("NodeStageVolume")
     t.on = False
     with log.open("a") as f:
         f.write('ts=... msg="exec lvm lvremove -y vg/x"\n')
     t("DeleteVolume")  # untimed: read past, not recorded
-    assert t.rpcs == [("CreateVolume", ["lvm lvs", "lvm lvcreate"]), ("NodeStageVolume", ["mkfs.ext4"])]
+    assert t.rpcs == [
+        ("CreateVolume", ["lvm lvs", "lvm lvcreate"]),
+        ("NodeStageVolume", ["lvm lvs (shell)", "mkfs.ext4"]),
+    ]
 
 
 def test_short_names_a_command_by_program_and_lvm_subcommand() -> None:
