@@ -106,6 +106,7 @@ async def start_session(argv: Sequence[str], env: Mapping[str, str], report_env:
             stderr=asyncio.subprocess.PIPE,
             env={**env, report_env: str(write_fd)},
             pass_fds=(write_fd,),
+            cwd="/",  # it outlives any one call: never pin the driver's working directory
             process_group=0,
             close_fds=True,
         )

@@ -218,3 +218,15 @@ async def test_closing_the_runner_ends_the_shell(record: Path) -> None:
     assert await sh.query(["vgs", "a"], timeout=10) is not None
     await runner.close(1)
     assert gone(pids(record)[0])
+
+
+async def test_the_shell_runs_in_the_root_directory(record: Path) -> None:
+    """It lives as long as the driver: it must not hold the directory the
+    driver was started in (a test's scratch directory, a mount point)."""
+    runner = Runner()
+    sh = LvmShell(runner, str(record.parent / "home"), argv=(sys.executable, FAKE, str(record)))
+    try:
+        assert await sh.query(["vgs", "a"], timeout=10) is not None
+        assert os.readlink(f"/proc/{pids(record)[0]}/cwd") == "/"
+    finally:
+        await runner.close(1)
