@@ -62,6 +62,6 @@ def build(config: Config, runner: Runner) -> LvmBackend:
     udev = {"on": True, "off": False}.get(settings.udev)
     if udev is None:
         udev = udev_alive()
-    lvm = Lvm(runner, udev=udev, monitoring=settings.monitoring, timeout=config.command_timeout)
+    lvm = Lvm(runner, udev=udev, monitoring=settings.monitoring, timeout=config.command_timeout, vgs=settings.vgs)
     store = LvStore(settings, lvm, runner, FsTool(runner, xfs_config=config.xfs_config), owner, make_nodes=not udev)
     return LvmBackend(settings, store)
