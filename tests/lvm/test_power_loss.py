@@ -31,12 +31,13 @@ import pytest
 
 from tests.support.driver import Driver, MiB
 from tests.support.logwrites import read_log
-from tests.support.lvm import GuestVg, lvm
+from tests.support.lvm import GuestVg
 from tests.support.powerloss import (
     Step,
     Workload,
     compare_listing,
     listed,
+    lvs_for_a_log,
     promised_and_ambiguous,
     read_back,
     replay_and_check,
@@ -89,20 +90,8 @@ class LoopWorkload(Workload):
 
 @pytest.fixture
 def lvs_for_the_log(vg: GuestVg) -> Iterator[dict[str, str]]:
-    made: dict[str, str] = {}
-    try:
-        for name, mib in SIZES.items():
-            lvm("lvcreate", "-y", "-W", "y", "-n", name, "-L", f"{mib}m", vg.name)
-            made[name] = f"/dev/{vg.name}/{name}"
-            if name in ("pl-data", "pl-replay"):
-                # Zeroed, so the replay copy and the data device start the same.
-                sh("blkdiscard", "-f", "-z", made[name])
+    with lvs_for_a_log(vg.name, SIZES, ("pl-data", "pl-replay"), (CHECK, LW)) as made:
         yield made
-    finally:
-        for dev in (CHECK, LW):
-            subprocess.run(["dmsetup", "remove", "--retry", dev], capture_output=True, check=False)
-        for name in made:
-            lvm("lvremove", "-y", f"{vg.name}/{name}", check=False)
 
 
 def check_point(base: str, replay: str, cow: str, steps: list[Step], ack: int) -> list[str]:

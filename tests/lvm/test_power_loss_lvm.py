@@ -57,6 +57,7 @@ from tests.support.powerloss import (
     Workload,
     compare_listing,
     listed,
+    lvs_for_a_log,
     promised_and_ambiguous,
     read_back,
     replay_and_check,
@@ -169,23 +170,11 @@ class LvmWorkload(Workload):
 
 @pytest.fixture
 def lvs_for_the_log(vg: GuestVg) -> Iterator[dict[str, str]]:
-    made: dict[str, str] = {}
-    try:
-        for name, mib in SIZES.items():
-            lvm("lvcreate", "-y", "-W", "y", "-n", name, "-L", f"{mib}m", vg.name)
-            made[name] = f"/dev/{vg.name}/{name}"
-            if name in ("lpl-data", "lpl-replay"):
-                # Zeroed, so the replay copy and the data device start the same.
-                sh("blkdiscard", "-f", "-z", made[name])
+    tvg = vg_on_the_log(vg)
+    with lvs_for_a_log(
+        vg.name, SIZES, ("lpl-data", "lpl-replay"), (CHECK, LW), lambda dev: deactivate(tvg, dev)
+    ) as made:
         yield made
-    finally:
-        tvg = vg_on_the_log(vg)
-        for dev in (CHECK, LW):
-            if os.path.exists(f"/dev/mapper/{dev}"):
-                deactivate(tvg, f"/dev/mapper/{dev}")
-            subprocess.run(["dmsetup", "remove", "--retry", dev], capture_output=True, check=False)
-        for name in made:
-            lvm("lvremove", "-y", f"{vg.name}/{name}", check=False)
 
 
 def vg_on_the_log(vg: GuestVg) -> str:

@@ -11,18 +11,20 @@ seeded, time-boxed sample of crash states and the summary line are here."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from csi.v1 import csi_pb2
 from tests.support.driver import Driver
 from tests.support.logwrites import Log, Replayer
+from tests.support.lvm import lvm
 from tests.support.rpc import block_cap, mount_cap
 
 
@@ -36,6 +38,36 @@ def sectors(dev: str) -> int:
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def lvs_for_a_log(
+    vg: str,
+    sizes: Mapping[str, int],
+    zeroed: Collection[str],
+    on_top: Sequence[str],
+    take_down: Callable[[str], object] | None = None,
+) -> Iterator[dict[str, str]]:
+    """LVs of the stream's VG (name -> MiB) under a log-writes test: its data
+    device, log, replay copy and the throwaway snapshots' store; name -> path.
+    At the end the dm devices ``on_top`` of them go first (``take_down`` first
+    takes down whatever sits on each), then the LVs."""
+    made: dict[str, str] = {}
+    try:
+        for name, mib in sizes.items():
+            lvm("lvcreate", "-y", "-W", "y", "-n", name, "-L", f"{mib}m", vg)
+            made[name] = f"/dev/{vg}/{name}"
+            if name in zeroed:
+                # Zeroed, so the replay copy and the data device start the same.
+                sh("blkdiscard", "-f", "-z", made[name])
+        yield made
+    finally:
+        for dev in on_top:
+            if take_down is not None and os.path.exists(f"/dev/mapper/{dev}"):
+                take_down(f"/dev/mapper/{dev}")
+            subprocess.run(["dmsetup", "remove", "--retry", dev], capture_output=True, check=False)
+        for name in made:
+            lvm("lvremove", "-y", f"{vg}/{name}", check=False)
 
 
 @dataclass
