@@ -119,7 +119,8 @@ class Lvm:
         """The device nodes of these VGs' PVs."""
         res = await self.query("pvs", *report.REPORT_ARGS, "-o", "pv_name,vg_name")
         pvs = report.parse_pvs(res.text) if res.stdout.strip() else []
-        return sorted({pv for pv, vg in pvs if vg in vgs and pv})
+        # A missing PV is reported as "[unknown]": there is nothing to flush.
+        return sorted({pv for pv, vg in pvs if vg in vgs and pv.startswith("/")})
 
     async def query(self, command: str, *args: str, ok_codes: Sequence[int] = (0,)) -> Result:
         return await self._run.run(

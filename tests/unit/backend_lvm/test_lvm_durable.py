@@ -23,6 +23,7 @@ PVS = [
     {"pv_name": "/dev/vdc", "vg_name": "vg0"},
     {"pv_name": "/dev/vdd", "vg_name": "other"},
     {"pv_name": "/dev/vde", "vg_name": ""},
+    {"pv_name": "[unknown]", "vg_name": "vg0"},  # a missing PV
 ]
 
 
