@@ -65,6 +65,13 @@ def build(config: Config, runner: Runner) -> LvmBackend:
     if udev is None:
         udev = udev_alive()
     shell = LvmShell(runner, os.path.join(config.run_dir, "lvm-shell")) if settings.query_shell else None
-    lvm = Lvm(runner, udev=udev, monitoring=settings.monitoring, timeout=config.command_timeout, shell=shell)
+    lvm = Lvm(
+        runner,
+        udev=udev,
+        monitoring=settings.monitoring,
+        timeout=config.command_timeout,
+        shell=shell,
+        vgs=settings.vgs,
+    )
     store = LvStore(settings, lvm, runner, FsTool(runner, xfs_config=config.xfs_config), owner, make_nodes=not udev)
     return LvmBackend(settings, store)

@@ -218,6 +218,11 @@ def parse_lvs(text: str) -> list[LvInfo]:
     return out
 
 
+def parse_pvs(text: str) -> list[tuple[str, str]]:
+    """(PV device node, its VG's name or "") of each row of a pvs report."""
+    return [(str(r.get("pv_name", "")), str(r.get("vg_name", ""))) for r in _rows(text, "pv")]
+
+
 def parse_vgs(text: str) -> list[VgInfo]:
     return [
         VgInfo(

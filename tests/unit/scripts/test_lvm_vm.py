@@ -43,9 +43,12 @@ def fake_repo(tmp: Path) -> Path:
     return repo
 
 
-def run(tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[str], str]:
+def run(
+    tmp: Path, *args: str, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], list[str], str]:
     repo = fake_repo(tmp)
     env = {
+        **(extra_env or {}),
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
         "ELV_TOOLS": str(tmp / "tools"),
         "ELV_VM_KERNEL": str(tmp / "vmlinuz"),
@@ -72,7 +75,10 @@ def run(tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[s
         (["--bench", "--quick"], "csi bench --backend lvm --out ci-out/bench-lvm --quick", []),
         (["tests/lvm/test_lvm_data.py", "-k", "x y"], "tests/lvm/test_lvm_data.py -k x\\ y", ["elvtest"]),
         ([], "ELV_LVM_CRASH_SECONDS=360", ["elvsana", "elvsanb", "elvcrash"]),
+        # The LVM power-loss test runs last in stream B: a time box in CI, every point in the soak.
+        ([], "ELV_TEST_VG=elvsanb ELV_LVM_POWER_SECONDS=180 ", ["elvsana", "elvsanb", "elvcrash"]),
         (["--soak"], "tests/lvm/test_latency.py", ["elvsana", "elvsanb", "elvcrash"]),
+        (["--soak"], "ELV_TEST_VG=elvsanb ELV_LVM_POWER_SECONDS=0 ", ["elvsana", "elvsanb", "elvcrash"]),
     ],
 )
 def test_each_mode_boots_its_guest_script(tmp_path: Path, args: list[str], in_guest: str, vgs: list[str]) -> None:
@@ -87,3 +93,14 @@ def test_each_mode_boots_its_guest_script(tmp_path: Path, args: list[str], in_gu
     assert sorted(ids) == sorted(f"{vg}-{i}" for vg in vgs for i in (0, 1)), vng
     # The disks' directory is removed with the run.
     assert list((tmp_path / "disks").iterdir()) == []
+
+
+def test_the_lvm_power_loss_box_and_seed_reach_the_guest(tmp_path: Path) -> None:
+    env = {"ELV_LVM_POWER_SECONDS": "77", "ELV_LVM_POWER_SEED": "4242"}
+    r, _, guest = run(tmp_path, extra_env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ELV_TEST_VG=elvsanb ELV_LVM_POWER_SECONDS=77 " in guest
+    assert "ELV_LVM_POWER_SECONDS=77 ELV_LVM_POWER_SEED=4242" in guest
+    b = next(line for line in guest.splitlines() if line.startswith("ELV_TEST_VG=elvsanb"))
+    nxt = guest.splitlines()[guest.splitlines().index(b) + 1]
+    assert "tests/lvm/test_power_loss_lvm.py" in b + nxt
