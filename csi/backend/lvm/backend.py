@@ -8,6 +8,7 @@ the node side in node.py, deletion in wipe.py.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -28,6 +29,13 @@ from csi.errors import AlreadyExists, CommandError, InUse, NotFound, Unavailable
 from csi.model import DEFAULT_FS, AccessType, Capacity, Device, Health, PoolStats, Volume, VolumeSpec, round_up
 
 log = logging.getLogger(__name__)
+
+#: How long DeleteVolume waits for a volume that is open but mounted nowhere
+#: to close: udev probes (blkid opens) every LV an LVM change touched, a COW
+#: origin after its snapshot's lvcreate included. With reports from the
+#: resident lvm shell, a delete right after a snapshot looked within that
+#: window and was refused (tests/lvm/test_lvm_lifecycle.py, 2026-12-05).
+OPEN_GRACE = 3.0
 MiB = 1024 * 1024
 
 
@@ -163,6 +171,10 @@ class LvmBackend(SnapshotsByPart):
             return  # missing, or not ELV's: never touched
         lv, view = found
         if not lv.has(model.WIPE):
+            found = await self._closed(volume_id, lv, view)
+            if found is None:
+                return
+            lv, view = found
             if lv.open or await self.store.mounts_of(lv):
                 raise InUse(f"volume {volume_id} is open or mounted on this node; unstage it before deleting")
             att = model.attachments(lv)
@@ -176,6 +188,19 @@ class LvmBackend(SnapshotsByPart):
             finally:
                 self.store.inv.invalidate()
         log.info("deleted volume %s", volume_id)
+
+    async def _closed(self, volume_id: str, lv: LvInfo, view: View) -> tuple[LvInfo, View] | None:
+        """The LV once nothing holds it open, or as it is after OPEN_GRACE
+        seconds: open and mounted nowhere is most likely a passing probe.
+        A mounted volume is refused at once."""
+        deadline = time.monotonic() + OPEN_GRACE
+        while lv.open and time.monotonic() < deadline and not await self.store.mounts_of(lv):
+            await asyncio.sleep(0.25)
+            found = await self.store.find_owned(volume_id, "v", reload=True)
+            if found is None:
+                return None
+            lv, view = found
+        return lv, view
 
     async def expand_volume(self, volume_id: str, size: int) -> Volume:
         cls, lv, view = await self.store.must_find(volume_id, fresh=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from csi.backend.lvm import backend as backend_mod
 from csi.backend.lvm import wipe
 from csi.backend.lvm.backend import LvmBackend
 from csi.backend.lvm.report import hex_encode
@@ -158,7 +159,8 @@ async def test_delete_thin_in_zeroing_pool_just_removes(backend: LvmBackend, lvm
     assert "blkdiscard" not in lvm.commands()
 
 
-async def test_delete_in_use_is_refused(backend: LvmBackend, lvm: FakeLvm) -> None:
+async def test_delete_in_use_is_refused(backend: LvmBackend, lvm: FakeLvm, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backend_mod, "OPEN_GRACE", 0.3)
     vol = await backend.create_volume(spec("busy"))
     lv = lvm.lvs[("vg0", "elv-" + vol.id)]
     lv.open = True
@@ -173,6 +175,25 @@ async def test_delete_in_use_is_refused(backend: LvmBackend, lvm: FakeLvm) -> No
         await backend.delete_volume(vol.id)
     await backend.set_attachment(vol.id, "node-a", None)
     await backend.delete_volume(vol.id)
+
+
+async def test_delete_waits_out_a_passing_open(backend: LvmBackend, lvm: FakeLvm) -> None:
+    """Open and mounted nowhere (udev's blkid after a snapshot of it): the
+    delete waits for the probe to end instead of refusing."""
+    vol = await backend.create_volume(spec("probed"))
+    lv = lvm.lvs[("vg0", "elv-" + vol.id)]
+    lv.open = True
+    backend.store.inv.invalidate()
+
+    async def probe_ends() -> None:
+        await asyncio.sleep(0.5)
+        lv.open = False
+
+    ending = asyncio.ensure_future(probe_ends())
+    await backend.delete_volume(vol.id)
+    await ending
+    key = ("vg0", "elv-" + vol.id)
+    assert key not in lvm.lvs or any(t.startswith("elv.wipe") for t in lvm.lvs[key].tags)  # removed, or quarantined
 
 
 async def test_expand_rounds_and_accepts_bigger(backend: LvmBackend, lvm: FakeLvm) -> None:
