@@ -267,6 +267,9 @@ async def run(config: Config) -> int:
         await driver.start()
     except ElvError as e:
         log.error("cannot start: %s", e.message)
+        # Startup may have run commands or started the resident lvm shell:
+        # end them while the loop that owns their pipes still runs.
+        await driver.runner.close(0)
         return 1
     await driver.wait()
     _arm_exit_watchdog(STOP_GRACE + WATCHDOG_SLACK)

@@ -241,7 +241,8 @@ def test_an_interrupted_wipe_is_finished_before_the_extents_are_reused(base: str
     d = start(base, pvg)
     try:
         wait_for(lambda: not ours(pvg), 120, "the wipe after restart")
-        assert "wiped and removed" in d.log()
+        # The LV is gone once lvremove ends; the line follows the PVs' flush.
+        wait_for(lambda: "wiped and removed" in d.log(), 60, "the wiper's log line")
         n = d.create("next-tenant", 32 * MiB, block_cap(), parameters={CLASS: "thick"})
         assert extents(pvg, lv_of(pvg, set())) == where
         assert_clean(read_volume(d, n), TENANT)

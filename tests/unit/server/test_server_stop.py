@@ -80,3 +80,25 @@ _arm_exit_watchdog(0.5)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == driver_mod.EXIT_WATCHDOG, proc.stderr
     assert "stuck-worker" in proc.stderr or "Thread 0x" in proc.stderr, proc.stderr
+
+
+async def test_a_failed_start_ends_the_sessions_it_began(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A driver that cannot start (a thin pool without zeroing) had started
+    the resident lvm shell; left to the garbage collector after the loop
+    closed, its transport logged a traceback (CI, 2026-12-05)."""
+    from csi.errors import FailedPrecondition
+
+    sessions = []
+
+    async def start(self: Driver) -> None:
+        sessions.append(
+            await self.runner.session([sys.executable, "-c", "import time; time.sleep(30)"], report_env="R")
+        )
+        raise FailedPrecondition("the pool does not zero")
+
+    monkeypatch.setattr(Driver, "start", start)
+    monkeypatch.setattr(driver_mod, "build", lambda config, runner: FakeBackend())
+    cfg = Config(endpoint=f"unix://{tmp_path}/csi.sock", node_id="node-a", state_dir=str(tmp_path / "run"))
+    assert await driver_mod.run(cfg) == 1
+    assert sessions and not sessions[0].alive
+    assert not os.path.exists(f"/proc/{sessions[0].pid}")
