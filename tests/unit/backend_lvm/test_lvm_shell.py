@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -79,105 +80,86 @@ def record(tmp_path: Path) -> Path:
     return tmp_path / "record"
 
 
-async def test_queries_share_one_shell_that_finds_elvs_profile(record: Path) -> None:
-    runner = Runner()
-    sh = LvmShell(runner, str(record.parent / "home"), argv=(sys.executable, FAKE, str(record)))
+@pytest.fixture
+async def runner() -> AsyncIterator[Runner]:
+    r = Runner()
     try:
-        for vg in ("a", "b", "c"):
-            res = await sh.query(["vgs", "--units", "b", "--", vg], timeout=10)
-            assert res is not None and res.returncode == 0 and res.argv == ("lvm", "vgs", "--units", "b", "--", vg)
-            assert f'"vg_name": "{vg}"' in res.text
-        assert len(pids(record)) == 1
-        assert record.read_text().splitlines()[0].endswith(" True")
-        assert lines(record) == ["vgs --units b -- a", "vgs --units b -- b", "vgs --units b -- c"]
+        yield r
     finally:
-        await runner.close(1)
+        await r.close(1)
 
 
-async def test_a_failed_report_carries_lastlog_and_the_missing_vg_is_found(record: Path) -> None:
-    runner = Runner()
-    lvm = Lvm(
-        runner, udev=True, shell=LvmShell(runner, str(record.parent / "home"), argv=(sys.executable, FAKE, str(record)))
-    )
-    try:
-        lvs, missing = await lvm.lvs(["vg0", "missing1"])
-        assert [(lv.name) for lv in lvs] == [] and missing == {"missing1"}
-        with pytest.raises(CommandError) as e:
-            await lvm.query("vgs", "--", "missing2")
-        assert e.value.returncode == 5 and b'Volume group "missing2" not found' in e.value.stderr
-    finally:
-        await runner.close(1)
+@pytest.fixture
+def sh(runner: Runner, record: Path) -> LvmShell:
+    """A shell running the fake, which records to ``record``."""
+    return LvmShell(runner, str(record.parent / "home"), argv=(sys.executable, FAKE, str(record)))
+
+
+async def test_queries_share_one_shell_that_finds_elvs_profile(record: Path, sh: LvmShell) -> None:
+    for vg in ("a", "b", "c"):
+        res = await sh.query(["vgs", "--units", "b", "--", vg], timeout=10)
+        assert res is not None and res.returncode == 0 and res.argv == ("lvm", "vgs", "--units", "b", "--", vg)
+        assert f'"vg_name": "{vg}"' in res.text
+    assert len(pids(record)) == 1
+    assert record.read_text().splitlines()[0].endswith(" True")
+    assert lines(record) == ["vgs --units b -- a", "vgs --units b -- b", "vgs --units b -- c"]
+
+
+async def test_a_failed_report_carries_its_errors_and_the_missing_vg_is_found(runner: Runner, sh: LvmShell) -> None:
+    lvm = Lvm(runner, udev=True, shell=sh)
+    lvs, missing = await lvm.lvs(["vg0", "missing1"])
+    assert [(lv.name) for lv in lvs] == [] and missing == {"missing1"}
+    with pytest.raises(CommandError) as e:
+        await lvm.query("vgs", "--", "missing2")
+    assert e.value.returncode == 5 and b'Volume group "missing2" not found' in e.value.stderr
 
 
 @pytest.mark.parametrize("how", ["die", "garbage", "nostatus"])
-async def test_a_broken_shell_makes_way_for_a_plain_lvm_and_is_restarted(record: Path, how: str) -> None:
-    runner = Runner()
-    sh = LvmShell(runner, str(record.parent / "home"), argv=(sys.executable, FAKE, str(record)))
-    try:
-        assert await sh.query(["vgs", "a"], timeout=10) is not None
-        first = pids(record)[0]
-        assert await sh.query([how], timeout=10) is None  # the caller runs lvm itself
-        assert await wait_until(lambda: gone(first))
-        res = await sh.query(["vgs", "b"], timeout=10)
-        assert res is not None and res.returncode == 0
-        assert len(pids(record)) == 2 and not sh.disabled
-    finally:
-        await runner.close(1)
+async def test_a_broken_shell_makes_way_for_a_plain_lvm_and_is_restarted(record: Path, sh: LvmShell, how: str) -> None:
+    assert await sh.query(["vgs", "a"], timeout=10) is not None
+    first = pids(record)[0]
+    assert await sh.query([how], timeout=10) is None  # the caller runs lvm itself
+    assert await wait_until(lambda: gone(first))
+    res = await sh.query(["vgs", "b"], timeout=10)
+    assert res is not None and res.returncode == 0
+    assert len(pids(record)) == 2 and not sh.disabled
 
 
-async def test_after_failures_in_a_row_the_shell_is_left_alone(record: Path) -> None:
-    runner = Runner()
-    sh = LvmShell(runner, str(record.parent / "home"), argv=(sys.executable, FAKE, str(record)))
-    try:
-        for _ in range(shell_mod.MAX_FAILURES):
-            assert await sh.query(["die"], timeout=10) is None
-        assert sh.disabled
-        assert await sh.query(["vgs", "a"], timeout=10) is None
-        assert lines(record) == ["die"] * shell_mod.MAX_FAILURES  # nothing more was sent
-    finally:
-        await runner.close(1)
+async def test_after_failures_in_a_row_the_shell_is_left_alone(record: Path, sh: LvmShell) -> None:
+    for _ in range(shell_mod.MAX_FAILURES):
+        assert await sh.query(["die"], timeout=10) is None
+    assert sh.disabled
+    assert await sh.query(["vgs", "a"], timeout=10) is None
+    assert lines(record) == ["die"] * shell_mod.MAX_FAILURES  # nothing more was sent
 
 
-async def test_a_shell_without_answer_times_out_and_is_killed(record: Path) -> None:
-    runner = Runner()
-    sh = LvmShell(runner, str(record.parent / "home"), argv=(sys.executable, FAKE, str(record)))
-    try:
-        with pytest.raises(CommandTimeout):
-            await sh.query(["hang"], timeout=0.5)
-        assert gone(pids(record)[0]) and sh.pid is None
-        res = await sh.query(["vgs", "a"], timeout=10)
-        assert res is not None and res.returncode == 0
-    finally:
-        await runner.close(1)
+async def test_a_shell_without_answer_times_out_and_is_killed(record: Path, sh: LvmShell) -> None:
+    with pytest.raises(CommandTimeout):
+        await sh.query(["hang"], timeout=0.5)
+    assert gone(pids(record)[0]) and sh.pid is None
+    res = await sh.query(["vgs", "a"], timeout=10)
+    assert res is not None and res.returncode == 0
 
 
-async def test_a_cancelled_report_kills_the_shell_and_the_next_gets_a_fresh_one(record: Path) -> None:
-    runner = Runner()
-    sh = LvmShell(runner, str(record.parent / "home"), argv=(sys.executable, FAKE, str(record)))
-    try:
-        task = asyncio.ensure_future(sh.query(["hang"], timeout=30))
-        assert await wait_until(lambda: record.exists() and "hang" in lines(record))
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert gone(pids(record)[0])
-        res = await sh.query(["vgs", "a"], timeout=10)
-        assert res is not None and res.returncode == 0 and len(pids(record)) == 2
-    finally:
-        await runner.close(1)
+async def test_a_cancelled_report_kills_the_shell_and_the_next_gets_a_fresh_one(record: Path, sh: LvmShell) -> None:
+    task = asyncio.ensure_future(sh.query(["hang"], timeout=30))
+    assert await wait_until(lambda: record.exists() and "hang" in lines(record))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert gone(pids(record)[0])
+    res = await sh.query(["vgs", "a"], timeout=10)
+    assert res is not None and res.returncode == 0 and len(pids(record)) == 2
 
 
-async def test_the_shell_is_renewed_after_max_commands(record: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_shell_is_renewed_after_max_commands(
+    record: Path, sh: LvmShell, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(shell_mod, "MAX_COMMANDS", 2)
-    runner = Runner()
-    sh = LvmShell(runner, str(record.parent / "home"), argv=(sys.executable, FAKE, str(record)))
-    try:
-        for vg in "abcde":
-            assert await sh.query(["vgs", vg], timeout=10) is not None
-        assert len(pids(record)) == 3
-        assert all(gone(p) for p in pids(record)[:2])
-    finally:
-        await runner.close(1)
+    for vg in "abcde":
+        assert await sh.query(["vgs", vg], timeout=10) is not None
+    assert len(pids(record)) == 3
+    assert all(gone(p) for p in pids(record)[:2])
 
 
 def test_the_system_dir_links_every_entry_of_etc_lvm_and_adds_the_profile(tmp_path: Path) -> None:
@@ -202,14 +184,9 @@ def test_the_system_dir_links_every_entry_of_etc_lvm_and_adds_the_profile(tmp_pa
     assert sorted(p.name for p in profiles.iterdir()) == ["elv-report.profile"]
 
 
-async def test_an_argument_the_shell_could_misread_is_never_sent(record: Path) -> None:
-    runner = Runner()
-    sh = LvmShell(runner, str(record.parent / "home"), argv=(sys.executable, FAKE, str(record)))
-    try:
-        assert await sh.query(["vgs", "a\nhang"], timeout=10) is None
-        assert not record.exists()  # not even started
-    finally:
-        await runner.close(1)
+async def test_an_argument_the_shell_could_misread_is_never_sent(record: Path, sh: LvmShell) -> None:
+    assert await sh.query(["vgs", "a\nhang"], timeout=10) is None
+    assert not record.exists()  # not even started
 
 
 async def test_closing_the_runner_ends_the_shell(record: Path) -> None:
@@ -220,13 +197,8 @@ async def test_closing_the_runner_ends_the_shell(record: Path) -> None:
     assert gone(pids(record)[0])
 
 
-async def test_the_shell_runs_in_the_root_directory(record: Path) -> None:
+async def test_the_shell_runs_in_the_root_directory(record: Path, sh: LvmShell) -> None:
     """It lives as long as the driver: it must not hold the directory the
     driver was started in (a test's scratch directory, a mount point)."""
-    runner = Runner()
-    sh = LvmShell(runner, str(record.parent / "home"), argv=(sys.executable, FAKE, str(record)))
-    try:
-        assert await sh.query(["vgs", "a"], timeout=10) is not None
-        assert os.readlink(f"/proc/{pids(record)[0]}/cwd") == "/"
-    finally:
-        await runner.close(1)
+    assert await sh.query(["vgs", "a"], timeout=10) is not None
+    assert os.readlink(f"/proc/{pids(record)[0]}/cwd") == "/"
