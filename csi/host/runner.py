@@ -27,6 +27,7 @@ import signal
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from csi.errors import CommandError, CommandTimeout
 from csi.host import procs
@@ -75,8 +76,9 @@ class Runner:
         self._observer = observer
         # Every command still running, so shutdown can wait for (or reap) each
         # one before the event loop that owns its pipes goes away.
-        self._live: set[asyncio.Future[Result]] = set()
+        self._live: set[asyncio.Future[Any]] = set()
         self._sessions: set[Session] = set()
+        self._session_records: dict[Session, str] = {}
 
     async def run(
         self,
@@ -152,18 +154,36 @@ class Runner:
         return Result(args, rc, out, err, seconds)
 
     async def session(
-        self, argv: Sequence[str], *, report_env: str, extra_env: Mapping[str, str] | None = None
+        self,
+        argv: Sequence[str],
+        *,
+        report_env: str,
+        extra_env: Mapping[str, str] | None = None,
+        journaled: bool = False,
     ) -> Session:
-        """Start a long-lived helper that answers read-only questions (see
-        csi.host.session), in this runner's environment plus ``extra_env``."""
+        """Start a long-lived helper (see csi.host.session), in this runner's
+        environment plus ``extra_env``. A ``journaled`` helper may be making
+        changes: it is recorded like a running mutating command, so that a
+        successor of this process waits for it to finish its last one."""
         args = _check_argv(argv)
         s = await start_session(args, {**self._env, **(extra_env or {})}, report_env)
         self._sessions.add(s)
+        if journaled and (entry := self._record(s.pid, args)) is not None:
+            self._session_records[s] = entry
         return s
 
     async def end_session(self, s: Session) -> None:
         self._sessions.discard(s)
         await s.close()
+        entry = self._session_records.pop(s, None)
+        if entry is not None and not s.alive:
+            _unlink(entry)
+
+    def track(self, work: asyncio.Future[Any]) -> None:
+        """Count work done outside a command of this runner (a change a
+        session makes) as running: close() waits for it like for a command."""
+        self._live.add(work)
+        work.add_done_callback(self._live.discard)
 
     def observe(self, program: str, seconds: float, rc: int | None) -> None:
         """Count a command a session answered, as if it had run on its own."""
@@ -176,18 +196,18 @@ class Runner:
     async def close(self, grace: float) -> int:
         """At shutdown: let running commands finish for up to ``grace``
         seconds (a half-done mkfs is worse than a finished one), then kill and
-        reap the rest. Returns how many had to be killed. Sessions only answer
-        questions, so they end at once."""
-        for s in list(self._sessions):
-            await self.end_session(s)
-        if not self._live:
-            return 0
-        _, pending = await asyncio.wait(set(self._live), timeout=grace)
+        reap the rest. Returns how many had to be killed. Sessions end after
+        that: one may be making a change the wait was for."""
+        pending: set[asyncio.Future[Any]] = set()
+        if self._live:
+            _, pending = await asyncio.wait(set(self._live), timeout=grace)
         for task in pending:
             log.warning("shutdown: killing a command still running after %.0fs", grace)
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=5.0)
+        for s in list(self._sessions):
+            await self.end_session(s)
         return len(pending)
 
     # -- commands left running by a previous incarnation ----------------------

@@ -7,10 +7,12 @@ argv only, the runner's fixed environment, its own process group. Answers
 come back on a separate *report* pipe (the tool is told its number through an
 environment variable), so the tool's ordinary output can go to /dev/null.
 
-A session is for read-only questions only: whoever uses it kills it whenever
-a question is cancelled or times out, so it must never be in the middle of a
-change. Its stdin is a pipe from this process, so if the driver dies the
-helper reads end-of-file and exits.
+What a session may be killed in the middle of is its user's call: a shell
+for reports is killed whenever a question is cancelled or times out; one that
+makes changes is journaled by the runner and killed only where a command
+would be (a timeout, or shutdown's grace run out). Its stdin is a pipe from
+this process, so if the driver dies the helper finishes what it is doing,
+reads end-of-file and exits.
 """
 
 from __future__ import annotations

@@ -103,7 +103,8 @@ OPS = {
     "CreateSnapshot": "snapshot",
     "DeleteSnapshot": "delete-snapshot",
 }
-_EXEC = re.compile(r'msg="exec (\S+) ?(\S*)')
+# "exec": a command of its own; "shell": one a resident lvm shell ran.
+_EXEC = re.compile(r'msg="(?:exec|shell) (\S+) ?(\S*)')
 
 
 def slow_tools(directory: str, tools: list[str], max_ms: int = 120) -> str:

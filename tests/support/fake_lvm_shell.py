@@ -7,7 +7,10 @@ gets, to RECORD. The first word of a line picks what it does:
   LVs); a name starting with ``missing`` makes it exit 5, with "not found"
   among the document's errors;
 * ``hang``: never answers; ``die``: exits at once; ``garbage``: writes text
-  that is not JSON; ``nostatus``: a document without the shell's status.
+  that is not JSON; ``nostatus``: a document without the shell's status;
+* ``slow``: answers after a second, then records ``done slow``;
+* anything else (a change): success, or status 5 for a name starting with
+  ``missing``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ def main() -> None:
         command, names = words[0], [w for w in words[1:] if not w.startswith("-")]
         if command == "hang":
             time.sleep(3600)
+        if command == "slow":
+            time.sleep(1.0)
         if command == "die":
             sys.exit(3)
         if command == "garbage":
@@ -58,6 +63,9 @@ def main() -> None:
         out.flush()
         out.write(text[7:] + "\n")
         out.flush()
+        if command == "slow":
+            with open(record, "a", encoding="utf-8") as f:
+                f.write("done slow\n")
 
 
 if __name__ == "__main__":

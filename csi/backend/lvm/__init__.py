@@ -18,6 +18,7 @@ import os
 import socket
 
 from csi.backend.lvm.backend import LvmBackend
+from csi.backend.lvm.changes import ChangeShell
 from csi.backend.lvm.classes import LvmSettings, from_flags, parse_config
 from csi.backend.lvm.command import Lvm
 from csi.backend.lvm.report import valid_tag
@@ -65,12 +66,14 @@ def build(config: Config, runner: Runner) -> LvmBackend:
     if udev is None:
         udev = udev_alive()
     shell = LvmShell(runner, os.path.join(config.run_dir, "lvm-shell")) if settings.query_shell else None
+    changes = ChangeShell(runner, os.path.join(config.run_dir, "lvm-changes")) if settings.change_shell else None
     lvm = Lvm(
         runner,
         udev=udev,
         monitoring=settings.monitoring,
         timeout=config.command_timeout,
         shell=shell,
+        changes=changes,
         vgs=settings.vgs,
     )
     store = LvStore(settings, lvm, runner, FsTool(runner, xfs_config=config.xfs_config), owner, make_nodes=not udev)

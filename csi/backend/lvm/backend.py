@@ -217,7 +217,7 @@ class LvmBackend(SnapshotsByPart):
         copies = 2 if lv.segtype == "raid1" else 1
         async with self.store.reserve(cls, target - lv.size, f"growing volume {volume_id}", copies):
             try:
-                await self.store.lvm.change("lvextend", "-L", f"{target}b", f"{lv.vg}/{lv.name}")
+                await self.store.lvm.change("lvextend", "-y", "-L", f"{target}b", f"{lv.vg}/{lv.name}")
             except CommandError as e:
                 raise classify(e, f"growing volume {volume_id} to {target} bytes") from e
         if lv.segtype in ("linear", "thin"):

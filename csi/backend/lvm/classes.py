@@ -9,6 +9,7 @@ A class comes from the flags (``--lvm-vg``, ``--lvm-thin-pool``,
     monitoring = false       # optional: activation/monitoring (dmeventd)
     freeze-dir = "/run/elv"  # crash markers of frozen filesystems
     query-shell = true       # reports from one resident `lvm shell` (false: an lvm per report)
+    change-shell = true      # changes from a second one (false: an lvm per change)
 
     [[device-class]]
     name = "thick"           # [a-z][a-z0-9]{0,15}: it is part of every volume ID
@@ -67,6 +68,7 @@ class LvmSettings:
     monitoring: bool | None = None
     freeze_dir: str = "/run/elv"
     query_shell: bool = True
+    change_shell: bool = True
 
     def pick(self, parameters: Mapping[str, str]) -> DeviceClass:
         """The class a StorageClass's parameters ask for (InvalidArgument if unknown)."""
@@ -128,7 +130,7 @@ _CLASS_KEYS = {
     "devices",
     "thin-pool-size",
 }
-_TOP_KEYS = {"default-class", "udev", "monitoring", "freeze-dir", "query-shell", "device-class"}
+_TOP_KEYS = {"default-class", "udev", "monitoring", "freeze-dir", "query-shell", "change-shell", "device-class"}
 
 
 def parse_config(text: str) -> LvmSettings:
@@ -154,10 +156,11 @@ def parse_config(text: str) -> LvmSettings:
     pools = [(c.vg, c.thin_pool) for c in classes.values() if c.thin_pool]
     if len(pools) != len(set(pools)):
         raise ConfigError("two device classes use the same thin pool")
-    query_shell = doc.get("query-shell", True)
-    if not isinstance(query_shell, bool):
-        raise ConfigError("query-shell must be true or false")
-    return LvmSettings(classes, default, udev, monitoring, freeze_dir, query_shell)
+    shells = {key: doc.get(key, True) for key in ("query-shell", "change-shell")}
+    for key, value in shells.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false")
+    return LvmSettings(classes, default, udev, monitoring, freeze_dir, shells["query-shell"], shells["change-shell"])
 
 
 def _device_class(entry: object) -> DeviceClass:

@@ -239,7 +239,7 @@ class Cloner:
                         f"{src.vg}/{src.name}",
                     )
                     if size > src.size:
-                        await self.store.lvm.change("lvextend", "-L", f"{size}b", path)
+                        await self.store.lvm.change("lvextend", "-y", "-L", f"{size}b", path)
                 elif cls.thin_pool is not None:
                     await self.store.lvm.change(
                         "lvcreate",

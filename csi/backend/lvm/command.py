@@ -12,7 +12,8 @@ Every call carries a ``--config`` string built once from the settings:
 Reports are JSON in bytes. Queries are read-only, so the runner may kill them
 when their RPC is cancelled (TopoLVM #1163); changes are never killed half-way.
 Queries go to a resident ``lvm shell`` when there is one (csi.backend.lvm.shell):
-starting ``lvm`` costs more than most reports.
+starting ``lvm`` costs more than most reports. Changes go to a second one,
+never killed half-way, when it can take them (csi.backend.lvm.changes).
 
 Every change is made durable before it counts: LVM writes its metadata with
 O_DIRECT and returns without flushing the disks' write caches, so a power
@@ -31,6 +32,7 @@ import os
 from collections.abc import Callable, Sequence
 
 from csi.backend.lvm import report
+from csi.backend.lvm.changes import ChangeShell
 from csi.backend.lvm.report import LvInfo, VgInfo
 from csi.backend.lvm.shell import LvmShell
 from csi.errors import CommandError, Unavailable
@@ -76,11 +78,13 @@ class Lvm:
         monitoring: bool | None = None,
         timeout: float = 120.0,
         shell: LvmShell | None = None,
+        changes: ChangeShell | None = None,
         vgs: Sequence[str] = (),
         sync: Callable[[Sequence[str]], None] = fsync_devices,
     ) -> None:
         self._run = runner
         self._shell = shell
+        self._changes = changes
         self.udev = udev
         self.config = config_string(udev=udev, monitoring=monitoring)
         self.timeout = timeout
@@ -97,7 +101,12 @@ class Lvm:
     async def change(self, command: str, *args: str, timeout: float | None = None) -> Result:
         """Run a command that changes LVM state (never killed on cancel), and
         make what it wrote durable before anyone is told it is done."""
-        res = await self._run.run(self.argv(command, args), timeout=timeout or self.timeout, mutating=True)
+        argv, limit = self.argv(command, args), timeout or self.timeout
+        res = await self._changes.change(argv[1:], limit) if self._changes is not None else None
+        if res is None:
+            res = await self._run.run(argv, timeout=limit, mutating=True)
+        elif res.returncode != 0:
+            raise CommandError(res.argv, res.returncode, res.stdout, res.stderr)
         if command in PV_CHANGES:
             self._pvs = None
         await self.flush()

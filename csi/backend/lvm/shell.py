@@ -21,9 +21,9 @@ profiles only in its system directory, so the shell gets a private
 lvmlocal.conf, the devices file, ...) and adds the profile: it reads the
 same configuration as every other ``lvm`` ELV runs.
 
-Only read-only reports go through the shell: it may be killed at any moment
-(a cancelled RPC, a timeout) without leaving LVM half-changed. Changes still
-run as their own processes through the runner, journaled and never killed.
+This shell takes only read-only reports: it may be killed at any moment (a
+cancelled RPC, a timeout) without leaving LVM half-changed. Changes go to a
+second shell that is never killed half-way (csi.backend.lvm.changes).
 Each command in the shell re-reads the devices and metadata as a new process
 would, so the answers are as fresh as before. If the shell cannot be used
 (no profile, an lvm without a shell, a broken answer), the query runs as its
@@ -185,7 +185,13 @@ def _entries(path: str) -> list[str]:
 class LvmShell:
     """One resident ``lvm shell`` for one driver; queries take turns in it.
 
-    ``home`` is a private directory for its LVM system directory."""
+    ``home`` is a private directory for its LVM system directory (one per
+    shell: each rebuilds it when it starts)."""
+
+    #: Whether the runner journals the shell like a running change.
+    journaled = False
+    #: What the logs call it.
+    what = "lvm shell for reports"
 
     def __init__(self, runner: Runner, home: str, argv: Sequence[str] = ("lvm",)) -> None:
         self._runner = runner
@@ -212,19 +218,23 @@ class LvmShell:
             line = shell_line(args)
         except ValueError:
             return None
+        return await self._locked(("lvm", *args), line, timeout)
+
+    async def _locked(self, argv: tuple[str, ...], line: bytes, timeout: float) -> Result | None:
         async with self._lock:
-            return await self._ask(("lvm", *args), line, timeout)
+            return await self._ask(argv, line, timeout)
 
     async def _ask(self, argv: tuple[str, ...], line: bytes, timeout: float) -> Result | None:
         start = time.monotonic()
         log.debug("shell %s", " ".join(argv))
+        sent: list[bool] = []
         try:
-            doc = await asyncio.wait_for(self._exchange(line), timeout)
+            doc = await asyncio.wait_for(self._exchange(line, sent), timeout)
             status, stderr = exit_status(doc), messages(doc)
         except TimeoutError:
             await self._end()
             self._runner.observe("lvm", time.monotonic() - start, None)
-            log.warning("lvm shell: no answer after %.1fs: %s", timeout, " ".join(argv))
+            log.warning("%s: no answer after %.1fs: %s", self.what, timeout, " ".join(argv))
             raise CommandTimeout(argv, timeout) from None
         except asyncio.CancelledError:
             # The shell is still working on the question: a fresh one is
@@ -233,16 +243,23 @@ class LvmShell:
             raise
         except (SessionClosed, ProtocolError, OSError) as e:
             await self._failed(e)
+            if sent:
+                self._unanswered(argv, e)
             return None
         self._failures = 0
         seconds = time.monotonic() - start
         self._runner.observe("lvm", seconds, status)
         return Result(argv, status, json.dumps(doc).encode(), stderr.encode(), seconds)
 
-    async def _exchange(self, line: bytes) -> Any:
+    def _unanswered(self, argv: tuple[str, ...], e: Exception) -> None:
+        """The command was sent but its answer was lost. A report is simply
+        asked again of a separate lvm."""
+
+    async def _exchange(self, line: bytes, sent: list[bool]) -> Any:
         s = await self._current()
         self._commands += 1
         await s.send(line)
+        sent.append(True)
         while not self._docs:
             self._docs.extend(self._framer.feed(await s.read()))
         return self._docs.pop(0)
@@ -252,7 +269,9 @@ class LvmShell:
             await self._end()
         if self._session is None:
             env = {"LVM_SYSTEM_DIR": system_dir(self._home), "LVM_COMMAND_PROFILE": PROFILE}
-            self._session = await self._runner.session(self._argv, report_env=REPORT_ENV, extra_env=env)
+            self._session = await self._runner.session(
+                self._argv, report_env=REPORT_ENV, extra_env=env, journaled=self.journaled
+            )
         return self._session
 
     async def _end(self) -> None:
@@ -267,6 +286,6 @@ class LvmShell:
         self._failures += 1
         if self._failures >= MAX_FAILURES:
             self.disabled = True
-            log.error("lvm shell: unusable (%s; %s); every report now runs its own lvm", e, tail or "no stderr")
+            log.error("%s: unusable (%s; %s); each now runs its own lvm", self.what, e, tail or "no stderr")
         else:
-            log.warning("lvm shell: %s (%s); this report runs its own lvm", e, tail or "no stderr")
+            log.warning("%s: %s (%s)", self.what, e, tail or "no stderr")

@@ -151,7 +151,9 @@ class LvStore:
         try:
             # -K: snapshots carry the activation-skip flag so boot-time
             # autoactivation leaves them alone; ELV activates them on purpose.
-            await self.lvm.change("lvchange", "-ay", "-K", f"{lv.vg}/{head}")
+            # -y: no question is left (a COW snapshot is not asked for), and
+            # with it the change may run in the lvm shell for changes.
+            await self.lvm.change("lvchange", "-ay", "-K", "-y", f"{lv.vg}/{head}")
         finally:
             self.inv.invalidate()
         # The kernel knows the new device by its device-mapper name at once:
@@ -176,7 +178,10 @@ class LvStore:
         """Deactivate the LV; InUse if it is open (LVM itself refuses then)."""
         if lv.active:
             try:
-                await self.lvm.change("lvchange", "-an", f"{lv.vg}/{lv.name}")
+                # A COW snapshot would ask before taking its origin along:
+                # no -y for one, so the answer stays no (it is never staged).
+                yes = () if lv.cow_snapshot else ("-y",)
+                await self.lvm.change("lvchange", "-an", *yes, f"{lv.vg}/{lv.name}")
             except CommandError as e:
                 if report.still_open(e):
                     raise InUse(f"LV {lv.vg}/{lv.name} is still open on this node; unmount it first") from e

@@ -34,13 +34,15 @@ def test_config_file() -> None:
     assert thin.thin and thin.overprovision_ratio == 4.0 and thin.full_threshold == 85
     with pytest.raises(InvalidArgument):
         s.pick({DEVICE_CLASS: "ssd"})
-    assert s.query_shell  # reports from a resident lvm shell unless told otherwise
+    assert s.query_shell and s.change_shell  # resident lvm shells unless told otherwise
 
 
-def test_query_shell_can_be_turned_off_and_must_be_a_boolean() -> None:
-    assert not classes.parse_config("query-shell = false\n" + GOOD).query_shell
-    with pytest.raises(ConfigError, match="query-shell"):
-        classes.parse_config('query-shell = "no"\n' + GOOD)
+@pytest.mark.parametrize("key", ["query-shell", "change-shell"])
+def test_each_shell_can_be_turned_off_and_must_be_a_boolean(key: str) -> None:
+    s = classes.parse_config(f"{key} = false\n" + GOOD)
+    assert (s.query_shell, s.change_shell) == (key != "query-shell", key != "change-shell")
+    with pytest.raises(ConfigError, match=key):
+        classes.parse_config(f'{key} = "no"\n' + GOOD)
 
 
 @pytest.mark.parametrize(
