@@ -27,8 +27,12 @@ dm device on top is a candidate at any time; still, every LVM command of the
 test names that device with ``--devices``, and the driver gets an ``lvm``
 wrapper on its ``--tool-path`` that does the same (the driver itself has no
 setting that narrows LVM's device scan: ``--lvm-devices`` picks empty disks
-to build a VG from). A duplicate PV would let LVM pick the final state's
-disk instead of the crash state's, and the test would check the wrong disk.
+to build a VG from). The driver's resident lvm shells (reports and changes)
+start as a bare ``lvm``, which takes no ``--devices``: their commands scan
+every device, so at the workload's start and at each point the test asks an
+lvm without ``--devices`` too, and requires it to see the one device and no
+duplicate. A duplicate PV would let LVM pick the final state's disk instead
+of the crash state's, and the test would check the wrong disk.
 
 Checking a point costs a driver start, activations and a stage of every
 volume holding files (17-45 s under the guest's emulation): CI checks
@@ -98,6 +102,18 @@ def lvs_on(dev: str, vg: str) -> dict[str, dict[str, str]]:
     """The test VG's LVs as LVM itself reports them (never the driver's view)."""
     out = lvm_on(dev, "lvs", "-a", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", FIELDS, vg).stdout
     return {r["lv_name"]: r for r in json.loads(out)["report"][0]["lv"]}
+
+
+def sole_pv(vg: str, dev: str) -> list[str]:
+    """Violations unless an lvm that scans every device (as the driver's
+    shells do) finds the VG's PV on ``dev`` alone."""
+    res = lvm("pvs", "--reportformat", "json", "-o", "pv_name,vg_name", check=False)
+    rows = json.loads(res.stdout)["report"][0]["pv"] if res.stdout.strip() else []
+    pvs = sorted({os.path.realpath(r["pv_name"]) for r in rows if r["vg_name"] == vg})
+    bad = [] if pvs == [os.path.realpath(dev)] else [f"an unrestricted scan finds {vg}'s PVs on {pvs}, not {dev}"]
+    if "duplicate" in res.stderr.lower() or "not using device" in res.stderr.lower():
+        bad.append(f"an unrestricted scan sees a duplicate PV: {res.stderr.strip()[:500]}")
+    return bad
 
 
 def devices_wrapper(directory: str, dev: str) -> str:
@@ -219,7 +235,7 @@ class Checker:
     def compare(self, d: LvmDriver, dev: str, steps: list[Step], ack: int) -> list[str]:
         promised, maybe = promised_and_ambiguous(steps, ack)
         vols, snaps = listed(d)
-        bad = compare_listing(promised, maybe, vols, snaps)
+        bad = sole_pv(self.vg, dev) + compare_listing(promised, maybe, vols, snaps)
         rows = lvs_on(dev, self.vg)
         # Each acknowledged object is its LV, with the tags the driver gave it
         # (the call in flight may have removed its own).
@@ -292,6 +308,7 @@ def test_every_crash_state_keeps_what_was_acknowledged(base: str, vg: GuestVg, l
         lvm_on(lw, "lvcreate", "-q", "-y", "--type", "thin-pool", "-Z", "y", "-n", POOL, "-L", "256m", tvg)
         sh("dmsetup", "message", LW, "0", "mark", "vg-made")
         d.start()
+        assert not sole_pv(tvg, lw), sole_pv(tvg, lw)
         w = LvmWorkload(d, LW)
         w.run(rng)
 
