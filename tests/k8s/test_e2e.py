@@ -4,7 +4,8 @@ Opt-in (ELV_E2E=1): e2e.test v1.36.5 (scripts/k8s-tools e2e) runs the External
 Storage specs for elv.csi.dev described by deploy/test-driver.yaml, limited to
 the provisioning, volumes, volumeMode, volume-expand, snapshottable and
 capacity suites; slow, serial, disruptive and feature-gated specs (SELinux,
-VolumeAttributesClass, group snapshots) are left out. The counts go to
+VolumeAttributesClass, group snapshots) are left out. The test pods stay on
+the first node (pinned_driver: ClientNodeName, and a taint on the others). The counts go to
 ci-out/k8s-e2e.json and into ci-out/k8s-summary.json.
 
 The specs that pass, and those that fail, must be exactly those listed in
