@@ -4,7 +4,8 @@ Opt-in (ELV_E2E=1): e2e.test v1.36.5 (scripts/k8s-tools e2e) runs the External
 Storage specs for elv.csi.dev described by deploy/test-driver.yaml, limited to
 the provisioning, volumes, volumeMode, volume-expand, snapshottable and
 capacity suites; slow, serial, disruptive and feature-gated specs (SELinux,
-VolumeAttributesClass, group snapshots) are left out. The counts go to
+VolumeAttributesClass, group snapshots) are left out. The test pods stay on
+the first node (pinned_driver: ClientNodeName, and a taint on the others). The counts go to
 ci-out/k8s-e2e.json and into ci-out/k8s-summary.json.
 
 The specs that pass, and those that fail, must be exactly those listed in
@@ -25,7 +26,7 @@ from collections import Counter
 
 import pytest
 
-from tests.support.cluster import BIN, PAUSE, REPO, Cluster
+from tests.support.cluster import BIN, ELSEWHERE_TAINT, PAUSE, REPO, Cluster
 from tests.support.k8s import Summary
 
 E2E = os.path.join(BIN, "e2e.test")
@@ -81,11 +82,12 @@ def test_storage_e2e_subset(cluster: Cluster, summary: Summary) -> None:
         f"-ginkgo.json-report={report}",
         f"-ginkgo.junit-report={os.path.join(out, 'k8s-e2e.xml')}",
         f"-report-dir={out}",
-        "-non-blocking-taints=node-role.kubernetes.io/control-plane",
+        # The other nodes' taint (pods_only_on) must not make e2e.test wait for them.
+        f"-non-blocking-taints=node-role.kubernetes.io/control-plane,{ELSEWHERE_TAINT}",
     ]
     t = time.monotonic()
     log = os.path.join(out, "k8s-e2e.log")
-    with open(log, "w") as f:
+    with open(log, "w") as f, cluster.pods_only_on(cluster.nodes[0].name):
         proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, timeout=3500, check=False, cwd=cluster.root)
     wall = round(time.monotonic() - t, 1)
     with open(report) as f:
@@ -135,16 +137,22 @@ def test_storage_e2e_subset(cluster: Cluster, summary: Summary) -> None:
 
 
 def pinned_driver(cluster: Cluster, out: str) -> str:
-    """deploy/test-driver.yaml with every test pod on the cluster's first node.
+    """deploy/test-driver.yaml with the test pods on the cluster's first node.
 
     ELV's volumes are local: a volume restored from a snapshot, or cloned,
-    can only be made on the node that holds its source. The suite's pods
-    carry no node affinity, so with three nodes the scheduler picks one, ELV
-    answers RESOURCE_EXHAUSTED (reschedule) from the others, and a spec such
-    as "restoring snapshot to larger size pvc" waited out its 5 minutes
-    without the scheduler trying the right node (seen 2026-12-05). Spreading
-    over nodes is tests/k8s/test_cluster.py's job; here the specs test the
-    CSI behaviour, on one node, as csi-driver-host-path runs them."""
+    can only be made on the node that holds its source. Spreading over nodes
+    is tests/k8s/test_cluster.py's job; here the specs test the CSI
+    behaviour, on one node, as csi-driver-host-path runs them.
+
+    ClientNodeName reaches only the pods the suite places through its node
+    selection. Some specs make pods without any: "restoring snapshot to
+    larger size pvc" creates the restored claim's pod bare, while its first
+    pod still runs on the snapshot's node. The scheduler takes the
+    best-scoring feasible node, and NodeResourcesFit scores that busier node
+    lower (a BestEffort pod counts as 100m CPU and 200 MiB there), so it
+    tried only the two idle nodes, where ELV answers RESOURCE_EXHAUSTED
+    (reschedule), for the spec's whole 5 minutes (2026-12-05). So the run
+    also keeps every other node tainted (Cluster.pods_only_on)."""
     with open(os.path.join(REPO, "deploy", "test-driver.yaml"), encoding="utf-8") as f:
         text = f.read()
     path = os.path.join(out, "k8s-e2e-test-driver.yaml")

@@ -106,6 +106,8 @@ NET_PREFIX = "10.204"
 NET_LOCK = "/tmp/elv-k8s-net.lock"
 #: The node that runs containerd v2 (containerd2_node).
 CONTAINERD2_NODE = 3
+#: The taint pods_only_on() puts on the nodes pods must stay off (NoSchedule).
+ELSEWHERE_TAINT = "e2e.elv.csi.dev/elsewhere"
 
 
 def containerd2_node(nodes: int) -> int:
@@ -201,6 +203,24 @@ class Cluster:
     ) -> subprocess.CompletedProcess[str]:
         argv = [os.path.join(BIN, "kubectl"), "--kubeconfig", self.kubeconfig, *args]
         return run(argv, check=check, timeout=timeout, input=input)
+
+    @contextlib.contextmanager
+    def pods_only_on(self, node: str, key: str = ELSEWHERE_TAINT) -> Iterator[None]:
+        """While this lasts, a pod that does not tolerate KEY is scheduled only on
+        NODE: every other node carries the taint KEY=NODE:NoSchedule. Pods
+        already running stay where they are, and ELV's DaemonSet tolerates every
+        taint, so each node keeps its plugin, provisioner and published
+        capacity. The taints go again on the way out, whatever happened."""
+        assert any(n.name == node for n in self.nodes), f"no node {node}"
+        others = [n.name for n in self.nodes if n.name != node]
+        try:
+            for name in others:
+                self.kubectl("taint", "node", name, f"{key}={node}:NoSchedule", "--overwrite")
+            yield
+        finally:
+            for name in others:
+                # Not there (the taint step failed before it): nothing to undo.
+                self.kubectl("taint", "node", name, f"{key}:NoSchedule-", check=False)
 
     # -- state file (for down() from another process)
 
