@@ -10,11 +10,13 @@ signatures confused it. So anything blkid reports, of any kind, counts as
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
 from dataclasses import dataclass
 
 from csi.errors import CommandError, FailedPrecondition, InvalidArgument
+from csi.host.ext4resize import grow_mounted
 from csi.host.runner import Runner
 
 
@@ -56,14 +58,19 @@ def xfs_size(sb: bytes) -> int | None:
     return int(blocksize) * int(dblocks)
 
 
-def read_fs_size(device: str, fstype: str) -> int | None:
-    """Size the filesystem on ``device`` believes it has, read from its superblock
-    with O_DIRECT so a mounted filesystem's fresh writes are seen."""
+def read_head(device: str) -> bytes:
+    """The device's first 4 KiB, read with O_DIRECT so a mounted filesystem's
+    fresh writes are seen (the page cache of the block device may be stale)."""
     fd = os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
     try:
-        buf = _read_direct(fd, 4096)
+        return _read_direct(fd, 4096)
     finally:
         os.close(fd)
+
+
+def read_fs_size(device: str, fstype: str) -> int | None:
+    """Size the filesystem on ``device`` believes it has, read from its superblock."""
+    buf = read_head(device)
     if fstype == "ext4":
         return ext4_size(buf[1024:2048])
     if fstype == "xfs":
@@ -146,7 +153,11 @@ class FsTool:
                     "growing a mounted ext4 filesystem needs CAP_SYS_RESOURCE, which the driver lacks; "
                     "run the node plugin privileged, or use xfs; it will grow when the volume is next staged"
                 )
-            argv = ["resize2fs", device]
+            # The kernel's resize ioctl, as resize2fs would call it, without its process.
+            head = await asyncio.to_thread(read_head, device)
+            if await asyncio.to_thread(grow_mounted, device, mount_point, head[1024:2048]) is not None:
+                return
+            argv = ["resize2fs", device]  # a kernel without the ioctl: resize2fs knows the old way
         elif fstype == "xfs":
             argv = ["xfs_growfs", "-d", mount_point]
         else:
