@@ -177,13 +177,20 @@ def _lvm_cases(c: dict[str, Any]) -> dict[str, Figure]:
     return _each(LVM_CASES, c, "lvm_", "the {} case did not run", _lvm_case)
 
 
+def _lvm_fio_detail(v: dict[str, Any]) -> str:
+    text = f"LV {v['volume_iops']:.0f} IOPS, raw disk {v['raw_disk_iops']:.0f} IOPS"
+    if "hand_lv_iops" in v:  # older results files lack it
+        text += f"; an LV made by hand {v['hand_lv_iops']:.0f} (ELV's / hand-made {v['volume_vs_hand_lv']:.2f})"
+    return text
+
+
 def _lvm_fio(f: dict[str, Any]) -> dict[str, Figure]:
     return _each(
         FIO_JOBS,
         f,
         "lvm_fio_",
         "fio {} did not run",
-        lambda v: _fig(v["iops_ratio"], f"LV {v['volume_iops']:.0f} IOPS, raw disk {v['raw_disk_iops']:.0f} IOPS"),
+        lambda v: _fig(v["iops_ratio"], _lvm_fio_detail(v)),
     )
 
 

@@ -328,6 +328,11 @@ def _lvm_lines(r: dict[str, Any]) -> list[str]:
                 f"lvm fio {job:<13} thick LV {v['volume_iops']:9.0f} IOPS, raw disk {v['raw_disk_iops']:9.0f} IOPS, "
                 f"ratio {v['iops_ratio']:.3f}"
             )
+            if "hand_lv_iops" in v:
+                out.append(
+                    f"    LV made by hand {v['hand_lv_iops']:9.0f} IOPS: ELV's LV / hand-made "
+                    f"{v['volume_vs_hand_lv']:.3f}, hand-made / raw disk {v['hand_lv_vs_raw_disk']:.3f}"
+                )
     return out
 
 

@@ -86,3 +86,22 @@ def test_lvm_verdicts() -> None:
 def test_without_device_mapper_every_lvm_target_is_unmeasured() -> None:
     res = {"backend": "lvm", "lvm-cases": {"unmeasured": "no dm"}, "lvm-fio": {"unmeasured": "no dm"}}
     assert {x.status for x in judge_all(LVM_GOALS, figures(res))} == {UNMEASURED}
+
+
+def test_fio_figures_name_the_hand_made_lv_when_measured() -> None:
+    job = {
+        "volume_iops": 900.0,
+        "hand_lv_iops": 910.0,
+        "raw_disk_iops": 1000.0,
+        "iops_ratio": 0.9,
+        "volume_vs_hand_lv": 900 / 910,
+        "hand_lv_vs_raw_disk": 0.91,
+    }
+    res = {"backend": "lvm", "lvm-cases": {}, "lvm-fio": {"rounds": 3, "runtime_s": 5} | {j: job for j in lvm.FIO_JOBS}}
+    v = {x.goal.key: x for x in judge_all(LVM_GOALS, figures(res))}
+    got = v["lvm_fio_randwrite-4k"]
+    assert got.status == MISSED  # the target is the LV against the raw disk, whoever is to blame
+    assert "an LV made by hand 910" in got.detail and "hand-made 0.99" in got.detail
+    old = {k: job[k] for k in ("volume_iops", "raw_disk_iops", "iops_ratio")}
+    res["lvm-fio"] = {j: old for j in lvm.FIO_JOBS}
+    assert "by hand" not in {x.goal.key: x for x in judge_all(LVM_GOALS, figures(res))}["lvm_fio_read-1m"].detail
