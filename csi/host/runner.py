@@ -97,8 +97,7 @@ class Runner:
         args = _check_argv(argv)
         limit = self.default_timeout if timeout is None else timeout
         work = asyncio.ensure_future(self._slotted(args, limit, stdin, mutating))
-        self._live.add(work)
-        work.add_done_callback(self._live.discard)
+        self.track(work)
         if mutating:
             # Let the command finish even if our caller goes away.
             result = await asyncio.shield(work)
@@ -180,8 +179,9 @@ class Runner:
             _unlink(entry)
 
     def track(self, work: asyncio.Future[Any]) -> None:
-        """Count work done outside a command of this runner (a change a
-        session makes) as running: close() waits for it like for a command."""
+        """Count work as running: close() waits for it. Every command of
+        run() is counted here, and so is work done outside one (a change a
+        session makes)."""
         self._live.add(work)
         work.add_done_callback(self._live.discard)
 
