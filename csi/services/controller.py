@@ -274,9 +274,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise InvalidArgument("capacity_range is required")
         if request.HasField("volume_capability"):
             v.capability(request.volume_capability)
-        vol = await self._existing(vid)
-        size = v.size(request.capacity_range, minimum=vol.size, granularity=self._backend.granularity)
-        grown = await self._gate.rpc(request, [vid], lambda: self._backend.expand_volume(vid, size))
+        wanted = request.capacity_range
+
+        async def grow() -> Volume:
+            # Read the size under the volume's lock, in the task that grows it: the
+            # backend's lookup then reuses this read (one report, not two), and a
+            # concurrent expansion cannot change the size between check and grow.
+            vol = await self._existing(vid)
+            size = v.size(wanted, minimum=vol.size, granularity=self._backend.granularity)
+            return await self._backend.expand_volume(vid, size)
+
+        grown = await self._gate.rpc(request, [vid], grow)
         return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=grown.size, node_expansion_required=True)
 
     async def ControllerPublishVolume(

@@ -14,8 +14,12 @@ from csi.backend.lvm import backend as backend_mod
 from csi.backend.lvm import wipe
 from csi.backend.lvm.backend import LvmBackend
 from csi.backend.lvm.report import hex_encode
+from csi.config import Config
 from csi.errors import AlreadyExists, FailedPrecondition, InUse, NotFound, OutOfRange, ResourceExhausted
 from csi.model import DEVICE_CLASS, AccessType, Source, VolumeSpec, ids
+from csi.services.controller import ControllerService
+from csi.services.gate import Gate
+from csi.v1 import csi_pb2
 from tests.support.fake_lvm import CONFIG, OWNER, FakeLv, FakeLvm, GiB, MiB, backend_over, fake_sysfs
 
 
@@ -784,6 +788,27 @@ async def test_expand_reads_the_report_once(backend: LvmBackend, lvm: FakeLvm, c
     assert grown.size == 104 * MiB == lvm.lvs[("vg0", "elv-" + vol.id)].size
     got = await backend.get_volume(vol.id)
     assert got is not None and got.size == 104 * MiB  # a later report agrees
+
+
+@pytest.mark.parametrize("cls", ["thick", "thin"])
+async def test_controller_expand_rpc_reads_the_report_once(
+    backend: LvmBackend, lvm: FakeLvm, config: Config, cls: str
+) -> None:
+    """The whole RPC, service included: the size check and the growth share one
+    report (the service once read its own, before the volume's lock)."""
+    vol = await backend.create_volume(spec("e", cls=cls))
+    service = ControllerService(config, backend, Gate())
+    n = len(lvm.calls)
+    req = csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=vol.id, capacity_range=csi_pb2.CapacityRange(required_bytes=100 * MiB + 1)
+    )
+    resp = await service.ControllerExpandVolume(req, None)  # type: ignore[arg-type]
+    assert [c[1] for c in lvm.calls[n:]] == ["lvs", "lvextend"]
+    assert resp.capacity_bytes == 104 * MiB and resp.node_expansion_required
+    n = len(lvm.calls)
+    again = await service.ControllerExpandVolume(req, None)  # type: ignore[arg-type]
+    assert again.capacity_bytes == 104 * MiB
+    assert [c[1] for c in lvm.calls[n:]] == ["lvs"], "a repeat only looks"
 
 
 async def test_a_thin_clone_reads_the_report_once(backend: LvmBackend, lvm: FakeLvm) -> None:
