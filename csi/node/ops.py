@@ -573,5 +573,20 @@ class NodeOps:
             raise OutOfRange(f"the device shows {size} bytes after growing to {vol.size}; retry")
         if vol.access == AccessType.MOUNT and top.fstype != "devtmpfs":
             fs_type = vol.formatted or vol.fs_type or DEFAULT_FS
-            await self._grow_if_smaller(fs_type, dev, top.mount_point)
+            if await self._smaller(fs_type, dev):
+                await self.fs.grow(fs_type, dev.path, await self._writable_mount(volume_id, dev))
+                log.info("grew %s on %s to fill the device", fs_type, dev.path)
         return size
+
+    async def _writable_mount(self, volume_id: str, dev: Device) -> str:
+        """Where the volume's own device is mounted read-write (its staging
+        path): a filesystem grows only through such a mount. The path asked
+        about may be a read-only publish, which shows a read-only view of the
+        device, or a read-only bind."""
+        for m in (await self._table()).of_device(dev.major, dev.minor):
+            if not m.readonly and "ro" not in m.super_options:
+                return m.mount_point
+        raise FailedPrecondition(
+            f"volume {volume_id} is mounted only read-only on this node, so its filesystem cannot grow now; "
+            "it grows when it is next staged read-write"
+        )

@@ -438,3 +438,57 @@ async def test_a_refused_repeat_stage_keeps_the_stage(host: Host) -> None:
     with pytest.raises(ElvError, match="other mount flags"):
         await host.ops.stage(vid, staging, cap(flags=("ro",)))
     assert host.mounts.mounts == before and await host.device(vid) == dev
+
+
+# -- expansion grows through the volume's own read-write mount -------------------------------
+
+
+def sized(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def refresh(volume_id: str) -> int:
+        return 64 * MiB  # the fake LVM's devices are not in /dev to be measured
+
+    monkeypatch.setattr(host.backend, "refresh_device", refresh)
+
+
+@pytest.mark.parametrize("via", ["staging", "rw-publish", "ro-publish"])
+async def test_expand_grows_through_the_writable_mount(host: Host, monkeypatch: pytest.MonkeyPatch, via: str) -> None:
+    """NodeExpandVolume's path may be a read-only publish, whose mount cannot
+    grow a filesystem (EROFS); the growth goes through the staging mount."""
+    vid, staging, target, dev = await staged(host, "a")
+    await host.ops.publish(vid, staging, target, cap(), via == "ro-publish")
+    grown: list[tuple[str, str, str]] = []
+
+    async def smaller(*_: object) -> bool:
+        return True
+
+    async def grow(fs_type: str, device: str, mount_point: str) -> None:
+        grown.append((fs_type, device, mount_point))
+
+    monkeypatch.setattr(host.ops, "_smaller", smaller)
+    monkeypatch.setattr(host.ops.fs, "grow", grow)
+    sized(host, monkeypatch)
+    path = staging if via == "staging" else target
+    before = list(host.mounts.mounts)
+    await host.ops.expand(vid, path, 0)
+    assert grown == [("ext4", dev.path, os.path.realpath(staging))]
+    assert host.mounts.mounts == before
+
+
+async def test_expand_of_a_volume_mounted_only_read_only_is_refused(
+    host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vid = await host.volume("a")
+    staging = host.path("st", "a")
+    await host.ops.stage(vid, staging, cap(flags=("ro",)))
+
+    async def smaller(*_: object) -> bool:
+        return True
+
+    async def grow(*_: object) -> None:
+        pytest.fail("nothing writable to grow through")
+
+    monkeypatch.setattr(host.ops, "_smaller", smaller)
+    monkeypatch.setattr(host.ops.fs, "grow", grow)
+    sized(host, monkeypatch)
+    with pytest.raises(FailedPrecondition, match="mounted only read-only"):
+        await host.ops.expand(vid, staging, 0)
