@@ -299,23 +299,30 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if not request.HasField("volume_capability"):
             raise InvalidArgument("volume_capability is required")
         cap = v.capability(request.volume_capability)
-        vol = await self._existing(vid)
-        if node != self._config.node_id:
-            raise NotFound(
-                f"node {node!r} is not served by this driver; volume {vid} lives on {self._config.node_id!r}"
-            )
-        if cap.access != vol.access:
-            raise InvalidArgument(f"volume {vid} is a {vol.access.value} volume")
-        if node in vol.attachments:
-            if vol.attachments[node] != request.readonly:
-                raise AlreadyExists(
-                    f"volume {vid} is already published to {node} with readonly={vol.attachments[node]}"
+        readonly = request.readonly
+
+        async def publish() -> None:
+            # Checked under the volume's lock: two publishes to one node with
+            # different readonly must not both answer OK, the second overwriting.
+            vol = await self._existing(vid)
+            if node != self._config.node_id:
+                raise NotFound(
+                    f"node {node!r} is not served by this driver; volume {vid} lives on {self._config.node_id!r}"
                 )
-        else:
+            if cap.access != vol.access:
+                raise InvalidArgument(f"volume {vid} is a {vol.access.value} volume")
+            if node in vol.attachments:
+                if vol.attachments[node] != readonly:
+                    raise AlreadyExists(
+                        f"volume {vid} is already published to {node} with readonly={vol.attachments[node]}"
+                    )
+                return
             limit = self._config.max_volumes_per_node
             if limit and sum(1 for x in await self._backend.list_volumes() if node in x.attachments) >= limit:
                 raise ResourceExhausted(f"node {node!r} already has {limit} volumes published (--max-volumes-per-node)")
-            await self._gate.rpc(request, [vid], lambda: self._backend.set_attachment(vid, node, request.readonly))
+            await self._backend.set_attachment(vid, node, readonly)
+
+        await self._gate.rpc(request, [vid], publish)
         return csi_pb2.ControllerPublishVolumeResponse(publish_context={})
 
     async def ControllerUnpublishVolume(

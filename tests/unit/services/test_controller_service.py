@@ -517,6 +517,44 @@ async def test_controller_publish_readonly_change_is_already_exists(stub, backen
     assert backend.volumes[v.id].attachments == {"node-a": False}
 
 
+async def test_a_publish_checks_the_attachment_under_the_lock(
+    stub, backend: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second publish with another readonly, whose read of the volume is
+    slow, must not act on that read after the first publish has recorded its
+    attachment: it is refused (ABORTED while the first runs, ALREADY_EXISTS
+    after), never let through to overwrite the first."""
+    v = backend.add_volume("a")
+    read, record = backend.get_volume, backend.set_attachment
+    reads = 0
+
+    async def slow_read(volume_id: str) -> Volume | None:
+        nonlocal reads
+        reads += 1
+        got = await read(volume_id)
+        if reads == 2:
+            await asyncio.sleep(0.3)  # the second publish's read, acted on late
+        return got
+
+    async def slow_record(volume_id: str, node_id: str, readonly: bool | None) -> Volume:
+        await asyncio.sleep(0.1)
+        return await record(volume_id, node_id, readonly)
+
+    monkeypatch.setattr(backend, "get_volume", slow_read)
+    monkeypatch.setattr(backend, "set_attachment", slow_record)
+    first = asyncio.ensure_future(stub.ControllerPublishVolume(publish_req(v.id, readonly=False)))
+    await asyncio.sleep(0.02)
+    second = await asyncio.gather(
+        stub.ControllerPublishVolume(publish_req(v.id, readonly=True)), return_exceptions=True
+    )
+    await first
+    codes = [g.code() if isinstance(g, grpc.aio.AioRpcError) else "OK" for g in second]
+    assert codes in ([S.ABORTED], [S.ALREADY_EXISTS]), second
+    await expect(stub.ControllerPublishVolume(publish_req(v.id, readonly=True)), S.ALREADY_EXISTS)
+    assert backend.volumes[v.id].attachments == {"node-a": False}
+    assert len(backend.called("set_attachment")) == 1
+
+
 async def test_controller_publish_validation(stub, backend: FakeBackend) -> None:
     v = backend.add_volume("a")
     req = csi_pb2.ControllerPublishVolumeRequest(volume_id=v.id, node_id="node-a")
