@@ -76,10 +76,10 @@ def target_blocks(geo: Ext4Geometry, device_bytes: int, page_size: int) -> int:
     return n
 
 
-def grow_mounted(device: str, mount_point: str, superblock: bytes) -> int | None:
+def grow_mounted(device: str, mount_point: str, superblock: bytes, device_bytes: int) -> int | None:
     """Grow the ext4 filesystem of ``device``, mounted at ``mount_point``, to
-    fill the device. ``superblock`` is the 1 KiB at offset 1024, read with
-    O_DIRECT just before. Returns the new size in bytes, or None when the
+    fill the device's ``device_bytes``. ``superblock`` is the 1 KiB at offset
+    1024, read with O_DIRECT just before. Returns the new size in bytes, or None when the
     kernel has no resize ioctl (the caller then runs resize2fs).
 
     FailedPrecondition when the mount point no longer shows the device, the
@@ -98,8 +98,7 @@ def grow_mounted(device: str, mount_point: str, superblock: bytes) -> int | None
         dst = os.stat(device)
         if not stat.S_ISBLK(dst.st_mode) or st_dev != dst.st_rdev:
             raise FailedPrecondition(f"{mount_point} no longer shows {device}; not resizing what is mounted there")
-        size = _device_bytes(device)
-        n = target_blocks(geo, size, os.sysconf("SC_PAGE_SIZE"))
+        n = target_blocks(geo, device_bytes, os.sysconf("SC_PAGE_SIZE"))
         if n <= geo.blocks:
             return geo.blocks * geo.block_size  # nothing to grow; never ask the kernel to shrink
         try:
@@ -111,13 +110,5 @@ def grow_mounted(device: str, mount_point: str, superblock: bytes) -> int | None
                 f"growing the ext4 filesystem on {device} to {n} blocks failed: {e.strerror} (the kernel log says why)"
             ) from e
         return n * geo.block_size
-    finally:
-        os.close(fd)
-
-
-def _device_bytes(device: str) -> int:
-    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)

@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from csi.errors import CommandError, FailedPrecondition, InvalidArgument
-from csi.host.ext4resize import grow_mounted
+from csi.host.ext4resize import ext4_geometry, grow_mounted
 from csi.host.runner import Runner
 
 
@@ -41,13 +41,8 @@ def parse_blkid_export(text: str) -> dict[str, str]:
 
 def ext4_size(sb: bytes) -> int | None:
     """Filesystem size in bytes from an ext2/3/4 superblock (the 1 KiB at offset 1024)."""
-    if len(sb) < 0x160 or struct.unpack_from("<H", sb, 0x38)[0] != 0xEF53:
-        return None
-    blocks_lo = struct.unpack_from("<I", sb, 0x04)[0]
-    log_bs = struct.unpack_from("<I", sb, 0x18)[0]
-    incompat = struct.unpack_from("<I", sb, 0x60)[0]
-    blocks_hi = struct.unpack_from("<I", sb, 0x150)[0] if incompat & 0x80 else 0  # INCOMPAT_64BIT
-    return int((blocks_hi << 32) | blocks_lo) * (1024 << int(log_bs))
+    geo = ext4_geometry(sb)
+    return None if geo is None else geo.blocks * geo.block_size
 
 
 def xfs_size(sb: bytes) -> int | None:
@@ -155,7 +150,8 @@ class FsTool:
                 )
             # The kernel's resize ioctl, as resize2fs would call it, without its process.
             head = await asyncio.to_thread(read_head, device)
-            if await asyncio.to_thread(grow_mounted, device, mount_point, head[1024:2048]) is not None:
+            size = await asyncio.to_thread(device_size, device)
+            if await asyncio.to_thread(grow_mounted, device, mount_point, head[1024:2048], size) is not None:
                 return
             argv = ["resize2fs", device]  # a kernel without the ioctl: resize2fs knows the old way
         elif fstype == "xfs":

@@ -60,9 +60,9 @@ def test_grow_refuses_recorded_errors_before_opening_anything(data_dir: Path, tm
     raw = bytearray(sb(data_dir, "ext4-32bit-20MiB.sb"))
     struct.pack_into("<H", raw, 0x3A, 0x0002)
     with pytest.raises(FailedPrecondition, match="records errors"):
-        grow_mounted("/dev/nonexistent", str(tmp_path / "absent"), bytes(raw))
+        grow_mounted("/dev/nonexistent", str(tmp_path / "absent"), bytes(raw), 40 * MiB)
     with pytest.raises(FailedPrecondition, match="no ext4 superblock"):
-        grow_mounted("/dev/nonexistent", str(tmp_path / "absent"), bytes(1024))
+        grow_mounted("/dev/nonexistent", str(tmp_path / "absent"), bytes(1024), 40 * MiB)
 
 
 def test_grow_refuses_a_mount_point_not_on_the_device(data_dir: Path, tmp_path: Path) -> None:
@@ -70,19 +70,20 @@ def test_grow_refuses_a_mount_point_not_on_the_device(data_dir: Path, tmp_path: 
     dev = tmp_path / "dev"
     dev.write_bytes(b"")
     with pytest.raises(FailedPrecondition, match="no longer shows"):
-        grow_mounted(str(dev), str(tmp_path), sb(data_dir, "ext4-32bit-20MiB.sb"))
+        grow_mounted(str(dev), str(tmp_path), sb(data_dir, "ext4-32bit-20MiB.sb"), 40 * MiB)
 
 
 def _capable(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
     monkeypatch.setattr(fs, "has_capability", lambda cap: True)
     monkeypatch.setattr(fs, "read_head", lambda dev: (data_dir / "ext4-32bit-20MiB.sb").read_bytes())
+    monkeypatch.setattr(fs, "device_size", lambda dev: 40 * MiB)
 
 
 async def test_fstool_grows_ext4_without_a_process(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
     _capable(monkeypatch, data_dir)
     seen: list[tuple[str, str, int]] = []
 
-    def grown(dev: str, mnt: str, head: bytes) -> int:
+    def grown(dev: str, mnt: str, head: bytes, size: int) -> int:
         seen.append((dev, mnt, len(head)))
         return 40 * MiB
 
@@ -97,7 +98,7 @@ async def test_fstool_falls_back_to_resize2fs_without_the_ioctl(
     monkeypatch: pytest.MonkeyPatch, data_dir: Path
 ) -> None:
     _capable(monkeypatch, data_dir)
-    monkeypatch.setattr(fs, "grow_mounted", lambda dev, mnt, head: None)
+    monkeypatch.setattr(fs, "grow_mounted", lambda dev, mnt, head, size: None)
     runner = FakeRunner()
     await FsTool(runner).grow("ext4", "/dev/loop3", "/mnt/x")  # type: ignore[arg-type]
     assert runner.argvs() == [("resize2fs", "/dev/loop3")]
